@@ -1,0 +1,366 @@
+"""One typed, validated configuration per profile.
+
+Profiles live in ``configs/<name>.yaml``; every field below has a comment saying what it is.
+Unknown keys and bad values raise :class:`ConfigError` naming the dotted key, because a typo in a
+200-GPU-hour build must fail at load time, not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPO_ROOT / "configs"
+PROMPTS_DIR = REPO_ROOT / "prompts"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """Where a model comes from: a hub id (``org/name``) or a local folder, plus a pinned revision."""
+
+    path: str  # hub id or local path (relative paths resolve against the config file's folder)
+    revision: str | None = None  # hub revision; recorded in every sample's metadata
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class ModelsConfig(Section):
+    sdxl: ModelSpec  # RealVisXL V4.0 in `full`
+    qwen2_vl: ModelSpec  # Qwen2-VL instruct model (captions and attribute questions)
+    openpose: ModelSpec  # controlnet-aux annotators folder (body_pose_model.pth) or hub id
+    resnet50: ModelSpec  # "torchvision:IMAGENET1K_V2" or a local safetensors state dict
+    swin: ModelSpec  # CMP image encoder initialisation
+    bert: ModelSpec  # CMP text/cross encoder initialisation and tokenizer
+
+
+class FixturesConfig(Section):
+    """Tiny models and sample clips the project builds itself (smoke profile and tests)."""
+
+    build_tiny_models: bool = False  # build tiny models into `models_dir` before the build starts
+    build_sample_oops: bool = False  # write the bundled sample OOPS! root into `sample_oops_dir`
+    models_dir: str = "~/.cache/pab-build/tiny-models"
+    sample_oops_dir: str = "~/.cache/pab-build/sample-oops"
+    seed: int = 0
+
+
+class RunConfig(Section):
+    seed: int = 0  # base seed for everything random
+    device: str = "cpu"  # "cpu", "cuda", "cuda:0"; GPU stages fall back to nothing: a wrong device is an error
+    task_runner: Literal["threads", "ray"] = "threads"
+    max_workers: int = Field(2, ge=1)  # threads for the default runner
+    ray_address: str | None = None  # None = start a local Ray cluster
+    unit_retries: int = Field(2, ge=0)  # Prefect retries of a failing unit before it is recorded as rejected
+    retry_delay_s: float = Field(1.0, ge=0)
+    trust_remote_code: bool = False  # never on unless the user opts in
+
+
+class OopsConfig(Section):
+    root: str | None = None  # OOPS!-format root; None = the bundled sample root (fixtures.sample_oops_dir)
+    splits: list[Literal["train", "val"]] = ["train", "val"]
+    min_rel_t: float = 0.01  # official loader: drop clips whose median rel_t is outside [min, max]
+    max_rel_t: float = 0.99
+    min_len_s: float = 3.2  # official loader: drop clips shorter/longer than this
+    max_len_s: float = 30.0
+    limit: int | None = Field(None, ge=1)  # take the first N clips (sorted by name) after filtering
+
+
+class FramesConfig(Section):
+    clips_per_unit: int = Field(16, ge=1)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    max_side: int | None = Field(None, ge=16)  # downscale frames whose longer side exceeds this
+
+
+class PoseConfig(Section):
+    detect_resolution: int = Field(512, ge=32)  # OpenPose input size
+    image_resolution: int = Field(512, ge=32)  # rendered pose map size
+    batch_size: int = Field(8, ge=1)
+    clips_per_unit: int = Field(32, ge=1)
+    require_person: bool = True  # reject frames in which OpenPose finds nobody
+    min_person_area: float = Field(0.05, ge=0, le=1)  # largest person's box / image area
+    hand_and_face: bool = False
+
+
+class PairsConfig(Section):
+    max_cosine: float = Field(0.95, ge=-1, le=1)  # reject pairs whose ResNet-50 cosine is above this
+    batch_size: int = Field(16, ge=1)
+    clips_per_unit: int = Field(64, ge=1)
+    image_size: int = Field(224, ge=32)
+
+
+class ReviewConfig(Section):
+    policy: Literal["accept_all", "decisions_file", "wait"] = "accept_all"
+    decisions_files: list[str] = []  # one file per reviewer (CSV or JSONL); merged: all must accept
+    wait_timeout_s: int = Field(7 * 24 * 3600, ge=1)  # how long `wait` pauses the flow
+
+
+class GenerationSettings(Section):
+    """Settings passed to Qwen2-VL generate()."""
+
+    max_new_tokens: int = Field(96, ge=1)
+    do_sample: bool = False  # greedy by default, as captions must be reproducible
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    min_pixels: int = Field(64 * 28 * 28, ge=1)
+    max_pixels: int = Field(1024 * 28 * 28, ge=1)
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+
+class CaptionsConfig(Section):
+    generation: GenerationSettings = GenerationSettings()
+    images_per_unit: int = Field(64, ge=1)
+    min_words: int = Field(3, ge=0)  # shorter outputs are rejected as empty
+    max_words: int = Field(80, ge=1)  # longer ones as runaway (the prompt asks for <= 50)
+    qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"  # test captions only
+    qc_files: list[str] = []
+
+
+class AttributesConfig(Section):
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=16)
+    images_per_unit: int = Field(64, ge=1)
+    max_words: int = Field(6, ge=1)  # normalised answers are short phrases
+
+
+class PromptsConfig(Section):
+    """Subject filter and C_n / C_a / C_a+ prompt construction."""
+
+    annotation_index: int | Literal["all"] = 0  # which OOPS! caption annotation(s) per clip
+    exclude_test_clips: bool = True  # no identity may be in both splits
+    extra_person_words: list[str] = []
+    extra_non_person_words: list[str] = []
+
+
+class GenerateConfig(Section):
+    images_per_caption: int = Field(75, ge=1)
+    images_per_unit: int = Field(25, ge=1)  # a unit is (prompt, chunk of indices): minutes of GPU time
+    batch_size: int = Field(4, ge=1)
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(7.0, ge=0)
+    height: int = Field(1024, ge=8)
+    width: int = Field(1024, ge=8)
+    negative_prompt: str = ""
+    prompt_prefix: str = ""
+    prompt_suffix: str = ""
+    black_threshold: float = Field(2.0, ge=0)  # mean pixel value below this = black image
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    channels_last: bool = False
+    compile_unet: bool = False
+    max_prompts: int | None = Field(None, ge=1)  # cap for small builds
+
+
+class GenPoseConfig(Section):
+    detect_resolution: int = Field(512, ge=32)
+    image_resolution: int = Field(512, ge=32)
+    batch_size: int = Field(8, ge=1)
+    images_per_unit: int = Field(128, ge=1)
+    require_person: bool = True
+    min_keypoints: int = Field(8, ge=0)  # body keypoints found for the main person
+    require_neck_and_hips: bool = True  # a body with no neck or no hip is broken
+    max_limb_ratio: float = Field(2.5, gt=1)  # left/right limb segment length ratio above this = broken
+    min_person_area: float = Field(0.02, ge=0, le=1)
+
+
+class ShardsConfig(Section):
+    max_samples_per_shard: int = Field(1000, ge=1)
+    max_bytes_per_shard: int = Field(1 << 30, ge=1024)
+
+
+class CMPConfig(Section):
+    """CMP model/training; the paper's and official code's values in `full`."""
+
+    image_size: int = 224
+    max_text_len: int = 56
+    embed_dim: int = 256
+    use_pose: bool = True  # PE: pose-aware image encoder
+    use_ihnm: bool = True  # identity-based hard negatives in ITM
+    batch_size: int = 22
+    lr: float = 1e-4
+    lr_end: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 500
+    epochs: int = 30
+    max_steps: int | None = None  # stop after this many steps (smoke)
+    temperature: float = 0.07
+    mlm_probability: float = 0.25
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    train_fraction: float = Field(1.0, ge=0, le=1)
+    rerank_k: int = 128
+    checkpoint_every: int = 1000
+    num_workers: int = 2
+    seed: int = 0
+    train_after_build: bool = True
+    init_checkpoint: str | None = None  # e.g. the official cmp.pth
+
+
+class PublishConfig(Section):
+    url: str | None = None  # fsspec URL; None = do not publish
+    storage_options: dict[str, Any] = {}  # never put secrets here: use the environment or blocks
+    credentials_block: str | None = None  # name of a Prefect AWS/S3 credentials block
+
+
+class PABConfig(Section):
+    profile: str
+    run: RunConfig = RunConfig()
+    fixtures: FixturesConfig = FixturesConfig()
+    models: ModelsConfig
+    oops: OopsConfig = OopsConfig()
+    frames: FramesConfig = FramesConfig()
+    pose: PoseConfig = PoseConfig()
+    pairs: PairsConfig = PairsConfig()
+    review: ReviewConfig = ReviewConfig()
+    test_captions: CaptionsConfig = CaptionsConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    generate: GenerateConfig = GenerateConfig()
+    gen_pose: GenPoseConfig = GenPoseConfig()
+    train_captions: CaptionsConfig = CaptionsConfig()
+    attributes: AttributesConfig = AttributesConfig()
+    shards: ShardsConfig = ShardsConfig()
+    cmp: CMPConfig = CMPConfig()
+    publish: PublishConfig = PublishConfig()
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("profile must be a plain name")
+        return v
+
+    def section_hash(self, *names: str) -> str:
+        """Hash of the named sections (dotted paths allowed): the part of the config a stage depends on."""
+        data = self.model_dump(mode="json")
+        picked = {n: _get_dotted(data, n) for n in names}
+        return stable_hash(picked)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of canonical JSON: the same value always gives the same hash."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _get_dotted(data: dict, key: str) -> Any:
+    cur: Any = data
+    for part in key.split("."):
+        cur = cur[part]
+    return cur
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value); the value is parsed as YAML so numbers, bools and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def profile_path(profile: str) -> Path:
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = CONFIGS_DIR / f"{profile}.yaml"
+    if not cand.exists():
+        known = sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
+    return cand
+
+
+def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = None) -> PABConfig:
+    """Load ``configs/<profile>.yaml`` (or a YAML path), apply ``--set`` overrides, validate."""
+    path = profile_path(profile)
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        apply_override(data, key, value)
+    data.setdefault("profile", path.stem)
+    try:
+        cfg = PABConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {path.name}: {_format_errors(err)}") from None
+    return _resolve_paths(cfg, path.parent)
+
+
+def config_from_dict(data: dict) -> PABConfig:
+    try:
+        return PABConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_format_errors(err)}") from None
+
+
+def _resolve_paths(cfg: PABConfig, base: Path) -> PABConfig:
+    """Expand ``~`` in fixture and OOPS! folders. Model paths stay as written (they are recorded in
+    sample metadata as the model id); :func:`model_path` resolves them where they are loaded."""
+    cfg.fixtures.models_dir = str(Path(cfg.fixtures.models_dir).expanduser())
+    cfg.fixtures.sample_oops_dir = str(Path(cfg.fixtures.sample_oops_dir).expanduser())
+    if cfg.oops.root and cfg.oops.root.startswith("~"):
+        cfg.oops.root = str(Path(cfg.oops.root).expanduser())
+    return cfg
+
+
+def model_path(cfg: PABConfig, name: str) -> str:
+    """The hub id or local folder to pass to ``from_pretrained`` for model ``name``."""
+    spec: ModelSpec = getattr(cfg.models, name)
+    path = spec.path.replace("{models_dir}", str(Path(cfg.fixtures.models_dir).expanduser()))
+    return str(Path(path).expanduser()) if path.startswith("~") else path
+
+
+def model_id(cfg: PABConfig, name: str) -> str:
+    """What a sample records as the model: the path as written in the profile, plus revision."""
+    spec: ModelSpec = getattr(cfg.models, name)
+    return spec.path if spec.revision is None else f"{spec.path}@{spec.revision}"
+
+
+def oops_root(cfg: PABConfig) -> str:
+    return cfg.oops.root or cfg.fixtures.sample_oops_dir

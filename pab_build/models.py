@@ -1,0 +1,77 @@
+"""Heavy models load lazily, once per worker process, and are never passed as task arguments.
+
+``cached_model(("openpose", path, device), lambda: load(...))`` returns the same object to every
+unit that runs in this process (threads included), so a Ray worker or a Prefect thread pool loads
+RealVisXL once, not once per unit.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Hashable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_CACHE: dict[Hashable, object] = {}
+_LOCKS: dict[Hashable, threading.Lock] = {}
+_GUARD = threading.Lock()
+LOAD_COUNTS: dict[Hashable, int] = {}  # how often each key was loaded in this process (tests, Ray check)
+
+
+def cached_model(key: Hashable, load: Callable[[], T]) -> T:
+    if key in _CACHE:
+        return _CACHE[key]  # type: ignore[return-value]
+    with _GUARD:
+        lock = _LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        if key not in _CACHE:
+            _CACHE[key] = load()
+            LOAD_COUNTS[key] = LOAD_COUNTS.get(key, 0) + 1
+    return _CACHE[key]  # type: ignore[return-value]
+
+
+def clear_cache() -> None:
+    with _GUARD:
+        _CACHE.clear()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cuda`` without a GPU is a configuration error, not a silent fall-back to the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={device!r} but no CUDA device is available")
+    return dev
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for CUDA (or CPU allocator) out-of-memory errors."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def run_halving_on_oom(items: list, batch_size: int, fn: Callable[[list], list]) -> list:
+    """Run ``fn`` over ``items`` in batches; on out-of-memory halve the batch and retry the same
+    items, down to 1 (then the error propagates and the unit fails)."""
+    out: list = []
+    i = 0
+    bs = max(1, batch_size)
+    while i < len(items):
+        batch = items[i : i + bs]
+        try:
+            out.extend(fn(batch))
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e) or bs == 1:
+                raise
+            bs = max(1, bs // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i += len(batch)
+    return out

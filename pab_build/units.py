@@ -1,0 +1,185 @@
+"""Units of work: the unit of resumption.
+
+A stage splits its input items into units. Running a unit writes its output files (each one
+atomically), then its manifest rows (``_units/<stage>/<unit>.parquet``), then its marker
+(``_markers/<stage>/<unit>.json``) last. A marker whose ``stage_hash`` (the stage's config and
+code version) and ``input_hash`` (the unit's input records) match means "done": the unit is
+skipped on rerun. A unit killed anywhere before its marker is simply redone.
+
+Invalidation cascades through content: a stage's items carry the sha256 of upstream files and
+upstream fields, so when an earlier stage's output changes, the later units' input hashes change.
+
+This module knows nothing about Prefect: ``flows/`` calls :func:`execute_unit` from tasks, and
+:func:`run_stage` runs a stage in a plain loop (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import PABConfig, stable_hash
+from .manifests import OK, REJECTED, read_table, rows_to_table, table_bytes, write_manifest
+from .store import Marker, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    stage: str
+    unit_id: str  # zero-padded, e.g. "000012", or "<prompt_key>-003"
+    items: tuple[dict, ...]  # JSON-serialisable input records, each with a "sample_key"
+
+    @property
+    def input_hash(self) -> str:
+        return stable_hash(list(self.items))
+
+    @property
+    def sample_keys(self) -> list[str]:
+        return [it["sample_key"] for it in self.items]
+
+
+@dataclass
+class Context:
+    """What a stage function receives: the validated config and the output store."""
+
+    cfg: PABConfig
+    store: Store
+
+    @classmethod
+    def create(cls, cfg: PABConfig, out: str) -> "Context":
+        return cls(cfg=cfg, store=Store(out, **cfg.publish.storage_options) if "://" in out else Store(out))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: how to split its inputs into units, and how to run one unit.
+
+    ``plan_units(ctx)`` reads upstream manifests and returns the units; ``run_unit(ctx, unit)``
+    returns exactly one manifest row per item. ``finalize(ctx, rows)``, if given, runs after the
+    manifest is written (e.g. to write the review sheet or a shard index).
+    """
+
+    name: str
+    plan_units: Callable[[Context], list[Unit]]
+    run_unit: Callable[[Context, Unit], list[dict]]
+    config_keys: tuple[str, ...]  # config sections this stage's outputs depend on
+    version: str = "1"  # bump when the stage's logic changes its outputs
+    uses_gpu: bool = False
+    finalize: Callable[[Context, list[dict]], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage_hash(self, cfg: PABConfig) -> str:
+        return stable_hash({"v": self.version, "cfg": cfg.section_hash(*self.config_keys)})
+
+
+def chunk_units(stage: str, items: list[dict], size: int, group_key: str | None = None) -> list[Unit]:
+    """Split items into units of about ``size`` items (or groups, when ``group_key`` keeps e.g. a
+    clip's two frames together), numbered ``000000``, ``000001``, ..."""
+    if group_key is None:
+        groups = [[it] for it in items]
+    else:
+        by: dict[str, list[dict]] = {}
+        for it in items:
+            by.setdefault(it[group_key], []).append(it)
+        groups = list(by.values())
+    units = []
+    for n, start in enumerate(range(0, len(groups), size)):
+        chunk = [it for g in groups[start : start + size] for it in g]
+        units.append(Unit(stage, f"{n:06d}", tuple(chunk)))
+    return units
+
+
+def unit_is_done(ctx: Context, stage: Stage, unit: Unit) -> bool:
+    m = ctx.store.read_marker(stage.name, unit.unit_id)
+    return (
+        m is not None
+        and m.status == "done"
+        and m.matches(stage.stage_hash(ctx.cfg), unit.input_hash)
+        and ctx.store.exists(Store.unit_rows_rel(stage.name, unit.unit_id))
+    )
+
+
+def _check_rows(stage: Stage, unit: Unit, rows: list[dict]) -> None:
+    got, want = [r["sample_key"] for r in rows], unit.sample_keys
+    if sorted(got) != sorted(want):
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        raise RuntimeError(
+            f"{stage.name} unit {unit.unit_id}: rows do not match items one to one "
+            f"(missing {missing}, extra {extra}, {len(got)} rows for {len(want)} items)"
+        )
+
+
+def execute_unit(ctx: Context, stage: Stage, unit: Unit) -> str:
+    """Run one unit unless it is already done. Returns ``"skipped"`` or ``"done"``.
+
+    Per-item trouble is the stage's business (a rejected row); anything raised here is per-unit
+    trouble, and the caller (Prefect) retries the unit. No marker is written for a failed run.
+    """
+    if unit_is_done(ctx, stage, unit):
+        return "skipped"
+    rows = stage.run_unit(ctx, unit)
+    _check_rows(stage, unit, rows)
+    ctx.store.write_bytes(Store.unit_rows_rel(stage.name, unit.unit_id), table_bytes(rows_to_table(stage.name, rows)))
+    ctx.store.write_marker(
+        stage.name,
+        unit.unit_id,
+        Marker("done", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows)),
+    )
+    return "done"
+
+
+def record_failed_unit(ctx: Context, stage: Stage, unit: Unit, error: BaseException | str) -> None:
+    """After the last retry: every item of the unit becomes a rejected row naming the error, and a
+    ``failed`` marker is written, so the build completes and a rerun tries the unit again."""
+    if isinstance(error, BaseException):
+        text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    else:
+        text = str(error)
+    reason = f"unit {unit.unit_id} failed after retries: {text}"[:500]
+    rows = [{"sample_key": k, "status": REJECTED, "reason": reason} for k in unit.sample_keys]
+    ctx.store.write_bytes(Store.unit_rows_rel(stage.name, unit.unit_id), table_bytes(rows_to_table(stage.name, rows)))
+    ctx.store.write_marker(
+        stage.name,
+        unit.unit_id,
+        Marker("failed", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows), reason),
+    )
+
+
+def finalize_stage(ctx: Context, stage: Stage, units: list[Unit]) -> list[dict]:
+    """Concatenate the planned units' rows into ``manifests/<stage>.parquet`` (sorted by key)."""
+    rows: list[dict] = []
+    for u in units:
+        rows.extend(read_table(ctx.store, Store.unit_rows_rel(stage.name, u.unit_id)).to_pylist())
+    write_manifest(ctx.store, stage.name, rows)
+    if stage.finalize is not None:
+        stage.finalize(ctx, rows)
+    return rows
+
+
+def run_stage(ctx: Context, stage: Stage, retries: int | None = None) -> dict[str, int]:
+    """Run a stage in a plain loop (no Prefect): tests, benchmarks and debugging."""
+    retries = ctx.cfg.run.unit_retries if retries is None else retries
+    units = stage.plan_units(ctx)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for u in units:
+        for attempt in range(retries + 1):
+            try:
+                counts[execute_unit(ctx, stage, u)] += 1
+                break
+            except Exception as e:  # noqa: BLE001 - per-unit policy: retry, then record
+                log.warning("%s unit %s attempt %d failed: %s", stage.name, u.unit_id, attempt + 1, e)
+                if attempt == retries:
+                    record_failed_unit(ctx, stage, u, e)
+                    counts["failed"] += 1
+    finalize_stage(ctx, stage, units)
+    return counts
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    ok = sum(1 for r in rows if r["status"] == OK)
+    return {"ok": ok, "rejected": len(rows) - ok}
