@@ -248,7 +248,22 @@ class PABConfig(Section):
         return stable_hash(picked)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML, with anything that looks like a credential redacted."""
+        data = self.model_dump(mode="json")
+        data["publish"]["storage_options"] = redact(data["publish"]["storage_options"])
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redact(obj: Any) -> Any:
+    """Replace the values of credential-like keys (at any depth) with ``"***"``."""
+    if isinstance(obj, dict):
+        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
 
 
 def stable_hash(obj: Any) -> str:

@@ -123,8 +123,14 @@ def write_manifest(store: Store, stage: str, rows: list[dict]) -> pa.Table:
     return table
 
 
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    # use_threads=False: pyarrow's reader thread pool makes the interpreter abort at exit
+    # ("terminate called without an active exception") on our CI machines, after the work is done
+    return pq.read_table(io.BytesIO(data), use_threads=False)
+
+
 def read_table(store: Store, rel: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    return read_parquet_bytes(store.read_bytes(rel))
 
 
 def read_manifest(store: Store, stage: str) -> list[dict]:

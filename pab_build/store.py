@@ -75,11 +75,13 @@ class Store:
         return json.loads(self.read_bytes(rel))
 
     def listdir(self, rel: str) -> list[str]:
-        """Names (not paths) directly under ``rel``; empty when it does not exist."""
+        """Names (not paths) directly under ``rel``, hidden temporary files excluded; empty when
+        it does not exist."""
         p = self.path(rel)
         if not self.fs.exists(p):
             return []
-        return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in self.fs.ls(p, detail=False))
+        names = (x.rstrip("/").rsplit("/", 1)[-1] for x in self.fs.ls(p, detail=False))
+        return sorted(n for n in names if not n.startswith("."))
 
     # -- writes ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:

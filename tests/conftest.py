@@ -12,24 +12,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory) -> str:
-    """Folder with every tiny model (sdxl, qwen2_vl, openpose, resnet50, swin, bert)."""
-    from pab_build.fixtures import build_tiny_models
-
-    d = os.environ.get("PAB_TEST_MODELS_DIR") or str(tmp_path_factory.getbasetemp() / "tiny-models")
-    build_tiny_models(d, seed=0)
-    return d
+def models_dir(tmp_path_factory) -> str:
+    """Where this session's tiny models live (built on demand by the fixtures below)."""
+    return os.environ.get("PAB_TEST_MODELS_DIR") or str(tmp_path_factory.getbasetemp() / "tiny-models")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def tiny_models_dir(models_dir) -> str:
+    """Folder with every tiny model (sdxl, qwen2_vl, openpose, resnet50, swin, bert)."""
+    from pab_build.fixtures import build_tiny_models
+
+    build_tiny_models(models_dir, seed=0)
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir):
     """``tiny_model("openpose")`` -> folder of that one tiny model (built once per session)."""
     from pab_build.fixtures import build_tiny_models
 
-    d = os.environ.get("PAB_TEST_MODELS_DIR") or str(tmp_path_factory.getbasetemp() / "tiny-models")
-
     def get(name: str) -> str:
-        return build_tiny_models(d, seed=0, only=[name])[name]
+        return build_tiny_models(models_dir, seed=0, only=[name])[name]
 
     return get
 
@@ -44,14 +47,15 @@ def sample_oops_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def smoke_cfg(tiny_models_dir, sample_oops_root):
-    """The smoke profile pointed at the session's tiny models and sample root."""
+def smoke_cfg(models_dir, sample_oops_root):
+    """The smoke profile pointed at the session's tiny-model folder and sample root (ask for
+    ``tiny_model(name)`` too when a test needs a model built)."""
     from pab_build.config import load_config
 
     return load_config(
         "smoke",
         {
-            "fixtures.models_dir": tiny_models_dir,
+            "fixtures.models_dir": models_dir,
             "fixtures.build_tiny_models": False,
             "fixtures.build_sample_oops": False,
             "oops.root": sample_oops_root,
@@ -64,3 +68,21 @@ def ctx(smoke_cfg, tmp_path):
     from pab_build.units import Context
 
     return Context.create(smoke_cfg, str(tmp_path / "out"))
+
+
+_EXIT_STATUS = {"code": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    # Native thread pools (pyarrow's, seen in libraries we call such as `datasets`) can abort the
+    # interpreter during its final teardown, after every test has passed and the summary is printed.
+    # Leave with pytest's own status instead of the teardown's SIGABRT.
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS["code"])

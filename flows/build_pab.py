@@ -1,0 +1,158 @@
+"""Prefect orchestration of a PAB build: the parent flow ``build-pab`` and one subflow per stage.
+
+Only orchestration lives here: retries, fan-out over units, logging, pause for human review,
+artifacts. The work itself is ``pab_build.units.execute_unit`` over a stage from
+``pab_build.pipeline``; markers on disk, not Prefect's cache, decide what is already done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import unmapped
+
+from pab_build.config import PABConfig, config_from_dict, load_config
+from pab_build.pipeline import get_stage, stages_until
+from pab_build.prepare import prepare_build
+from pab_build.units import Context, Unit, execute_unit, finalize_stage, record_failed_unit, status_counts
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(cfg: PABConfig, out: str) -> None:
+    prepare_build(cfg, out)
+
+
+@task(name="unit", cache_policy=NO_CACHE)
+def run_unit_task(cfg: PABConfig, out: str, stage_name: str, unit: Unit) -> str:
+    """One unit of one stage; Prefect retries it (config: run.unit_retries) when it raises."""
+    return execute_unit(Context.create(cfg, out), get_stage(stage_name), unit)
+
+
+def _task_runner(cfg: PABConfig):
+    if cfg.run.task_runner == "ray":
+        from prefect_ray import RayTaskRunner  # optional extra: pip install 'pab-build[ray]'
+
+        init_kwargs = {"address": cfg.run.ray_address} if cfg.run.ray_address else {}
+        return RayTaskRunner(init_kwargs=init_kwargs)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=cfg.run.max_workers)
+
+
+def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
+    """Plan a stage's units, fan them out as tasks, record units that failed after their retries,
+    then write the stage manifest. Runs inside a (sub)flow."""
+    logger = get_run_logger()
+    ctx = Context.create(cfg, out)
+    stage = get_stage(stage_name)
+    units = stage.plan_units(ctx)
+    logger.info("%s: %d units", stage_name, len(units))
+    progress = create_progress_artifact(0.0, description=f"{stage_name}: units finished (%)")
+    unit_task = run_unit_task.with_options(
+        name=f"{stage_name}-unit",
+        retries=cfg.run.unit_retries,
+        retry_delay_seconds=cfg.run.retry_delay_s,
+        tags=["gpu"] if stage.uses_gpu else ["cpu"],
+    )
+    futures = unit_task.map(unmapped(cfg), unmapped(out), unmapped(stage_name), units) if units else []
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for i, (unit, fut) in enumerate(zip(units, futures), 1):
+        state = fut.wait() or fut.state
+        if state.is_completed():
+            counts[fut.result()] += 1
+        else:
+            err = fut.result(raise_on_failure=False)
+            logger.warning("%s unit %s failed after retries: %s", stage_name, unit.unit_id, err)
+            record_failed_unit(ctx, stage, unit, err if isinstance(err, BaseException) else str(err))
+            counts["failed"] += 1
+        if i % max(1, len(units) // 20) == 0 or i == len(units):
+            update_progress_artifact(progress, 100.0 * i / len(units))
+            logger.info("%s: %d/%d units (%s)", stage_name, i, len(units), counts)
+    rows = finalize_stage(ctx, stage, units)
+    result = {**counts, **status_counts(rows)}
+    logger.info("%s finished: %s", stage_name, result)
+    return result
+
+
+@flow(name="stage", log_prints=True)
+def stage_flow(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
+    return run_stage_units(cfg, out, stage_name)
+
+
+def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
+    """``review.policy = wait``: write the review sheet, pause until reviewers' decision files are
+    given through the Prefect UI/API, then continue with them."""
+    from prefect.flow_runs import pause_flow_run
+    from prefect.input import RunInput
+
+    from pab_build import review
+
+    class ReviewDecisions(RunInput):
+        decisions_files: list[str]
+
+    ctx = Context.create(cfg, out)
+    if review.decisions_ready(cfg.review.decisions_files):
+        return cfg
+    sheet, template = review.export_review_sheet(ctx, review.plan_review_items(ctx))
+    get_run_logger().info("review sheet: %s/%s; fill in %s and resume the flow run with the file paths",
+                          out, sheet, template)
+    given = pause_flow_run(wait_for_input=ReviewDecisions, timeout=cfg.review.wait_timeout_s)
+    data = cfg.model_dump(mode="json")
+    data["review"]["decisions_files"] = given.decisions_files
+    return config_from_dict(data)
+
+
+@flow(name="build-pab", log_prints=True)
+def build_pab(
+    profile: str = "smoke",
+    out: str = "out/smoke",
+    overrides: list[str] | None = None,
+    until: str | None = None,
+    publish_url: str | None = None,
+    train_cmp: bool | None = None,
+) -> dict[str, Any]:
+    """Build PAB: test set, training set, release; optionally publish and train CMP after.
+
+    ``overrides`` are ``dotted.key=value`` strings; ``until`` stops after that stage.
+    """
+    cfg = load_config(profile, overrides or [])
+    logger = get_run_logger()
+    prepare_task(cfg, out)
+    summary: dict[str, Any] = {}
+    for name in stages_until(until):
+        if name == "review" and cfg.review.policy == "wait":
+            cfg = _wait_for_review(cfg, out)
+        summary[name] = stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(
+            cfg, out, name
+        )
+    create_table_artifact(
+        [{"stage": k, **v} for k, v in summary.items()], key="build-summary", description="units and rows per stage"
+    )
+    if until is None:
+        summary["release"] = release_task(cfg, out)
+        if publish_url or cfg.publish.url:
+            summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
+        if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
+            from flows.train_cmp import train_cmp_flow
+
+            summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
+    logger.info("build summary: %s", summary)
+    return summary
+
+
+@task(name="release", cache_policy=NO_CACHE)
+def release_task(cfg: PABConfig, out: str) -> dict[str, Any]:
+    from pab_build.card import write_dataset_card
+
+    return {"card": write_dataset_card(out)}
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
+    from pab_build.publish import publish
+
+    report = publish(out, url, storage_options=dict(cfg.publish.storage_options))
+    return {"url": url, "ok": bool(getattr(report, "ok", True))}

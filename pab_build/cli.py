@@ -1,0 +1,147 @@
+"""``pab``: run a build, show its status, verify / export / publish its release.
+
+The CLI never imports Prefect until a flow is run, so ``pab status`` and ``pab verify`` are quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .config import ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.oops_root:
+        overrides.append(f"oops.root={args.oops_root}")
+    if args.runner:
+        overrides.append(f"run.task_runner={args.runner}")
+    from .config import load_config
+
+    load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
+    from .pipeline import stages_until
+
+    stages_until(args.until)
+    from flows.build_pab import build_pab  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
+
+    out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
+    summary = build_pab(
+        profile=args.profile, out=out, overrides=overrides, until=args.until,
+        publish_url=args.publish, train_cmp=False if args.no_cmp else None,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"outputs: {out}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import build_status, format_status
+
+    print(format_status(build_status(args.out)))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .shards import verify_shards
+
+    report = verify_shards(args.target)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _cmd_export_official(args: argparse.Namespace) -> int:
+    from .official import export_official
+
+    print(json.dumps(export_official(args.out, args.dest), indent=2, default=str))
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import publish
+
+    report = publish(args.out, args.url)
+    print(report)
+    return 0 if getattr(report, "ok", True) else 1
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .card import write_dataset_card
+
+    print(write_dataset_card(args.out))
+    return 0
+
+
+def _cmd_fixtures(args: argparse.Namespace) -> int:
+    from .fixtures import build_tiny_models
+    from .fixtures.sample_oops import write_sample_oops
+
+    print(json.dumps(build_tiny_models(os.path.expanduser(args.models_dir)), indent=2))
+    print(write_sample_oops(os.path.expanduser(args.sample_oops_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pab", description="Build the PAB benchmark and train/evaluate CMP.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the build-pab flow locally (Prefect, no server needed)")
+    r.add_argument("profile", help="profile name (configs/<name>.yaml) or a YAML path, e.g. smoke, full")
+    r.add_argument("--out", help="output folder or fsspec URL (default: out/<profile>)")
+    r.add_argument("--oops-root", help="OOPS!-format root (default: the profile's oops.root)")
+    r.add_argument("--until", help="stop after this stage (e.g. frames)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    r.add_argument("--runner", choices=["threads", "ray"], help="task runner (run.task_runner)")
+    r.add_argument("--publish", metavar="URL", help="publish the release to this fsspec URL at the end")
+    r.add_argument("--no-cmp", action="store_true", help="do not train CMP after the build")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("status", help="per stage: units done/failed/pending, rows ok/rejected")
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_status)
+
+    v = sub.add_parser("verify", help="re-hash the shards against shards/index.json")
+    v.add_argument("target", help="a build's output folder or a published URL")
+    v.set_defaults(func=_cmd_verify)
+
+    e = sub.add_parser("export-official", help="write the layout the official CMP code reads")
+    e.add_argument("out")
+    e.add_argument("dest")
+    e.set_defaults(func=_cmd_export_official)
+
+    pb = sub.add_parser("publish", help="upload shards, index and card to an fsspec URL, then verify")
+    pb.add_argument("out")
+    pb.add_argument("url")
+    pb.set_defaults(func=_cmd_publish)
+
+    c = sub.add_parser("card", help="(re)write OUT/README.md, the dataset card")
+    c.add_argument("out")
+    c.set_defaults(func=_cmd_card)
+
+    f = sub.add_parser("fixtures", help="build the tiny models and the sample OOPS! root")
+    f.add_argument("--models-dir", default="~/.cache/pab-build/tiny-models")
+    f.add_argument("--sample-oops-dir", default="~/.cache/pab-build/sample-oops")
+    f.set_defaults(func=_cmd_fixtures)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"pab: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - print it, then leave through the same exit path
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: native thread pools (pyarrow, decord) can abort the interpreter in its final
+    # teardown after the work is done; the exit status must be the command's own.
+    os._exit(code)
