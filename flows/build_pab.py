@@ -7,6 +7,7 @@ artifacts. The work itself is ``pab_build.units.execute_unit`` over a stage from
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -42,6 +43,15 @@ def _task_runner(cfg: PABConfig):
     return ThreadPoolTaskRunner(max_workers=cfg.run.max_workers)
 
 
+def _ray_resources(cfg: PABConfig, uses_gpu: bool):
+    """On Ray, GPU stages ask for ``run.gpus_per_unit`` GPUs per unit, every unit for CPUs."""
+    if cfg.run.task_runner != "ray":
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_cpus=cfg.run.cpus_per_unit, num_gpus=cfg.run.gpus_per_unit if uses_gpu else 0)
+
+
 def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
     """Plan a stage's units, fan them out as tasks, record units that failed after their retries,
     then write the stage manifest. Runs inside a (sub)flow."""
@@ -57,7 +67,8 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
         retry_delay_seconds=cfg.run.retry_delay_s,
         tags=["gpu"] if stage.uses_gpu else ["cpu"],
     )
-    futures = unit_task.map(unmapped(cfg), unmapped(out), unmapped(stage_name), units) if units else []
+    with _ray_resources(cfg, stage.uses_gpu):
+        futures = unit_task.map(unmapped(cfg), unmapped(out), unmapped(stage_name), units) if units else []
     counts = {"done": 0, "skipped": 0, "failed": 0}
     for i, (unit, fut) in enumerate(zip(units, futures), 1):
         state = fut.wait() or fut.state

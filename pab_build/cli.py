@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # builds run on machines with restricted networks: no usage telemetry from Prefect or Ray
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -61,6 +61,8 @@ class RunConfig(Section):
     task_runner: Literal["threads", "ray"] = "threads"
     max_workers: int = Field(2, ge=1)  # threads for the default runner
     ray_address: str | None = None  # None = start a local Ray cluster
+    gpus_per_unit: float = Field(1.0, ge=0)  # Ray: GPUs a unit of a GPU stage asks for
+    cpus_per_unit: float = Field(1.0, ge=0)  # Ray: CPUs every unit asks for
     unit_retries: int = Field(2, ge=0)  # Prefect retries of a failing unit before it is recorded as rejected
     retry_delay_s: float = Field(1.0, ge=0)
     trust_remote_code: bool = False  # never on unless the user opts in
