@@ -1,0 +1,186 @@
+"""Stages ``test_attributes`` and ``attributes``: action / anomaly / scene labels (appendix A.1).
+
+Each image is asked two questions with its source caption C substituted into the instruction:
+a normal image its action type and scene, an anomaly image its anomaly behaviour class and scene.
+For a test image C is the OOPS! caption of its clip (C_n or C_a); for a training image C is the
+prompt it was generated from (C_n, C_a or C_a+). All questions of a unit go to the model in one
+length-sorted queue. Answers are normalised to short lowercase phrases; the raw answers are kept.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .config import model_id
+from .manifests import OK, ok_rows, read_manifest, reject
+from .units import Context, Stage, Unit, chunk_units
+from .vlm import VLMRequest, answer_requests, fill_prompt, load_backend, load_prompt, prompts_fingerprint
+from .captions import load_unit_images
+
+TEST_ATTRIBUTES = "test_attributes"
+TRAIN_ATTRIBUTES = "attributes"
+
+ATTRIBUTE_PROMPTS = {"action": "attr_action_v1", "anomaly": "attr_anomaly_v1", "scene": "attr_scene_v1"}
+QUESTIONS = {"normal": ("action", "scene"), "anomaly": ("anomaly", "scene")}
+BEHAVIOR_OF_KIND = {"n": "normal", "a": "anomaly", "a+": "anomaly"}  # training prompt kinds
+
+# "The answer is ...", "Answer: ...", "Scene category: ..." in front of the phrase itself
+_LEAD_IN = re.compile(
+    r"^(?:(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b\s*)?:?|"
+    r"(?:the\s+)?(?:action(?:\s+type)?|anomal(?:y|ous)(?:\s+behaviou?r)?(?:\s+class)?|failure|behaviou?r|"
+    r"scene(?:\s+category)?|background|category|class)\b\s*(?:is\b\s*:?|:))\s*"
+)
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
+
+
+def normalise_answer(text: str, max_words: int) -> str:
+    """A short lowercase phrase: the first clause of the first non-empty line, without lead-ins
+    ("The answer is"), quotes, punctuation or a leading article, at most ``max_words`` words."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    t = lines[0].lower() if lines else ""
+    t = " ".join(t.split()).strip(_QUOTES + " ")
+    for _ in range(3):  # lead-ins can nest: "Answer: the scene is: lawn"
+        stripped = _LEAD_IN.sub("", t).strip(_QUOTES + " ")
+        if stripped == t:
+            break
+        t = stripped
+    t = re.split(r"[.,;:!?()\[\]]", t, maxsplit=1)[0]  # "falling, losing balance." -> "falling"
+    t = re.sub(r"[^\w\s'-]", " ", t)  # leftover symbols and undecodable bytes
+    t = " ".join(w.strip("'-_") for w in t.split())
+    t = " ".join(t.split())
+    while _ARTICLE.match(t):
+        t = _ARTICLE.sub("", t, count=1)
+    return " ".join(t.split()[:max_words])
+
+
+def attribute_questions(behavior: str) -> tuple[str, ...]:
+    try:
+        return QUESTIONS[behavior]
+    except KeyError:
+        raise ValueError(f"unknown behavior {behavior!r}; expected one of {sorted(QUESTIONS)}") from None
+
+
+def prompt_versions(behavior: str) -> str:
+    return ",".join(ATTRIBUTE_PROMPTS[q] for q in attribute_questions(behavior))
+
+
+# -- planning -------------------------------------------------------------------------------------
+def plan_test_attribute_units(ctx: Context) -> list[Unit]:
+    """Test images with an accepted caption; C is the OOPS! caption stored with the frame."""
+    frames = {r["sample_key"]: r for r in ok_rows(ctx.store, "frames")}
+    items = []
+    for r in ok_rows(ctx.store, "test_captions"):
+        f = frames.get(r["sample_key"], {})
+        items.append({
+            "sample_key": r["sample_key"],
+            "image_path": f.get("image_path"),
+            "image_sha256": f.get("image_sha256"),
+            "behavior": f.get("behavior"),
+            "source_caption": f.get("source_caption"),
+        })
+    items.sort(key=lambda it: it["sample_key"])
+    return chunk_units(TEST_ATTRIBUTES, items, ctx.cfg.attributes.images_per_unit)
+
+
+def plan_train_attribute_units(ctx: Context) -> list[Unit]:
+    """Training images with a caption; C is the prompt the image was generated from."""
+    generated = {r["sample_key"]: r for r in ok_rows(ctx.store, "generate")}
+    prompts = {r["sample_key"]: r for r in read_manifest(ctx.store, "prompts")}
+    items = []
+    for r in ok_rows(ctx.store, "train_captions"):
+        g = generated.get(r["sample_key"], {})
+        p = prompts.get(g.get("prompt_key"), {})
+        items.append({
+            "sample_key": r["sample_key"],
+            "image_path": g.get("image_path"),
+            "image_sha256": g.get("image_sha256"),
+            "behavior": BEHAVIOR_OF_KIND.get(g.get("kind")),
+            "source_caption": p.get("prompt"),
+        })
+    items.sort(key=lambda it: it["sample_key"])
+    return chunk_units(TRAIN_ATTRIBUTES, items, ctx.cfg.attributes.images_per_unit)
+
+
+# -- running --------------------------------------------------------------------------------------
+def item_problem(item: dict) -> str | None:
+    if item.get("behavior") not in QUESTIONS:
+        return f"unknown behavior {item.get('behavior')!r} (no normal/anomaly label upstream)"
+    if not (item.get("source_caption") or "").strip():
+        return "no source caption C to put into the attribute instructions"
+    return None
+
+
+def attribute_row(item: dict, raw: dict[str, str], max_words: int, model: str) -> dict:
+    """One manifest row from an item's raw answers (question -> text)."""
+    row: dict = {"behavior": item["behavior"], "prompt_version": prompt_versions(item["behavior"]),
+                 "model_id": model}
+    empty = []
+    for q in ("action", "anomaly", "scene"):
+        if q not in raw:
+            row[q] = row[f"{q}_raw"] = None
+            continue
+        row[f"{q}_raw"] = raw[q]
+        row[q] = normalise_answer(raw[q], max_words)
+        if not row[q]:
+            empty.append(q)
+    if empty:
+        shown = "; ".join(f"{q}={raw[q][:60]!r}" for q in empty)
+        return reject(item, f"attribute answer normalises to nothing: {shown}", **row)
+    return {"sample_key": item["sample_key"], "status": OK, "reason": None, **row}
+
+
+def run_attribute_unit(ctx: Context, unit: Unit) -> list[dict]:
+    sec = ctx.cfg.attributes
+    usable = []
+    rows: dict[str, dict] = {}
+    for it in unit.items:
+        why = item_problem(it)
+        if why:
+            rows[it["sample_key"]] = reject(it, why, behavior=it.get("behavior"))
+        else:
+            usable.append(it)
+    images, rejected = load_unit_images(ctx, usable, "no image for this sample upstream")
+    rows.update(rejected)
+    requests, asked = [], []
+    templates = {q: load_prompt(v) for q, v in ATTRIBUTE_PROMPTS.items()}
+    for it in usable:
+        if it["sample_key"] not in images:
+            continue
+        for q in attribute_questions(it["behavior"]):
+            prompt = fill_prompt(templates[q], it["source_caption"])
+            requests.append(VLMRequest(f"{it['sample_key']}/{q}", images[it["sample_key"]], prompt,
+                                       it.get("image_sha256")))
+            asked.append((it, q))
+    raw: dict[str, dict[str, str]] = {}
+    if requests:
+        backend = load_backend(ctx.cfg, sec.generation)
+        answers = answer_requests(ctx.store, unit.stage, unit.unit_id, backend, requests, sec.generation)
+        for (it, q), a in zip(asked, answers):
+            raw.setdefault(it["sample_key"], {})[q] = a.text
+    model = model_id(ctx.cfg, "qwen2_vl")
+    for it in usable:
+        if it["sample_key"] in raw:
+            rows[it["sample_key"]] = attribute_row(it, raw[it["sample_key"]], sec.max_words, model)
+    return [rows[k] for k in unit.sample_keys]
+
+
+_VERSION = f"1+{prompts_fingerprint(*ATTRIBUTE_PROMPTS.values())}"
+
+TEST_ATTRIBUTES_STAGE = Stage(
+    name=TEST_ATTRIBUTES,
+    plan_units=plan_test_attribute_units,
+    run_unit=run_attribute_unit,
+    config_keys=("attributes", "models.qwen2_vl"),
+    version=_VERSION,
+    uses_gpu=True,
+)
+
+ATTRIBUTES_STAGE = Stage(
+    name=TRAIN_ATTRIBUTES,
+    plan_units=plan_train_attribute_units,
+    run_unit=run_attribute_unit,
+    config_keys=("attributes", "models.qwen2_vl"),
+    version=_VERSION,
+    uses_gpu=True,
+)

@@ -1,0 +1,185 @@
+"""Stages ``test_captions`` and ``train_captions``: Qwen2-VL captions of every kept image.
+
+Paper 3.1: each real test image is captioned by Qwen2-VL with the instruction in
+``prompts/caption_v1.txt``, then checked by people (quality control: corrected captions replace
+the generated ones). Paper 3.2: each synthetic training image is re-captioned the same way and
+the generated caption is used as is.
+
+Per image: the caption is the generated text with whitespace normalised; it is rejected as empty
+(fewer than ``min_words`` words) or runaway (more than ``max_words`` words, or, when the config
+asks for it, generation stopped at ``max_new_tokens`` without an end token).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+from .config import CaptionsConfig, model_id
+from .manifests import OK, ok_rows, read_manifest, reject
+from .units import Context, Stage, Unit, chunk_units
+from .vlm import VLMRequest, answer_requests, image_from_bytes, load_backend, load_prompt, prompts_fingerprint
+
+TEST_CAPTIONS = "test_captions"
+TRAIN_CAPTIONS = "train_captions"
+CAPTION_PROMPT = "caption_v1"  # prompt file stem, recorded as prompt_version
+
+
+def normalise_caption(text: str) -> str:
+    """One line, single spaces (newlines, tabs and runs of spaces become one space)."""
+    return " ".join(text.split())
+
+
+def caption_problem(caption: str, *, finished: bool, min_words: int, max_words: int, max_new_tokens: int,
+                    reject_unfinished: bool) -> str | None:
+    """Why a generated caption is unusable, or None when it is fine."""
+    n = len(caption.split())
+    if n < min_words or n == 0:
+        return f"empty caption: {n} words (fewer than min_words={min_words})"
+    if n > max_words:
+        return f"runaway caption: {n} words (more than max_words={max_words})"
+    if reject_unfinished and not finished:
+        return f"runaway caption: generation stopped at max_new_tokens={max_new_tokens} without an end token"
+    return None
+
+
+def read_caption_corrections(paths: list[str], known_keys: set[str]) -> dict[str, str]:
+    """QC corrections, sample_key -> corrected caption. The file format belongs to review.py."""
+    from .review import load_caption_corrections
+
+    return load_caption_corrections(paths, known_keys)
+
+
+# -- planning -------------------------------------------------------------------------------------
+def _image_item(key: str, image_row: dict | None) -> dict:
+    return {
+        "sample_key": key,
+        "image_path": image_row.get("image_path") if image_row else None,
+        "image_sha256": image_row.get("image_sha256") if image_row else None,
+    }
+
+
+def plan_test_caption_units(ctx: Context) -> list[Unit]:
+    """Images the review kept, with their frame; QC corrections ride in the items, so a changed
+    correction redoes only its own unit (and the answer cache spares the model)."""
+    sec = ctx.cfg.test_captions
+    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
+    corrections: dict[str, str] = {}
+    if sec.qc_policy == "decisions_file":
+        corrections = read_caption_corrections(list(sec.qc_files), set(frames))
+    items = []
+    for r in ok_rows(ctx.store, "review"):
+        frame = frames.get(r["sample_key"])
+        item = _image_item(r["sample_key"], frame if frame and frame["status"] == OK else None)
+        item["caption_correction"] = corrections.get(r["sample_key"])
+        items.append(item)
+    items.sort(key=lambda it: it["sample_key"])
+    return chunk_units(TEST_CAPTIONS, items, sec.images_per_unit)
+
+
+def plan_train_caption_units(ctx: Context) -> list[Unit]:
+    items = sorted((_image_item(r["sample_key"], r) for r in ok_rows(ctx.store, "gen_pose")),
+                   key=lambda it: it["sample_key"])
+    return chunk_units(TRAIN_CAPTIONS, items, ctx.cfg.train_captions.images_per_unit)
+
+
+# -- running --------------------------------------------------------------------------------------
+def caption_rows(items: list[dict], answers: dict[str, tuple[str, bool]], sec: CaptionsConfig,
+                 model: str) -> list[dict]:
+    """Manifest rows for captioned items: ``answers`` maps sample_key -> (generated text, finished)."""
+    gen = sec.generation
+    # config field expected from the lead (smoke: false, as a random model never stops by itself)
+    reject_unfinished = sec.reject_unfinished
+    rows = []
+    for it in items:
+        raw, finished = answers[it["sample_key"]]
+        generated = normalise_caption(raw)
+        base = {"caption_generated": raw, "prompt_version": CAPTION_PROMPT, "model_id": model, "finished": finished}
+        correction = normalise_caption(it.get("caption_correction") or "")
+        if correction:  # a person's caption wins over the model's, whatever the model wrote
+            rows.append({"sample_key": it["sample_key"], "status": OK, "reason": None, **base,
+                         "caption": correction, "caption_corrected": correction != generated})
+            continue
+        why = caption_problem(generated, finished=finished, min_words=sec.min_words, max_words=sec.max_words,
+                              max_new_tokens=gen.max_new_tokens, reject_unfinished=reject_unfinished)
+        if why:
+            rows.append(reject(it, why, **base, caption=None, caption_corrected=False))
+        else:
+            rows.append({"sample_key": it["sample_key"], "status": OK, "reason": None, **base,
+                         "caption": generated, "caption_corrected": False})
+    return rows
+
+
+def load_unit_images(ctx: Context, items: list[dict], missing_reason: str) -> tuple[dict, dict]:
+    """(sample_key -> PIL image, sample_key -> rejected row) for a unit's items."""
+    images, rejected = {}, {}
+    for it in items:
+        if not it.get("image_path"):
+            rejected[it["sample_key"]] = reject(it, missing_reason)
+            continue
+        try:
+            images[it["sample_key"]] = image_from_bytes(ctx.store.read_bytes(it["image_path"]))
+        except Exception as e:  # noqa: BLE001 - missing or corrupt file: this item only
+            rejected[it["sample_key"]] = reject(it, f"image unreadable: {it['image_path']}: {type(e).__name__}")
+    return images, rejected
+
+
+def caption_unit(ctx: Context, unit: Unit, sec: CaptionsConfig, missing_reason: str) -> list[dict]:
+    images, rejected = load_unit_images(ctx, list(unit.items), missing_reason)
+    todo = [it for it in unit.items if it["sample_key"] in images]
+    answers: dict[str, tuple[str, bool]] = {}
+    if todo:
+        prompt = load_prompt(CAPTION_PROMPT)
+        requests = [VLMRequest(it["sample_key"], images[it["sample_key"]], prompt, it.get("image_sha256"))
+                    for it in todo]
+        backend = load_backend(ctx.cfg, sec.generation)
+        got = answer_requests(ctx.store, unit.stage, unit.unit_id, backend, requests, sec.generation)
+        answers = {r.key: (a.text, a.finished) for r, a in zip(requests, got)}
+    rows = {r["sample_key"]: r for r in caption_rows(todo, answers, sec, model_id(ctx.cfg, "qwen2_vl"))}
+    rows.update(rejected)
+    return [rows[k] for k in unit.sample_keys]
+
+
+def run_test_caption_unit(ctx: Context, unit: Unit) -> list[dict]:
+    return caption_unit(ctx, unit, ctx.cfg.test_captions, "no frame image for this sample in the frames manifest")
+
+
+def run_train_caption_unit(ctx: Context, unit: Unit) -> list[dict]:
+    return caption_unit(ctx, unit, ctx.cfg.train_captions, "no image path in the gen_pose manifest")
+
+
+def _caption_sheet_exporter() -> Callable[[Context, list[dict]], None] | None:
+    if importlib.util.find_spec(f"{__package__}.review") is None:
+        return None
+    from . import review
+
+    return getattr(review, "export_caption_sheet", None)
+
+
+def export_test_caption_sheet(ctx: Context, rows: list[dict]) -> None:
+    """After the manifest: the sheet people use for caption QC (written by review.py)."""
+    export = _caption_sheet_exporter()
+    if export is not None:
+        export(ctx, rows)
+
+
+_VERSION = f"1+{prompts_fingerprint(CAPTION_PROMPT)}"
+
+TEST_CAPTIONS_STAGE = Stage(
+    name=TEST_CAPTIONS,
+    plan_units=plan_test_caption_units,
+    run_unit=run_test_caption_unit,
+    config_keys=(TEST_CAPTIONS, "models.qwen2_vl"),
+    version=_VERSION,
+    uses_gpu=True,
+    finalize=export_test_caption_sheet,
+)
+
+TRAIN_CAPTIONS_STAGE = Stage(
+    name=TRAIN_CAPTIONS,
+    plan_units=plan_train_caption_units,
+    run_unit=run_train_caption_unit,
+    config_keys=(TRAIN_CAPTIONS, "models.qwen2_vl"),
+    version=_VERSION,
+    uses_gpu=True,
+)
