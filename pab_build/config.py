@@ -180,7 +180,7 @@ class GenPoseConfig(Section):
 
 class ShardsConfig(Section):
     max_samples_per_shard: int = Field(1000, ge=1)
-    max_bytes_per_shard: int = Field(1 << 30, ge=1024)
+    max_bytes_per_shard: int = Field(1 << 30, ge=1024)  # below ~10 KiB (a tar's minimum) every sample is rejected, with that reason
 
 
 class CMPConfig(Section):

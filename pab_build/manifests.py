@@ -58,9 +58,12 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     "pose": [("clip_key", _s), ("behavior", _s), *_IMAGE, *_POSE],
     "pairs": [("clip_key", _s), ("behavior", _s), ("pair_key", _s), ("cosine", _f)],
     "review": [("clip_key", _s), ("decision", _s), ("reviewers", _s)],
-    "test_captions": [*_CAPTION],
-    "test_attributes": [*_ATTRIBUTES],
-    "test_shards": [*_SHARD],
+    "test_captions": [*_CAPTION, ("finished", _b)],  # finished: generation ended with an end token
+    "test_attributes": [*_ATTRIBUTES, ("behavior", _s)],
+    "test_shards": [
+        *_SHARD, ("clip_key", _s), ("behavior", _s),
+        ("shard_bytes", _i), ("shard_sha256", _s),  # of the whole shard: the index is built from these
+    ],
     # -- training set (paper 3.2) ------------------------------------------------------------
     "prompts": [
         ("clip_name", _s), ("clip_key", _s), ("split", _s), ("kind", _s),  # n | a | a+
@@ -72,9 +75,13 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         *_IMAGE, ("width", _i), ("height", _i), ("model_id", _s),
     ],
     "gen_pose": [*_IMAGE, *_POSE],
-    "train_captions": [*_CAPTION],
-    "attributes": [*_ATTRIBUTES],
-    "train_shards": [*_SHARD],
+    "train_captions": [*_CAPTION, ("finished", _b)],
+    "attributes": [*_ATTRIBUTES, ("behavior", _s)],
+    "train_shards": [
+        *_SHARD, ("clip_key", _s), ("behavior", _s), ("kind", _s),
+        ("shard_bytes", _i), ("shard_sha256", _s),
+        ("hard_negative_key", _s),  # sample_key of the same identity's counterpart-behavior sample
+    ],
 }
 
 
