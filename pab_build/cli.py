@@ -143,8 +143,4 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException:  # noqa: BLE001 - print it, then leave through the same exit path
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # os._exit: native thread pools (pyarrow, decord) can abort the interpreter in its final
-    # teardown after the work is done; the exit status must be the command's own.
-    os._exit(code)
+    sys.exit(code)
