@@ -1,0 +1,302 @@
+"""Stage ``generate``: SDXL / RealVisXL images of every C_n / C_a / C_a+ prompt (paper 3.2).
+
+Each prompt gets ``generate.images_per_caption`` images (75 in the paper); image ``i`` of prompt
+``P`` is ``{P}-{i:03d}``, seeded by :func:`image_seed` (a hash of ``run.seed``, ``P`` and ``i``),
+so an image's seed does not depend on batching, units or the machine. Every image has its own
+CPU ``torch.Generator``, so its initial noise depends on its seed only, on any device.
+
+Reproducibility (measured on the CPU with the tiny pipeline): an image generated alone and the same
+image generated inside a batch of 3 differ by ~1e-6 (batched matmul numerics), which flips some
+8-bit pixels. So the manifest records the pipeline call each image came from (``batch_first_index``,
+``batch_size``: consecutive indices of one prompt, after any out-of-memory halving), and
+:func:`regenerate_image` reruns that exact call and takes the image's slot. That reproduces the
+file byte for byte on the CPU (tested) with the same dtype and library versions. On CUDA it also
+needs deterministic kernels, which this module does not force (not verified on a GPU); across
+different hardware images agree only up to floating-point noise.
+
+Units are (prompt, chunk of ``images_per_unit`` indices), ids ``{prompt_key}-{chunk:03d}``, so
+adding prompts never renumbers existing units, and a crash loses one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
+from .manifests import OK, ok_rows, read_manifest, reject
+from .models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
+from .store import Store
+from .units import Context, Stage, Unit
+
+log = logging.getLogger(__name__)
+
+GENERATE = "generate"
+LATENT_FACTOR = 8  # SDXL's VAE downsamples 8x; the pipeline rejects sides that are not multiples of 8
+
+# Schedulers keep per-call state (timesteps, step index): one pipeline call at a time per process.
+# A process drives one accelerator, so serialising calls costs nothing.
+_PIPELINE_LOCK = threading.Lock()
+
+
+# -- seeds and keys ------------------------------------------------------------------------------
+def image_seed(base_seed: int, prompt_key: str, index: int) -> int:
+    """The seed of image ``index`` of ``prompt_key``: 63 bits of a sha256, the same everywhere."""
+    digest = hashlib.sha256(f"pab-generate/{base_seed}/{prompt_key}/{index}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # fits a signed int64 manifest column
+
+
+def image_key(prompt_key: str, index: int) -> str:
+    return f"{prompt_key}-{index:03d}"
+
+
+def image_rel(prompt_key: str, key: str) -> str:
+    return f"generate/{prompt_key}/{key}.jpg"
+
+
+def full_prompt(prompt: str, settings: GenerateConfig) -> str:
+    """The text sent to SDXL: ``prompt_prefix + prompt + prompt_suffix`` (put separators in them)."""
+    return f"{settings.prompt_prefix}{prompt}{settings.prompt_suffix}"
+
+
+# -- loading -------------------------------------------------------------------------------------
+def load_sdxl_pipeline(path: str, device: str, dtype: str, settings: GenerateConfig, revision: str | None = None):
+    """``StableDiffusionXLPipeline`` from a hub id or folder, loaded once per process and setting.
+
+    Fast paths, each from the config: ``dtype`` (float16/bfloat16 from the model spec), SDPA
+    attention (``AttnProcessor2_0``, set explicitly) or attention slicing, channels-last UNet and
+    VAE, VAE tiling, and ``torch.compile`` of the UNet (CUDA only; ignored with a warning elsewhere).
+    """
+    key = ("sdxl", path, revision, device, dtype, settings.attention_slicing, settings.vae_tiling,
+           settings.channels_last, settings.compile_unet)
+    return cached_model(key, lambda: _load_sdxl_pipeline(path, device, dtype, settings, revision))
+
+
+def _load_sdxl_pipeline(path: str, device: str, dtype: str, settings: GenerateConfig, revision: str | None):
+    from diffusers import StableDiffusionXLPipeline
+
+    dev = resolve_device(device)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        path,
+        revision=revision,
+        dtype=torch_dtype(dtype),
+        use_safetensors=True,  # never unpickle weights
+        add_watermarker=False,  # outputs must not depend on whether invisible-watermark is installed
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    apply_fast_paths(pipe, settings, dev)
+    return pipe
+
+
+def apply_fast_paths(pipe, settings: GenerateConfig, device: torch.device) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # SDPA is diffusers' default on torch 2, but a checkpoint's saved processors could override it
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    if settings.attention_slicing:
+        pipe.enable_attention_slicing()  # less peak memory, a little slower
+    if settings.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    if settings.compile_unet:
+        if device.type == "cuda":
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+        else:
+            log.warning("generate.compile_unet is ignored on %s: it is a CUDA fast path", device)
+
+
+def load_pipeline_for(cfg: PABConfig):
+    spec = cfg.models.sdxl
+    return load_sdxl_pipeline(model_path(cfg, "sdxl"), cfg.run.device, spec.dtype, cfg.generate, spec.revision)
+
+
+# -- generating ----------------------------------------------------------------------------------
+def generate_batch(pipe, prompts: list[str], seeds: list[int], settings: GenerateConfig) -> list[np.ndarray]:
+    """One pipeline call: float32 HxWx3 arrays in [0, 1] (NaN kept, so :func:`image_problem` sees it)."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    negative = settings.negative_prompt or None  # None: SDXL's zero negative embedding, as upstream
+    with _PIPELINE_LOCK, torch.inference_mode():
+        out = pipe(
+            prompt=[full_prompt(p, settings) for p in prompts],
+            negative_prompt=[negative] * len(prompts) if negative else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            generator=generators,
+            output_type="np",
+        )
+    return [np.asarray(a, dtype=np.float32) for a in out.images]
+
+
+def generate_arrays(pipe, prompts: list[str], seeds: list[int], settings: GenerateConfig
+                    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Images in batches of ``settings.batch_size`` (halved on out-of-memory), plus, per image,
+    ``(position of the first image of its pipeline call, images in that call)``."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    calls: list[tuple[int, int]] = []
+
+    def run(batch: list[tuple[int, str, int]]) -> list[np.ndarray]:
+        arrays = generate_batch(pipe, [p for _, p, _ in batch], [s for _, _, s in batch], settings)
+        calls.extend((batch[0][0], len(batch)) for _ in batch)
+        return arrays
+
+    items = [(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
+    return run_halving_on_oom(items, settings.batch_size, run), calls
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """[0, 1] float array -> 8-bit RGB image, rounding as diffusers' ``output_type="pil"`` does."""
+    if not np.isfinite(array).all():
+        raise ValueError("the image has NaN/inf values; there are no pixels to save")
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+
+
+def image_problem(image_array: np.ndarray, black_threshold: float = 2.0) -> str | None:
+    """Why a generated image is unusable (NaN/inf values, black), or None.
+
+    Float arrays are in [0, 1] (the pipeline's ``np`` output); integer arrays in 0..255. Black
+    means the mean pixel value, on the 0..255 scale, is below ``black_threshold``.
+    """
+    a = np.asarray(image_array)
+    if a.size == 0:
+        return "empty image"
+    if np.issubdtype(a.dtype, np.floating):
+        bad = int(a.size - np.isfinite(a).sum())
+        if bad:
+            return f"NaN/inf in the generated image ({bad} of {a.size} values)"
+        mean = float(a.mean()) * 255.0
+    else:
+        mean = float(a.mean())
+    if mean < black_threshold:
+        return f"black image: mean pixel value {mean:.2f} is below black_threshold={black_threshold}"
+    return None
+
+
+def generate_images(pipe, prompts: list[str], seeds: list[int], settings: GenerateConfig) -> list[Image.Image | None]:
+    """One image per (prompt, seed); None where :func:`image_problem` finds the image unusable."""
+    arrays, _ = generate_arrays(pipe, prompts, seeds, settings)
+    return [None if image_problem(a, settings.black_threshold) else array_to_image(a) for a in arrays]
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def check_image_size(settings: GenerateConfig) -> None:
+    for name in ("height", "width"):
+        if getattr(settings, name) % LATENT_FACTOR:
+            raise ConfigError(f"generate.{name}={getattr(settings, name)} must be a multiple of {LATENT_FACTOR}")
+
+
+def plan_generate_units(ctx: Context) -> list[Unit]:
+    """``images_per_caption`` items per ok prompt (the first ``max_prompts`` prompt keys when
+    capped), cut into units of ``images_per_unit`` consecutive indices of one prompt."""
+    sec, seed = ctx.cfg.generate, ctx.cfg.run.seed
+    check_image_size(sec)
+    prompts = sorted(ok_rows(ctx.store, "prompts"), key=lambda r: r["sample_key"])
+    if sec.max_prompts is not None:
+        prompts = prompts[: sec.max_prompts]
+    units = []
+    for p in prompts:
+        pk = p["sample_key"]
+        items = [
+            {"sample_key": image_key(pk, i), "prompt_key": pk, "clip_key": p.get("clip_key"), "kind": p.get("kind"),
+             "prompt": p.get("prompt"), "index": i, "seed": image_seed(seed, pk, i)}
+            for i in range(sec.images_per_caption)
+        ]
+        for chunk, start in enumerate(range(0, len(items), sec.images_per_unit)):
+            units.append(Unit(GENERATE, f"{pk}-{chunk:03d}", tuple(items[start : start + sec.images_per_unit])))
+    return units
+
+
+def _row_fields(it: dict, cfg: PABConfig) -> dict[str, Any]:
+    return {k: it.get(k) for k in ("prompt_key", "clip_key", "kind", "index", "seed", "prompt")} | {
+        "model_id": model_id(cfg, "sdxl")
+    }
+
+
+def run_generate_unit(ctx: Context, unit: Unit) -> list[dict]:
+    sec = ctx.cfg.generate
+    rows: dict[str, dict] = {}
+    todo = []
+    for it in unit.items:
+        if not (it.get("prompt") or "").strip():
+            rows[it["sample_key"]] = reject(it, "empty prompt in the prompts manifest", **_row_fields(it, ctx.cfg))
+        else:
+            todo.append(it)
+    if todo:
+        pipe = load_pipeline_for(ctx.cfg)
+        arrays, calls = generate_arrays(pipe, [it["prompt"] for it in todo], [it["seed"] for it in todo], sec)
+        for it, array, (first, size) in zip(todo, arrays, calls):
+            fields = _row_fields(it, ctx.cfg) | {
+                "width": int(array.shape[1]), "height": int(array.shape[0]),
+                "batch_first_index": todo[first]["index"], "batch_size": size,
+            }
+            why = image_problem(array, sec.black_threshold)
+            if why:
+                rows[it["sample_key"]] = reject(it, why, **fields)
+                continue
+            data = encode_jpeg(array_to_image(array), sec.jpeg_quality)
+            rel = image_rel(it["prompt_key"], it["sample_key"])
+            ctx.store.write_bytes(rel, data)
+            rows[it["sample_key"]] = {"sample_key": it["sample_key"], "status": OK, "reason": None, **fields,
+                                      "image_path": rel, "image_sha256": hashlib.sha256(data).hexdigest()}
+    return [rows[k] for k in unit.sample_keys]
+
+
+def regenerate_image(cfg: PABConfig, sample_key_or_row: str | dict, store: Store | None = None) -> Image.Image:
+    """Regenerate one image from its manifest row (or its key, read from ``store``'s manifest).
+
+    Reruns the row's recorded pipeline call (its batch) and returns the image's slot, so the
+    result equals the original bit for bit under the same ``generate`` / ``models.sdxl`` config,
+    device type, dtype and library versions (see the module docstring for why a lone call is not
+    enough). ``cfg.run.seed`` must be the build's: the recorded seed is checked against it.
+    """
+    if isinstance(sample_key_or_row, dict):
+        row = sample_key_or_row
+    else:
+        if store is None:
+            raise ValueError("regenerate_image needs the store to look up a sample key")
+        found = [r for r in read_manifest(store, GENERATE) if r["sample_key"] == sample_key_or_row]
+        if not found:
+            raise KeyError(f"{sample_key_or_row!r} is not in the generate manifest")
+        row = found[0]
+    key = row["sample_key"]
+    if row.get("seed") is None or not row.get("prompt") or row.get("batch_size") is None:
+        raise ValueError(f"{key}: the manifest row records no seed/prompt/batch (reason: {row.get('reason')})")
+    pk, first, size = row["prompt_key"], row["batch_first_index"], row["batch_size"]
+    seeds = [image_seed(cfg.run.seed, pk, i) for i in range(first, first + size)]
+    slot = row["index"] - first
+    if not 0 <= slot < size or seeds[slot] != row["seed"]:
+        raise ValueError(f"{key}: recorded seed {row['seed']} is not image_seed(run.seed={cfg.run.seed}, "
+                         f"{pk!r}, {row['index']}); was it built with another run.seed?")
+    check_image_size(cfg.generate)
+    pipe = load_pipeline_for(cfg)
+    arrays = generate_batch(pipe, [row["prompt"]] * size, seeds, cfg.generate)
+    return array_to_image(arrays[slot])
+
+
+GENERATE_STAGE = Stage(
+    name=GENERATE,
+    plan_units=plan_generate_units,
+    run_unit=run_generate_unit,
+    config_keys=(GENERATE, "models.sdxl", "run.seed"),
+    version="1",
+    uses_gpu=True,
+)
