@@ -60,6 +60,7 @@ class RunConfig(Section):
     device: str = "cpu"  # "cpu", "cuda", "cuda:0"; GPU stages fall back to nothing: a wrong device is an error
     task_runner: Literal["threads", "ray"] = "threads"
     max_workers: int = Field(2, ge=1)  # threads for the default runner
+    torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads per process (None = torch's default)
     ray_address: str | None = None  # None = start a local Ray cluster
     gpus_per_unit: float = Field(1.0, ge=0)  # Ray: GPUs a unit of a GPU stage asks for
     cpus_per_unit: float = Field(1.0, ge=0)  # Ray: CPUs every unit asks for
@@ -209,6 +210,14 @@ class CMPConfig(Section):
     seed: int = 0
     train_after_build: bool = True
     init_checkpoint: str | None = None  # e.g. the official cmp.pth
+    text_layers: int | None = Field(None, ge=1)  # BERT layers in the text encoder; None = first half (rest = cross encoder)
+    pose_heads: int = Field(16, ge=1)  # heads of the pose-aware cross-attention (official: 16 for Swin-B's 1024)
+    pose_stem_width: int = Field(96, ge=1)  # channels of the conv stem before the shared image encoder (official: 96)
+    erasing_probability: float = Field(0.6, ge=0, le=1)  # random erasing on the image (official erasing_p)
+    eda_probability: float = Field(0.5, ge=0, le=1)  # chance a training caption gets one EDA edit
+    shuffle_buffer: int = Field(1000, ge=1)  # WebDataset sample shuffle buffer
+    eval_batch_size: int = Field(64, ge=1)  # images / texts / re-ranked pairs per forward at evaluation
+    figure_queries: int = Field(4, ge=0)  # queries drawn in the top-5 figure
 
 
 class PublishConfig(Section):

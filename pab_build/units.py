@@ -122,6 +122,11 @@ def execute_unit(ctx: Context, stage: Stage, unit: Unit) -> str:
     """
     if unit_is_done(ctx, stage, unit):
         return "skipped"
+    if ctx.cfg.run.torch_threads:
+        import torch
+
+        # several units share a few cores: oversubscribed intra-op threads make CPU stages crawl
+        torch.set_num_threads(ctx.cfg.run.torch_threads)
     rows = stage.run_unit(ctx, unit)
     _check_rows(stage, unit, rows)
     ctx.store.write_bytes(Store.unit_rows_rel(stage.name, unit.unit_id), table_bytes(rows_to_table(stage.name, rows)))

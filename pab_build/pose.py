@@ -1,0 +1,397 @@
+"""Stages ``pose`` and ``gen_pose``: OpenPose (controlnet-aux) keypoints, person checks, pose maps.
+
+Paper 3.1: test frames "that do not contain people or where people occupy a small proportion of
+the image area" are dropped with OpenPose. Paper 3.2: generated images "with unreasonable human
+structures" are dropped with OpenPose (the rule is :func:`body_structure_problem`). Every kept
+image gets the OpenPose map CMP's pose-aware encoder reads, rendered as controlnet-aux renders it.
+
+Keypoints are OpenPose's 18 body parts (:data:`BODY_PARTS`), as ``(x, y, score)`` with x and y in
+[0, 1] of the image OpenPose saw, or None when the part was not found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .config import GenPoseConfig, model_path
+from .frames import sample_key as frame_sample_key
+from .manifests import OK, ok_rows, read_manifest, reject
+from .models import cached_model, is_oom, resolve_device
+from .units import Context, Stage, Unit, chunk_units
+
+BODY_FILE = "body_pose_model.pth"  # file names in the lllyasviel/Annotators repository
+HAND_FILE = "hand_pose_model.pth"
+FACE_FILE = "facenet.pth"
+
+BODY_PARTS = (
+    "nose", "neck", "right shoulder", "right elbow", "right wrist", "left shoulder", "left elbow",
+    "left wrist", "right hip", "right knee", "right ankle", "left hip", "left knee", "left ankle",
+    "right eye", "left eye", "right ear", "left ear",
+)
+NECK, RIGHT_HIP, LEFT_HIP = 1, 8, 11
+# limb segments compared left against right: (name, right (from, to), left (from, to))
+LIMB_SEGMENTS = (
+    ("upper arm", (2, 3), (5, 6)),
+    ("forearm", (3, 4), (6, 7)),
+    ("thigh", (8, 9), (11, 12)),
+    ("shin", (9, 10), (12, 13)),
+)
+
+Keypoint = tuple[float, float, float]  # x, y in [0, 1]; OpenPose's confidence
+Person = list[Keypoint | None]  # 18 entries, in BODY_PARTS order
+
+
+@dataclass
+class PoseResult:
+    """What OpenPose found in one image."""
+
+    people: list[Person]
+    n_people: int
+    main_person: Person | None  # the person with the largest keypoint box
+    main_person_area: float  # that box / image area (0 when nobody is found)
+    n_keypoints: int  # body parts found for the main person
+    aspect_ratio: float  # width / height of the image the keypoints are normalised to
+    pose_map: Image.Image  # RGB, rendered like controlnet-aux's OpenposeDetector.__call__
+
+
+# -- loading --------------------------------------------------------------------------------------
+def annotator_file(path: str, filename: str, revision: str | None = None) -> str:
+    """A checkpoint from a local annotators folder or a hub repository (``lllyasviel/Annotators``),
+    found the way controlnet-aux's ``OpenposeDetector.from_pretrained`` finds it."""
+    if os.path.isdir(path):
+        found = os.path.join(path, filename)
+        if not os.path.isfile(found):
+            raise FileNotFoundError(f"OpenPose annotators folder {path} has no {filename}")
+        return found
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"OpenPose annotators folder {path!r} does not exist (and it is not a hub id)")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(path, filename, revision=revision)
+
+
+def load_pose_detector(path: str, device: str, hand_and_face: bool = False, revision: str | None = None):
+    """controlnet-aux's ``OpenposeDetector`` over the checkpoints in ``path`` (folder or hub id),
+    loaded once per process.
+
+    It is assembled from controlnet-aux's ``Body`` (and ``Hand`` / ``Face`` with ``hand_and_face``)
+    rather than by ``from_pretrained``, which always loads the hand and face networks (~300 MB
+    more) and cannot pin a hub revision; the checkpoint files and loaders are the same.
+    """
+    dev = resolve_device(device)
+
+    def load():
+        from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector
+
+        body = Body(annotator_file(path, BODY_FILE, revision)).to(dev)
+        if not hand_and_face:
+            return OpenposeDetector(body)
+        hand = Hand(annotator_file(path, HAND_FILE, revision)).to(dev)
+        face = Face(annotator_file(path, FACE_FILE, revision)).to(dev)
+        return OpenposeDetector(body, hand, face)
+
+    return cached_model(("openpose", path, revision, str(dev), hand_and_face), load)
+
+
+# -- detection ------------------------------------------------------------------------------------
+def keypoint_box_area(person: Person) -> float:
+    """Area of the box around a person's found keypoints, as a fraction of the image."""
+    pts = [k for k in person if k is not None]
+    if len(pts) < 2:
+        return 0.0
+    xs, ys = [k[0] for k in pts], [k[1] for k in pts]
+    return (max(xs) - min(xs)) * (max(ys) - min(ys))
+
+
+def pose_result(people: list[Person], pose_map: Image.Image, aspect_ratio: float) -> PoseResult:
+    """Summarise detected people: the main person is the one with the largest keypoint box."""
+    main = max(people, key=lambda p: (keypoint_box_area(p), sum(k is not None for k in p)), default=None)
+    return PoseResult(
+        people=people,
+        n_people=len(people),
+        main_person=main,
+        main_person_area=keypoint_box_area(main) if main else 0.0,
+        n_keypoints=sum(k is not None for k in main) if main else 0,
+        aspect_ratio=aspect_ratio,
+        pose_map=pose_map,
+    )
+
+
+def _detect_one(image: Image.Image, detector, detect_resolution: int, image_resolution: int,
+                hand_and_face: bool) -> PoseResult:
+    """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops."""
+    import cv2
+    import torch
+    from controlnet_aux.open_pose import PoseResult as DrawnPose
+    from controlnet_aux.open_pose import draw_poses
+    from controlnet_aux.open_pose.body import BodyResult, Keypoint as AuxKeypoint
+    from controlnet_aux.util import HWC3, resize_image
+
+    rgb = resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
+    height, width = rgb.shape[:2]
+    bgr = rgb[:, :, ::-1].copy()  # controlnet-aux feeds its networks BGR, as the original Caffe models
+    drawn = []
+    with torch.no_grad():
+        candidate, subset = detector.body_estimation(bgr)
+        for body in detector.body_estimation.format_body_result(candidate, subset):
+            left_hand, right_hand = detector.detect_hands(body, bgr) if hand_and_face else (None, None)
+            face = detector.detect_face(body, bgr) if hand_and_face else None
+            keypoints = [AuxKeypoint(k.x / width, k.y / height, k.score, k.id) if k is not None else None
+                         for k in body.keypoints]
+            drawn.append(DrawnPose(BodyResult(keypoints, body.total_score, body.total_parts),
+                                   left_hand, right_hand, face))
+    canvas = HWC3(draw_poses(drawn, height, width, draw_body=True, draw_hand=hand_and_face, draw_face=hand_and_face))
+    out_h, out_w = resize_image(rgb, image_resolution).shape[:2]
+    pose_map = Image.fromarray(cv2.resize(canvas, (out_w, out_h), interpolation=cv2.INTER_LINEAR))
+    people = [[(float(k.x), float(k.y), float(k.score)) if k is not None else None for k in p.body.keypoints]
+              for p in drawn]
+    return pose_result(people, pose_map, width / height)
+
+
+def detect_poses(images: list[Image.Image], detector, detect_resolution: int, image_resolution: int,
+                 hand_and_face: bool = False) -> list[PoseResult]:
+    """OpenPose over a batch of images (controlnet-aux's networks take one image at a time)."""
+    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face) for im in images]
+
+
+# -- rules ----------------------------------------------------------------------------------------
+def person_problem(result: PoseResult, require_person: bool, min_person_area: float) -> str | None:
+    """Test-set rule (paper 3.1): reject an image with nobody in it (when ``require_person``), or
+    in which the largest person found has a keypoint box covering less than ``min_person_area``
+    of the image."""
+    if result.n_people == 0:
+        return "no person detected" if require_person else None
+    if result.main_person_area < min_person_area:
+        return (f"person too small: the largest person covers {result.main_person_area:.4f} of the image "
+                f"(below min_person_area={min_person_area})")
+    return None
+
+
+def _segment_length(person: Person, seg: tuple[int, int], aspect_ratio: float) -> float | None:
+    a, b = person[seg[0]], person[seg[1]]
+    if a is None or b is None:
+        return None
+    return math.hypot((a[0] - b[0]) * aspect_ratio, a[1] - b[1])  # in units of the image height
+
+
+def body_structure_problem(keypoints: Person | None, cfg: GenPoseConfig, aspect_ratio: float = 1.0) -> str | None:
+    """Training-set rule for broken bodies (paper 3.2, "unreasonable human structures").
+
+    A body is broken when, for its main person:
+    1. fewer than ``cfg.min_keypoints`` of the 18 body parts are found; or
+    2. with ``cfg.require_neck_and_hips``, the neck is missing, or both hips are missing; or
+    3. a limb segment (upper arm, forearm, thigh, shin) whose both ends are found on both sides is
+       more than ``cfg.max_limb_ratio`` times as long on one side as on the other (lengths in
+       pixels: ``aspect_ratio`` = image width / height undoes the [0, 1] normalisation).
+    ``keypoints`` None (nobody found) counts as no part found.
+    """
+    person: Person = list(keypoints) if keypoints is not None else [None] * len(BODY_PARTS)
+    found = sum(k is not None for k in person)
+    if found < cfg.min_keypoints:
+        return f"broken body: {found} body keypoints found (fewer than min_keypoints={cfg.min_keypoints})"
+    if cfg.require_neck_and_hips:
+        if person[NECK] is None:
+            return "broken body: no neck keypoint"
+        if person[RIGHT_HIP] is None and person[LEFT_HIP] is None:
+            return "broken body: no hip keypoint"
+    for name, right_seg, left_seg in LIMB_SEGMENTS:
+        right = _segment_length(person, right_seg, aspect_ratio)
+        left = _segment_length(person, left_seg, aspect_ratio)
+        if right is None or left is None or max(right, left) == 0:
+            continue
+        ratio = math.inf if min(right, left) == 0 else max(right, left) / min(right, left)
+        if ratio > cfg.max_limb_ratio:
+            longer = "left" if left > right else "right"
+            return (f"broken body: {longer} {name} is {ratio:.2f}x the other side's "
+                    f"(above max_limb_ratio={cfg.max_limb_ratio})")
+    return None
+
+
+def generated_image_problem(result: PoseResult, cfg: GenPoseConfig) -> str | None:
+    """gen_pose's rule: the person/area rule, then :func:`body_structure_problem` on the main person."""
+    return (person_problem(result, cfg.require_person, cfg.min_person_area)
+            or body_structure_problem(result.main_person, cfg, result.aspect_ratio))
+
+
+# -- stage helpers --------------------------------------------------------------------------------
+def read_rgb(store, rel: str) -> Image.Image:
+    with Image.open(io.BytesIO(store.read_bytes(rel))) as im:
+        return im.convert("RGB")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG with fixed settings (PIL writes no timestamps), so the same map gives the same bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def keypoints_json(people: list[Person]) -> str:
+    rounded = [[[round(v, 5) for v in k] if k is not None else None for k in p] for p in people]
+    return json.dumps(rounded, separators=(",", ":"))
+
+
+def pose_fields(result: PoseResult) -> dict:
+    return {
+        "n_people": result.n_people,
+        "main_person_area": round(result.main_person_area, 6),
+        "n_keypoints": result.n_keypoints,
+        "keypoints_json": keypoints_json(result.people),
+    }
+
+
+def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: int, image_resolution: int,
+                 batch_size: int, hand_and_face: bool = False) -> dict[str, PoseResult | str]:
+    """sample_key -> PoseResult, or the reason the item could not be posed (unreadable image, or
+    OpenPose failing on that image alone). Images are read one batch at a time."""
+    out: dict[str, PoseResult | str] = {}
+    for start in range(0, len(items), batch_size):
+        loaded: list[tuple[str, Image.Image]] = []
+        for it in items[start : start + batch_size]:
+            try:
+                loaded.append((it["sample_key"], read_rgb(ctx.store, it["image_path"])))
+            except Exception as e:  # noqa: BLE001 - a missing or corrupt file rejects this item only
+                out[it["sample_key"]] = f"image unreadable: {it['image_path']}: {type(e).__name__}"
+
+        def detect(batch: list[tuple[str, Image.Image]]) -> list[PoseResult]:
+            return detect_poses([im for _, im in batch], detector, detect_resolution, image_resolution, hand_and_face)
+
+        try:
+            out.update(zip([k for k, _ in loaded], detect(loaded)))
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                raise  # per-unit trouble: the runner retries the unit
+            for key, im in loaded:  # find the image(s) OpenPose fails on; the others are kept
+                try:
+                    out[key] = detect([(key, im)])[0]
+                except Exception as err:  # noqa: BLE001
+                    if is_oom(err):
+                        raise
+                    out[key] = f"pose detection failed: {type(err).__name__}: {str(err)[:200]}"
+    return out
+
+
+def _pose_row(item: dict, reason: str | None, result: PoseResult | str, pose_rel: str | None,
+              pose_sha: str | None, **extra) -> dict:
+    fields = {"image_path": item["image_path"], "image_sha256": item["image_sha256"], **extra}
+    if isinstance(result, PoseResult):
+        fields.update(pose_fields(result))
+    if reason is not None:
+        return reject(item, reason, **fields)
+    return {"sample_key": item["sample_key"], "status": OK, "reason": None, **fields,
+            "pose_path": pose_rel, "pose_sha256": pose_sha}
+
+
+def _write_pose_map(ctx: Context, rel: str, result: PoseResult) -> str:
+    data = encode_png(result.pose_map)
+    ctx.store.write_bytes(rel, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- stage: pose (test frames) --------------------------------------------------------------------
+def _counterpart_behavior(behavior: str) -> str:
+    return "anomaly" if behavior == "normal" else "normal"
+
+
+def plan_pose_units(ctx: Context) -> list[Unit]:
+    """Kept frames, a clip's two frames in the same unit. A frame whose counterpart frames did not
+    keep carries that reason, so it is rejected without running OpenPose."""
+    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
+    items = []
+    for key in sorted(k for k, r in frames.items() if r["status"] == OK):
+        r = frames[key]
+        other_key = frame_sample_key(r["clip_key"], _counterpart_behavior(r["behavior"]))
+        other = frames.get(other_key)
+        problem = None
+        if other is None:
+            problem = f"counterpart {other_key} is not in the frames manifest"
+        elif other["status"] != OK:
+            problem = f"counterpart {other_key} was rejected by frames: {other['reason']}"
+        items.append({
+            "sample_key": key, "clip_key": r["clip_key"], "behavior": r["behavior"],
+            "image_path": r["image_path"], "image_sha256": r["image_sha256"],
+            "counterpart_key": other_key, "counterpart_problem": problem,
+        })
+    return chunk_units("pose", items, ctx.cfg.pose.clips_per_unit, group_key="clip_key")
+
+
+def run_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
+    """A pair is kept only when both frames are: a frame whose counterpart fails is rejected too."""
+    sec, cfg = ctx.cfg.pose, ctx.cfg
+    items = list(unit.items)
+    todo = [it for it in items if not it["counterpart_problem"]]
+    results: dict[str, PoseResult | str] = {}
+    if todo:
+        detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, sec.hand_and_face,
+                                      cfg.models.openpose.revision)
+        results = detect_items(ctx, todo, detector, sec.detect_resolution, sec.image_resolution,
+                               sec.batch_size, sec.hand_and_face)
+    own: dict[str, str | None] = {}
+    for it in items:
+        key, res = it["sample_key"], results.get(it["sample_key"], "")
+        if it["counterpart_problem"]:
+            own[key] = it["counterpart_problem"]
+        else:
+            own[key] = res if isinstance(res, str) else person_problem(res, sec.require_person, sec.min_person_area)
+    rows = []
+    for it in items:
+        key, res = it["sample_key"], results.get(it["sample_key"], "")
+        reason = own[key]
+        if reason is None and own.get(it["counterpart_key"]):
+            reason = f"counterpart {it['counterpart_key']} was rejected by pose: {own[it['counterpart_key']]}"
+        pose_rel = pose_sha = None
+        if reason is None:
+            pose_rel = f"pose/{key}.png"
+            pose_sha = _write_pose_map(ctx, pose_rel, res)
+        rows.append(_pose_row(it, reason, res, pose_rel, pose_sha, clip_key=it["clip_key"], behavior=it["behavior"]))
+    return rows
+
+
+# -- stage: gen_pose (generated training images) --------------------------------------------------
+def plan_gen_pose_units(ctx: Context) -> list[Unit]:
+    items = [{"sample_key": r["sample_key"], "prompt_key": r["prompt_key"],
+              "image_path": r["image_path"], "image_sha256": r["image_sha256"]}
+             for r in sorted(ok_rows(ctx.store, "generate"), key=lambda r: r["sample_key"])]
+    return chunk_units("gen_pose", items, ctx.cfg.gen_pose.images_per_unit)
+
+
+def run_gen_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
+    sec, cfg = ctx.cfg.gen_pose, ctx.cfg
+    detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, False, cfg.models.openpose.revision)
+    results = detect_items(ctx, list(unit.items), detector, sec.detect_resolution, sec.image_resolution,
+                           sec.batch_size)
+    rows = []
+    for it in unit.items:
+        res = results[it["sample_key"]]
+        reason = res if isinstance(res, str) else generated_image_problem(res, sec)
+        pose_rel = pose_sha = None
+        if reason is None:
+            pose_rel = f"gen_pose/{it['prompt_key']}/{it['sample_key']}.png"
+            pose_sha = _write_pose_map(ctx, pose_rel, res)
+        rows.append(_pose_row(it, reason, res, pose_rel, pose_sha))
+    return rows
+
+
+POSE_STAGE = Stage(
+    name="pose",
+    plan_units=plan_pose_units,
+    run_unit=run_pose_unit,
+    config_keys=("pose", "models.openpose"),
+    uses_gpu=True,
+)
+
+GEN_POSE_STAGE = Stage(
+    name="gen_pose",
+    plan_units=plan_gen_pose_units,
+    run_unit=run_gen_pose_unit,
+    config_keys=("gen_pose", "models.openpose"),
+    uses_gpu=True,
+)

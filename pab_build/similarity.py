@@ -1,0 +1,161 @@
+"""Stage ``pairs``: drop test pairs whose normal and anomaly frames look alike.
+
+Paper 3.1: "we use ResNet-50 to extract features from the images and calculate the cosine
+similarity between normal and anomaly images, filtering out pairs with a similarity greater than
+0.95". Features are ResNet-50's pooled 2048-d vectors (the classifier removed), L2-normalised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from PIL import Image
+
+from .config import model_path
+from .manifests import OK, ok_rows, reject
+from .models import cached_model, resolve_device, run_halving_on_oom
+from .pose import read_rgb
+from .units import Context, Stage, Unit, chunk_units
+
+WEIGHTS_FILE = "model.safetensors"  # a local folder holds resnet50's state dict in this file
+TORCHVISION_PREFIX = "torchvision:"  # "torchvision:IMAGENET1K_V1" = torchvision's ResNet50_Weights member
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_resnet50(spec_path: str, device: str) -> torch.nn.Module:
+    """ResNet-50 feature extractor (``fc`` = identity), loaded once per process, in eval mode.
+
+    ``"torchvision:IMAGENET1K_V1"`` loads torchvision's published weights (downloaded into the torch
+    hub cache on first use); a folder loads its ``model.safetensors`` into ``resnet50(weights=None)``.
+    """
+    dev = resolve_device(device)
+
+    def load() -> torch.nn.Module:
+        from torchvision.models import ResNet50_Weights, resnet50
+
+        if spec_path.startswith(TORCHVISION_PREFIX):
+            name = spec_path[len(TORCHVISION_PREFIX):]
+            try:
+                weights = ResNet50_Weights[name]
+            except KeyError:
+                known = ", ".join(w.name for w in ResNet50_Weights)
+                raise ValueError(f"unknown torchvision ResNet-50 weights {name!r}; known: {known}") from None
+            model = resnet50(weights=weights)
+        else:
+            from safetensors.torch import load_file
+
+            weights_file = os.path.join(spec_path, WEIGHTS_FILE)
+            if not os.path.isfile(weights_file):
+                raise FileNotFoundError(f"ResNet-50 folder {spec_path!r} has no {WEIGHTS_FILE}")
+            model = resnet50(weights=None)
+            model.load_state_dict(load_file(weights_file))
+        model.fc = torch.nn.Identity()
+        return model.eval().to(dev)
+
+    return cached_model(("resnet50", spec_path, str(dev)), load)
+
+
+def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
+    """The whole frame squeezed to ``image_size`` square (a centre crop would ignore the sides of a
+    wide video frame, where the two frames may differ), ImageNet-normalised: 3 x S x S."""
+    from torchvision.transforms.v2 import functional as F
+
+    pixels = F.pil_to_tensor(image.convert("RGB"))
+    pixels = F.resize(pixels, [image_size, image_size], antialias=True)
+    return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def embed_images(images: list[Image.Image], model: torch.nn.Module, image_size: int, batch_size: int,
+                 device: str) -> torch.Tensor:
+    """L2-normalised ResNet-50 features, N x 2048 (float32, CPU); batches halve on out-of-memory."""
+    dev = resolve_device(device)
+
+    def run(batch: list[Image.Image]) -> list[torch.Tensor]:
+        pixels = torch.stack([preprocess(im, image_size) for im in batch]).to(dev)
+        with torch.inference_mode():
+            feats = model(pixels).float()
+        return list(torch.nn.functional.normalize(feats, dim=1).cpu())
+
+    feats = run_halving_on_oom(list(images), batch_size, run)
+    return torch.stack(feats) if feats else torch.empty(0, 2048)
+
+
+def pair_cosines(normal_feats: torch.Tensor, anomaly_feats: torch.Tensor) -> list[float]:
+    """Cosine similarity of row i of ``normal_feats`` with row i of ``anomaly_feats``."""
+    if normal_feats.shape != anomaly_feats.shape:
+        raise ValueError(f"feature shapes differ: {tuple(normal_feats.shape)} vs {tuple(anomaly_feats.shape)}")
+    cosines = torch.nn.functional.cosine_similarity(normal_feats, anomaly_feats, dim=1)
+    return [float(c) for c in cosines.clamp(-1.0, 1.0)]  # float error can put identical images at 1 + 1e-7
+
+
+def similarity_problem(cosine: float, max_cosine: float) -> str | None:
+    """Paper 3.1: a pair whose frames are too alike (cosine above ``max_cosine``) shows no change."""
+    if cosine > max_cosine:
+        return f"pair too similar: ResNet-50 cosine {cosine:.6f} above max_cosine={max_cosine}"
+    return None
+
+
+# -- stage ----------------------------------------------------------------------------------------
+def plan_pairs_units(ctx: Context) -> list[Unit]:
+    items = [{"sample_key": r["sample_key"], "clip_key": r["clip_key"], "behavior": r["behavior"],
+              "image_path": r["image_path"], "image_sha256": r["image_sha256"]}
+             for r in sorted(ok_rows(ctx.store, "pose"), key=lambda r: r["sample_key"])]
+    return chunk_units("pairs", items, ctx.cfg.pairs.clips_per_unit, group_key="clip_key")
+
+
+def run_pairs_unit(ctx: Context, unit: Unit) -> list[dict]:
+    cfg, sec = ctx.cfg, ctx.cfg.pairs
+    by_clip: dict[str, dict[str, dict]] = {}
+    for it in unit.items:
+        by_clip.setdefault(it["clip_key"], {})[it["behavior"]] = it
+    rows: dict[str, dict] = {}
+
+    def row(it: dict, reason: str | None, pair_key: str | None, cosine: float | None) -> dict:
+        fields = {"clip_key": it["clip_key"], "behavior": it["behavior"], "pair_key": pair_key, "cosine": cosine}
+        if reason is not None:
+            return reject(it, reason, **fields)
+        return {"sample_key": it["sample_key"], "status": OK, "reason": None, **fields}
+
+    pairs: list[tuple[dict, dict, Image.Image, Image.Image]] = []
+    for clip_key, frames in sorted(by_clip.items()):
+        normal, anomaly = frames.get("normal"), frames.get("anomaly")
+        if normal is None or anomaly is None or len(frames) != 2:
+            for it in frames.values():
+                rows[it["sample_key"]] = row(it, f"no counterpart: pose kept only {sorted(frames)} of clip {clip_key}",
+                                             None, None)
+            continue
+        images, unreadable = {}, {}
+        for it in (normal, anomaly):
+            try:
+                images[it["sample_key"]] = read_rgb(ctx.store, it["image_path"])
+            except Exception as e:  # noqa: BLE001 - a missing or corrupt file rejects this pair only
+                unreadable[it["sample_key"]] = f"image unreadable: {it['image_path']}: {type(e).__name__}"
+        if unreadable:
+            for it, other in ((normal, anomaly), (anomaly, normal)):
+                why = (unreadable.get(it["sample_key"])
+                       or f"counterpart {other['sample_key']} {unreadable[other['sample_key']]}")
+                rows[it["sample_key"]] = row(it, why, other["sample_key"], None)
+            continue
+        pairs.append((normal, anomaly, images[normal["sample_key"]], images[anomaly["sample_key"]]))
+
+    if pairs:
+        model = load_resnet50(model_path(cfg, "resnet50"), cfg.run.device)
+        feats = embed_images([p[2] for p in pairs] + [p[3] for p in pairs], model, sec.image_size,
+                             sec.batch_size, cfg.run.device)
+        cosines = pair_cosines(feats[: len(pairs)], feats[len(pairs):])
+        for (normal, anomaly, _, _), cosine in zip(pairs, cosines):
+            why = similarity_problem(cosine, sec.max_cosine)
+            rows[normal["sample_key"]] = row(normal, why, anomaly["sample_key"], cosine)
+            rows[anomaly["sample_key"]] = row(anomaly, why, normal["sample_key"], cosine)
+    return [rows[k] for k in unit.sample_keys]
+
+
+PAIRS_STAGE = Stage(
+    name="pairs",
+    plan_units=plan_pairs_units,
+    run_unit=run_pairs_unit,
+    config_keys=("pairs", "models.resnet50"),
+    uses_gpu=True,
+)
