@@ -73,6 +73,8 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     "generate": [
         ("prompt_key", _s), ("clip_key", _s), ("kind", _s), ("index", _i), ("seed", _i),
         *_IMAGE, ("width", _i), ("height", _i), ("model_id", _s),
+        ("prompt", _s),  # the prompt text (before prompt_prefix/suffix), so a row alone can regenerate its image
+        ("batch_first_index", _i), ("batch_size", _i),  # the pipeline call it came from (reproducibility)
     ],
     "gen_pose": [*_IMAGE, *_POSE],
     "train_captions": [*_CAPTION, ("finished", _b)],
@@ -152,3 +154,84 @@ def ok_rows(store: Store, stage: str) -> list[dict]:
 def reject(item: dict, reason: str, **fields) -> dict:
     """A rejected row for ``item`` (an input record with a ``sample_key``)."""
     return {"sample_key": item["sample_key"], "status": REJECTED, "reason": reason, **fields}
+
+
+# One line per column, for manifests/README.md (`python -m pab_build.manifests > manifests/README.md`).
+COLUMN_DOCS: dict[str, str] = {
+    "sample_key": "stable key of the item; the WebDataset `__key__` of the sample it becomes",
+    "status": "`ok` or `rejected`",
+    "reason": "why the item was rejected (null when ok)",
+    "clip_name": "OOPS! clip name (mojibake repaired)",
+    "clip_key": "identity: `c` + 10 hex chars of sha1(clip name)",
+    "split": "OOPS! split (`train`/`val`) of the clip; for shards, `test`/`train`",
+    "behavior": "`normal` or `anomaly`",
+    "failure_time_s": "median of the annotators' failure times (s)",
+    "duration_s": "clip length used by the rules (annotated `len`, else the video's duration)",
+    "time_s": "timestamp of the frame actually taken (s)",
+    "frame_index": "index of that frame in the video",
+    "source_caption": "the clip's OOPS! caption for this behavior (goal / wentwrong)",
+    "image_path": "image file, relative to the build's output root",
+    "image_sha256": "sha256 of the image file",
+    "width": "image width (px)",
+    "height": "image height (px)",
+    "pose_path": "rendered OpenPose map (PNG), relative to the output root",
+    "pose_sha256": "sha256 of the pose map",
+    "n_people": "people OpenPose found",
+    "main_person_area": "largest person's keypoint box / image area",
+    "n_keypoints": "body keypoints found for the largest person",
+    "keypoints_json": "JSON: per person, 18 body keypoints `[x, y, score]` in [0, 1] or null",
+    "pair_key": "sample_key of the other frame of the same clip",
+    "cosine": "ResNet-50 cosine similarity between the clip's normal and anomaly frames",
+    "decision": "merged reviewer decision (`accept` / `reject`)",
+    "reviewers": "who decided (`auto` under the accept_all policy)",
+    "caption_generated": "raw Qwen2-VL caption",
+    "caption": "final caption (the QC correction when there is one)",
+    "caption_corrected": "true when a reviewer corrected the caption",
+    "finished": "generation ended with an end token (false = cut at max_new_tokens)",
+    "prompt_version": "version(s) of the instruction(s) under prompts/",
+    "model_id": "model as written in the profile (`path@revision`)",
+    "action": "normalised action type (normal images)",
+    "action_raw": "raw answer to the action question",
+    "anomaly": "normalised anomaly class (anomaly images)",
+    "anomaly_raw": "raw answer to the anomaly question",
+    "scene": "normalised scene category",
+    "scene_raw": "raw answer to the scene question",
+    "shard": "shard file, relative to the output root",
+    "shard_index": "shard number",
+    "shard_bytes": "size of the whole shard (bytes)",
+    "shard_sha256": "sha256 of the whole shard",
+    "kind": "prompt kind: `n` (C_n), `a` (C_a), `a+` (C_n and C_a joined)",
+    "annotation_index": "which OOPS! caption annotation of the clip",
+    "prompt": "the text prompt (for generate: before prefix/suffix)",
+    "subject": "the caption's grammatical subject as found by the subject filter",
+    "counterpart_keys": "JSON list of the same clip's prompts of the other behavior",
+    "prompt_key": "sample_key of the prompt the image was generated from",
+    "index": "image index within its prompt (0..images_per_caption-1)",
+    "seed": "the image's own seed, derived from (base seed, prompt key, index)",
+    "batch_first_index": "first index of the pipeline call the image came from",
+    "batch_size": "size of that pipeline call",
+    "hard_negative_key": "sample_key of the same identity's counterpart-behavior sample (IHNM)",
+}
+
+
+def describe_markdown() -> str:
+    """manifests/README.md, generated from the schemas above."""
+    lines = [
+        "# Manifests",
+        "",
+        "Every stage writes `OUT/manifests/<stage>.parquet`: one row per input item, `status` `ok` or",
+        "`rejected` and a `reason` when rejected. Generated from `pab_build/manifests.py`",
+        "(`python -m pab_build.manifests > manifests/README.md`); a test keeps it in sync.",
+        "The shard index schema is [`shard_index.schema.json`](shard_index.schema.json).",
+        "",
+    ]
+    for stage in STAGE_COLUMNS:
+        lines += [f"## `{stage}`", "", "| column | type | meaning |", "|---|---|---|"]
+        for field in schema(stage):
+            lines.append(f"| `{field.name}` | {field.type} | {COLUMN_DOCS.get(field.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe_markdown())
