@@ -165,5 +165,11 @@ def release_task(cfg: PABConfig, out: str) -> dict[str, Any]:
 def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
     from pab_build.publish import publish
 
-    report = publish(out, url, storage_options=dict(cfg.publish.storage_options))
+    options = dict(cfg.publish.storage_options)
+    if cfg.publish.credentials_block:
+        # a Prefect Secret block holding a JSON object of fsspec storage options, e.g. {"key": .., "secret": ..}
+        from prefect.blocks.system import Secret
+
+        options.update(Secret.load(cfg.publish.credentials_block).get())
+    report = publish(out, url, storage_options=options)
     return {"url": url, "ok": bool(getattr(report, "ok", True))}

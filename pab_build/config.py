@@ -223,7 +223,7 @@ class CMPConfig(Section):
 class PublishConfig(Section):
     url: str | None = None  # fsspec URL; None = do not publish
     storage_options: dict[str, Any] = {}  # never put secrets here: use the environment or blocks
-    credentials_block: str | None = None  # name of a Prefect AWS/S3 credentials block
+    credentials_block: str | None = None  # name of a Prefect Secret block: JSON fsspec options (key, secret)
 
 
 class PABConfig(Section):
