@@ -1,0 +1,59 @@
+"""Prefect flow ``train-cmp``: train CMP on a build's shards, evaluate it on the test shards, and
+publish the metrics (table artifact) and the top-5 figure (markdown artifact). Orchestration
+only: the work is :func:`pab_build.cmp.train.train_cmp` and :func:`pab_build.cmp.evaluate.evaluate_cmp`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pab_build.config import PABConfig, load_config
+
+
+@task(name="train-cmp-model", cache_policy=NO_CACHE)
+def train_task(cfg: PABConfig, shards: str, out: str, resume: bool | str) -> dict[str, Any]:
+    from pab_build.cmp.train import train_cmp
+
+    return train_cmp(cfg, shards, out, resume=resume)
+
+
+@task(name="evaluate-cmp", cache_policy=NO_CACHE)
+def evaluate_task(cfg: PABConfig, checkpoint: str | None, shards: str, out: str) -> dict[str, Any]:
+    from pab_build.cmp.evaluate import evaluate_cmp
+
+    return evaluate_cmp(cfg, checkpoint, shards, out)
+
+
+@flow(name="train-cmp", log_prints=True)
+def train_cmp_flow(
+    profile: str = "smoke",
+    build_out: str | None = None,
+    shards: str | None = None,
+    out: str | None = None,
+    overrides: list[str] | None = None,
+    resume: bool | str = False,
+) -> dict[str, Any]:
+    """``shards``: a build's OUT dir or a published URL (default ``build_out``); ``out``: where
+    ``cmp/`` goes (default ``build_out``); ``resume``: True = latest checkpoint in ``out``, or a
+    checkpoint folder."""
+    shards, out = shards or build_out, out or build_out
+    if not shards or not out:
+        raise ValueError("train-cmp needs build_out, or both shards and out")
+    cfg = load_config(profile, overrides or [])
+    logger = get_run_logger()
+    trained = train_task(cfg, shards, out, resume)
+    logger.info("trained %d steps; checkpoint %s", trained["steps"], trained["checkpoint"])
+    metrics = evaluate_task(cfg, trained["checkpoint"], shards, out)
+    rows = [{"setting": s, **{k: round(v, 2) for k, v in metrics[s].items()}} for s in ("behavior", "identity")]
+    create_table_artifact(rows, key="cmp-eval", description="CMP text-to-image retrieval on the PAB test shards (%)")
+    figure = metrics.get("figure")
+    create_markdown_artifact(
+        f"# CMP evaluation\n\ncheckpoint: `{trained['checkpoint']}`\n\n"
+        f"metrics: `{metrics['eval_json']}`\n\ntop-5 results (green = exact image, blue = same identity, "
+        f"red = other): [{figure}]({figure})\n",
+        key="cmp-figure", description="CMP top-5 retrieval examples")
+    return {"train": {k: v for k, v in trained.items() if k != "losses"},
+            "eval": {s: metrics[s] for s in ("behavior", "identity")}}

@@ -1,0 +1,327 @@
+"""CMP data: a WebDataset pipeline over the training shards and a reader for the test shards.
+
+Shards may be local folders or fsspec URLs (``s3://...``). Each training sample carries the key
+and caption of its identity counterpart (``hard_negative_key``/``hard_negative_caption``); IHNM
+also needs the counterpart's *image*, so :func:`build_member_index` records where every member
+lives inside the tars and :class:`MemberIndex` reads one member back by offset.
+
+Augmentation (paper B.1) is seeded per (seed, epoch, sample key): the same sample gets the same
+flip / erasing / text edit in an uninterrupted and in a resumed run, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXT, POSE_EXT, TEXT_EXT, JSON_EXT = "jpg", "pose.png", "txt", "json"
+
+
+# -- shards and random access -----------------------------------------------------------------
+def list_shards(source: str, split: str, storage_options: dict | None = None) -> list[str]:
+    """Sorted shard URLs of ``split`` under a build's output root (``<root>/shards/<split>/``),
+    a ``shards`` folder, or the split folder itself."""
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    root = root.rstrip("/")
+    for pattern in (f"{root}/shards/{split}/{split}-*.tar", f"{root}/{split}/{split}-*.tar", f"{root}/{split}-*.tar"):
+        found = sorted(fs.glob(pattern))
+        if found:
+            return [fs.unstrip_protocol(p) if "://" in source else p for p in found]
+    raise FileNotFoundError(f"no {split} shards ({split}-NNNNNN.tar) under {source!r}")
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """``<key>.<ext>`` -> (key, ext); keys have no dots, so the first dot starts the extension."""
+    key, _, ext = name.partition(".")
+    return key, ext
+
+
+@dataclass
+class MemberRef:
+    url: str
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (data offset, size)
+
+
+class MemberIndex:
+    """Where every sample's members are: key -> shard URL and (offset, size) of each member."""
+
+    def __init__(self, refs: dict[str, MemberRef], storage_options: dict | None = None):
+        self.refs = refs
+        self.storage_options = storage_options or {}
+        self.position = {k: i for i, k in enumerate(sorted(refs))}  # stable integer id per sample
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def read(self, key: str, ext: str) -> bytes:
+        ref = self.refs[key]
+        if ext not in ref.members:
+            raise KeyError(f"sample {key!r} has no {ext!r} member in {ref.url}")
+        offset, size = ref.members[ext]
+        with fsspec.open(ref.url, "rb", **self.storage_options) as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{ref.url}: short read of {key}.{ext} ({len(data)} of {size} bytes)")
+        return data
+
+
+def build_member_index(urls: list[str], storage_options: dict | None = None) -> MemberIndex:
+    """Read every tar's headers (``tarfile`` seeks past the data) into a :class:`MemberIndex`."""
+    refs: dict[str, MemberRef] = {}
+    for url in urls:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _split_member(info.name.rsplit("/", 1)[-1])
+                ref = refs.setdefault(key, MemberRef(url))
+                if ref.url != url:
+                    raise ValueError(f"sample key {key!r} appears in two shards: {ref.url} and {url}")
+                ref.members[ext] = (info.offset_data, info.size)
+    return MemberIndex(refs, storage_options)
+
+
+def in_fraction(key: str, fraction: float) -> bool:
+    """Deterministic subset by key hash; the 10% subset is inside the 25% one, and so on."""
+    if fraction >= 1:
+        return True
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def sample_rng(seed: int, epoch: int, key: str, purpose: str = "") -> random.Random:
+    h = hashlib.sha256(f"{seed}:{epoch}:{key}:{purpose}".encode("utf-8")).digest()
+    return random.Random(int.from_bytes(h[:8], "big"))
+
+
+# -- augmentation ----------------------------------------------------------------------------
+@dataclass
+class ImageTransform:
+    """Resize to size x size, ImageNet-style normalisation (the Swin processor's mean/std)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_tensor(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
+        image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+
+def random_erase(x: torch.Tensor, rng: random.Random, probability: float) -> torch.Tensor:
+    """Random erasing (Zhong et al.): one rectangle of 2-33% of the area set to 0 (the mean colour)."""
+    if rng.random() >= probability:
+        return x
+    _, h, w = x.shape
+    for _ in range(10):
+        area = rng.uniform(0.02, 0.33) * h * w
+        ratio = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+        eh, ew = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
+            x = x.clone()
+            x[:, top:top + eh, left:left + ew] = 0
+            return x
+    return x
+
+
+def eda(text: str, rng: random.Random, probability: float, alpha: float = 0.1) -> str:
+    """One EDA edit (Wei & Zou 2019) with ``probability``: random swap, deletion or insertion of a
+    word from the caption. Synonym replacement needs WordNet, which is not available offline."""
+    words = text.split()
+    if len(words) < 2 or rng.random() >= probability:
+        return text
+    n = max(1, int(alpha * len(words)))
+    op = rng.choice(("swap", "delete", "insert"))
+    if op == "swap":
+        for _ in range(n):
+            i, j = rng.randrange(len(words)), rng.randrange(len(words))
+            words[i], words[j] = words[j], words[i]
+    elif op == "delete":
+        kept = [w for w in words if rng.random() >= alpha]
+        words = kept or [rng.choice(words)]
+    else:
+        for _ in range(n):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(words))
+    return " ".join(words)
+
+
+# -- training pipeline -----------------------------------------------------------------------
+def _open_streams(urls, storage_options):
+    for url in urls:
+        with fsspec.open(url, "rb", **storage_options) as stream:
+            yield {"url": url, "stream": stream}
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+@dataclass
+class TrainData:
+    """The training shards of one run: the pipeline of each epoch and its length in steps."""
+
+    urls: list[str]
+    index: MemberIndex
+    transform: ImageTransform
+    batch_size: int
+    fraction: float = 1.0
+    seed: int = 0
+    erasing_probability: float = 0.6
+    eda_probability: float = 0.5
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    load_counterparts: bool = True
+    rank: int = 0
+    world_size: int = 1
+    skipped: int = 0  # samples dropped for undecodable members (logged)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(in_fraction(k, self.fraction) for k in self.index.refs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        per_rank = self.num_samples // self.world_size
+        if per_rank == 0:
+            raise ValueError(f"train_fraction={self.fraction} leaves no training samples in {len(self.urls)} shards")
+        # full batches only (steady shapes); each worker may end on a partial batch that is dropped
+        workers = max(1, self.num_workers)
+        return max(1, per_rank // self.batch_size - (workers - 1))
+
+    def pipeline(self, epoch: int):
+        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        urls = list(self.urls)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)
+        n_full = self.num_samples // self.world_size >= self.batch_size
+        return wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.split_by_worker,
+            lambda src: _open_streams((s["url"] for s in src), self.index.storage_options),
+            tar_file_expander, group_by_keys,
+            wds.select(lambda s: in_fraction(s["__key__"], self.fraction)),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed * 7919 + epoch),
+            self._this_rank,
+            wds.map(lambda s: self.decode(s, epoch)),
+            wds.select(lambda s: s is not None),
+            wds.batched(self.batch_size, collation_fn=collate_train, partial=not n_full),
+        )
+
+    def _this_rank(self, samples):
+        for i, s in enumerate(samples):
+            if i % self.world_size == self.rank:
+                yield s
+
+    def loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        # a dedicated generator: creating the iterator must not draw from torch's global RNG
+        return torch.utils.data.DataLoader(self.pipeline(epoch), batch_size=None, num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def decode(self, sample: dict, epoch: int) -> dict | None:
+        key = sample["__key__"]
+        try:
+            meta = json.loads(sample[JSON_EXT])
+            rng = sample_rng(self.seed, epoch, key)
+            flip = rng.random() < 0.5  # image and pose flip together
+            image = self.transform.to_tensor(_decode_image(sample[IMAGE_EXT]), flip)
+            pose = self.transform.to_tensor(_decode_image(sample[POSE_EXT]), flip)
+            out = {
+                "key": key, "position": self.index.position[key],
+                "image": random_erase(image, rng, self.erasing_probability), "pose": pose,
+                "text": eda(sample[TEXT_EXT].decode("utf-8").strip(), rng, self.eda_probability),
+                "hard": None,
+            }
+            if self.load_counterparts:
+                out["hard"] = self._counterpart(meta, epoch)
+            return out
+        except Exception as e:  # noqa: BLE001 - one bad sample must not stop a 4-day run
+            self.skipped += 1
+            log.warning("skipping training sample %s: %s", key, e)
+            return None
+
+    def _counterpart(self, meta: dict, epoch: int) -> dict | None:
+        hard_key = meta.get("hard_negative_key")
+        if not hard_key or hard_key not in self.index:
+            return None
+        rng = sample_rng(self.seed, epoch, hard_key, "counterpart")
+        flip = rng.random() < 0.5
+        return {
+            "image": self.transform.to_tensor(_decode_image(self.index.read(hard_key, IMAGE_EXT)), flip),
+            "pose": self.transform.to_tensor(_decode_image(self.index.read(hard_key, POSE_EXT)), flip),
+            "text": str(meta.get("hard_negative_caption") or ""),
+        }
+
+
+def collate_train(samples: list[dict]) -> dict:
+    rows = [i for i, s in enumerate(samples) if s["hard"] is not None]
+    batch = {
+        "keys": [s["key"] for s in samples],
+        "sample_ids": torch.tensor([s["position"] for s in samples]),
+        "images": torch.stack([s["image"] for s in samples]),
+        "poses": torch.stack([s["pose"] for s in samples]),
+        "texts": [s["text"] for s in samples],
+        "hard_rows": torch.tensor(rows, dtype=torch.long),
+        "hard_texts": [samples[i]["hard"]["text"] for i in rows],
+    }
+    if rows:
+        batch["hard_images"] = torch.stack([samples[i]["hard"]["image"] for i in rows])
+        batch["hard_poses"] = torch.stack([samples[i]["hard"]["pose"] for i in rows])
+    return batch
+
+
+# -- test set ------------------------------------------------------------------------------
+@dataclass
+class EvalSample:
+    key: str
+    identity: str
+    behavior: str
+    caption: str
+    image: torch.Tensor  # (3, S, S) normalised
+    pose: torch.Tensor
+    thumbnail: Image.Image  # for the results figure
+
+
+def iter_test_samples(urls: list[str], transform: ImageTransform, storage_options: dict | None = None,
+                      thumb_size: int = 96) -> Iterator[EvalSample]:
+    """Test samples in shard order (no augmentation)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for s in group_by_keys(tar_file_expander(_open_streams(urls, storage_options or {}))):
+        meta = json.loads(s[JSON_EXT])
+        image = _decode_image(s[IMAGE_EXT])
+        thumb = image.copy()
+        thumb.thumbnail((thumb_size, thumb_size))
+        yield EvalSample(key=s["__key__"], identity=str(meta.get("identity", "")), behavior=str(meta.get("behavior", "")),
+                         caption=s[TEXT_EXT].decode("utf-8").strip(), image=transform.to_tensor(image),
+                         pose=transform.to_tensor(_decode_image(s[POSE_EXT])), thumbnail=thumb)
+
+
+def image_transform(cfg, swin_path: str) -> ImageTransform:
+    """The Swin image processor's normalisation at ``cfg.cmp.image_size``."""
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(swin_path)
+    return ImageTransform(cfg.cmp.image_size, tuple(proc.image_mean), tuple(proc.image_std))
