@@ -1,0 +1,601 @@
+"""Stage ``prompts``: the subject filter and the C_n / C_a / C_a+ prompts of the training set.
+
+Paper 3.2: "before image generation, we filter the captions to ensure they describe human
+subjects. For each caption, we extract the subject and verify if it refers to a person, such as
+people, he, man, etc. [...] for cases where both C_n and C_a are retained, we concatenate them to
+form a new C_a+."
+
+The subject comes from the annotation's subject-verb-object triples (``kgoalsvos`` /
+``kwentwrongsvos``) when they name one; otherwise from the caption itself: the head noun of the
+first noun phrase before the main verb (see :func:`analyse_subject`). It refers to a person when
+it is in the person lexicon below, or is an agent noun (``-er`` of a known action verb, ``-ist``)
+not in the exception list. A compound subject ("a man and his dog") is a person when any of its
+heads is one; a group word takes its ``of`` complement ("a group of people"). Captions with no
+subject ("trying to jump the fence") and junk ("Don't know") are rejected: nothing to verify.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import oops
+from .config import oops_root
+from .manifests import OK, manifest_rel, ok_rows, reject
+from .units import Context, Stage, Unit, chunk_units
+
+PROMPTS = "prompts"
+CLIPS_PER_UNIT = 256  # prompt building is cheap: a unit only bounds what a rerun redoes
+KIND_SUFFIX = {"n": "n", "a": "a", "a+": "ap"}
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# -- lexicon --------------------------------------------------------------------------------------
+PERSON_PRONOUNS = _words("""
+he she they i we you someone somebody everyone everybody anyone anybody him her them us me
+himself herself themselves myself yourself ourselves yourselves whoever""")
+THING_PRONOUNS = _words("it something everything anything nothing itself what this that these those")
+PERSON_NOUNS = _words("""
+man woman boy girl kid child baby toddler infant teen teenager adult person guy gal lady gentleman
+dude bro lad lass fellow folk folks youth youngster tween male female human individual
+grandpa grandma grandfather grandmother granny grandparent grandson granddaughter grandkid
+father mother dad mom mum mommy mummy daddy papa mama parent son daughter brother sister sibling
+uncle aunt auntie nephew niece cousin husband wife spouse boyfriend girlfriend fiance fiancee
+bride groom bridesmaid groomsman friend buddy pal mate roommate classmate teammate playmate
+neighbor neighbour stranger twin stepdad stepmom stepson stepdaughter
+couple family crowd team group audience gang crew squad troop class choir band
+owner student teacher coach doctor nurse police cop officer soldier firefighter chef cook waiter
+waitress bartender farmer worker employee boss customer clerk cashier athlete gymnast cheerleader
+acrobat clown magician performer musician singer actor actress host hostess reporter cameraman
+photographer pilot captain sailor fisherman lifeguard referee umpire goalie goalkeeper quarterback
+pitcher catcher batter mechanic driver passenger pedestrian cyclist motorcyclist rider biker skier
+snowboarder skateboarder surfer swimmer diver climber hiker runner jogger walker dancer wrestler
+boxer fighter weightlifter bodybuilder golfer player gamer tourist visitor guest shopper spectator
+fans viewer bystander onlooker contestant participant competitor opponent victim patient prisoner
+thief robber burglar criminal suspect drunk idiot fool moron jerk nerd hero champion winner loser
+rookie beginner amateur pro professional expert trainer instructor guard staff santa nun priest
+monk cowboy cowgirl jockey ballerina model skydiver daredevil stuntman motorist trucker barber
+plumber electrician carpenter builder painter gardener janitor mailman postman toddler preschooler
+schoolboy schoolgirl elderly senior veteran king queen prince princess bride vaulter jumper
+snowboarder kayaker canoeist paraglider parachutist rapper dj musician guitarist drummer
+comedian pedestrian librarian technician magician musician politician guardian civilian
+servant assistant attendant resident president agent client tenant landlord landlady
+sheriff deputy detective ranger trooper marine sergeant lieutenant general private
+grandchild grandchildren newborn newlywed newlyweds bachelor bachelorette hostage
+spectator operator inspector instructor investor survivor editor director mentor tutor
+conductor inventor narrator juror senator governor counselor janitor author warrior donor
+vendor passerby teammate opponent attendee employee trainee refugee escapee nominee
+mermaid fairy witch wizard pirate ninja zombie elf superhero
+""")
+# singular lemma of irregular plurals
+IRREGULAR_PLURALS = {
+    "men": "man", "women": "woman", "children": "child", "people": "person", "wives": "wife",
+    "folks": "folk", "gentlemen": "gentleman", "grandchildren": "grandchild", "kiddos": "kid",
+    "passersby": "passerby", "teeth": "tooth", "feet": "foot", "geese": "goose", "mice": "mouse",
+}
+# words the rules below would call people, and are not (animals, machines, things)
+NOT_PERSON = _words("""
+snowman doberman caiman ottoman talisman walkman pacman checkmate stalemate primate
+computer trailer cooler heater printer blender container sticker washer dryer drier mixer cutter
+roller tanker scooter charger lighter sprinkler hanger holder opener burner slider shower flower
+tower timer rocker recorder controller launcher feeder freezer cooker loader bumper starter
+trimmer speaker spinner fryer grinder crusher breaker buzzer dresser planter poster toaster
+roaster shaker stroller cracker skimmer floater glider tumbler mower lawnmower blower sprayer
+wiper booster marker ruler rubber slipper poker cruiser retriever pointer setter carrier flyer
+flier diner digger dumper dozer bulldozer liver sewer scanner stopper clipper zipper dropper
+chopper hopper wrapper layer prayer tracker locker stretcher slicer peeler strainer stinger
+sweater grater counter router blaster coaster duster sweeper damper dipper sneaker choker
+folder header fender tender binder reminder divider sander lander maker trawler filler
+crane drone robot doll dummy mannequin statue puppet scarecrow kite fan star anchor
+lioness tigress mattress fortress
+twist wrist exist assist insist resist persist playlist checklist wishlist waitlist blacklist
+""")
+# group words whose "of" complement is the real head ("a group of people", "one of them")
+PARTITIVES = _words("""
+group groups bunch couple pair lot lots team crowd number handful dozen dozens hundreds thousands
+family gang crew band pack herd flock set line row kind type sort majority rest half member members
+squad troop class swarm litter few some all both each many most several none any either neither
+one two three four five six seven eight nine ten
+""")
+# person-word suffixes of compounds (fireman, cowboy, schoolgirl, landlady, boyfriend)
+PERSON_SUFFIXES = ("man", "woman", "person", "boy", "girl", "guy", "lady", "mother", "father", "sister",
+                   "brother", "daughter", "parent", "friend")
+
+# Action verbs (base forms). They end the subject noun phrase and make agent nouns (ski -> skier).
+VERBS = _words("""
+jump fall ride run walk slip trip slide crash hit kick throw catch try attempt climb swim dive dance
+skate ski snowboard skateboard wakeboard longboard bodyboard surf windsurf kitesurf skydive
+paraglide bike cycle drive fly flip spin swing roll push pull lift carry drop break knock bump land
+lose miss play shoot score dunk pass bounce hop skip fail get go come make take hold grab open close
+cut cook eat drink pour spill sit stand lie lay lean sleep wake step stumble tumble collapse crack
+snap tip tilt flood splash spray film record watch look see stare laugh cry scream yell shout cheer
+celebrate chase follow race compete wrestle box fight punch slap tackle block dodge duck hide
+escape flee bite sting attack charge scare startle hug kiss smile wave point show teach learn
+practice train perform sing paint build fix repair mow dig plant clean wash wipe sweep mop paddle
+row sail float sink drown hang balance juggle shake stir mix fry bake toss launch fire explode burn
+melt freeze blow pop burst shatter smash destroy tear rip crush hurt injure bleed faint vomit
+sneeze cough stop start begin end finish continue keep seem appear become turn twist bend stretch
+kneel crawl somersault cartwheel backflip vault leap sprint jog hike wander march skid swerve veer
+steer reverse park tow accelerate brake overturn capsize wreck dent scratch lick chew swallow
+choke feed pet herd milk hunt fish bowl golf bat pitch serve volley spike rap act pose photograph
+text call talk speak say tell ask answer argue scold read write type work use operate load unload
+stack fold wrap tie untie unlock lock ring enter exit leave arrive return rush hurry wait stay rest
+relax smoke shave comb brush dress wear put set place fill empty sip taste smell hear feel touch
+poke tap stomp stamp sprinkle shovel rake chop saw drill hammer nail glue tape aim hurl fling lob
+snatch steal give hand bring fetch deliver send receive pick choose win beat defeat shove nudge
+ram collide strike want need like love hate decide plan prepare manage help save rescue lead
+guide carry hold pick swing sway wobble teeter topple flop plunge plummet crash splash soak drench
+headbutt buck gallop trot graze bark meow chirp hiss growl pounce grind ollie kickflip wheelie
+mount dismount hurdle clear knock tackle dribble shoot swat flick fly soar glide hover drift
+slam shut cave spread sprout crumble shatter detach deflate inflate fill spill leak drip pour
+bounce roll slip skid tip tow drag haul lug heave hoist raise lower drop lose hurt sprain twist
+sled sledge skate surf hike camp trek tour visit explore travel commute cross approach pass
+enter reach touch grab grip clutch squeeze hug pat rub scrub wash rinse dry iron sew knit weave
+trick treat build dig plow mow rake weed water prune trim harvest pick gather collect back
+""")
+IRREGULAR_VERB_FORMS = _words("""
+fell fallen ran rode ridden drove driven threw thrown caught took taken made held got gotten went
+gone came flew flown swam swum broke broken slid lost sat stood lay lain laid slept woke woken
+ate eaten drank drunk spun swung hung shook shaken tore torn stuck struck blew blown froze frozen
+began begun became bit bitten hid hidden fought sang sung saw seen knew known gave given brought
+found told said spoke spoken wrote written stole stolen chose chosen won beat beaten led left
+kept dug sent spent built bent felt heard meant met paid put set cut hit let quit shut split
+spread burst cast hurt sped leapt leaped dove wore worn tried did done does doing has had having
+goes going gets getting gonna wanna gotta
+""")
+AUXILIARIES = _words("""
+is are was were be been being am 's 're 'm 've 'd 'll has have had do does did can could will
+would shall should may might must cannot can't won't don't doesn't didn't isn't aren't wasn't
+weren't couldn't shouldn't wouldn't hasn't haven't hadn't not never almost nearly just also then
+still suddenly accidentally finally immediately quickly slowly really already even only barely
+""")
+DETERMINERS = _words("""
+a an the this that these those some any each every another other all both either neither no
+many much several few more most such whole entire his her their my our your its whose one two
+three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen twenty
+dozens lots
+""")
+POSSESSIVES = _words("his her their my our your its whose")
+ARTICLES = _words("a an the his her their my our your its")
+PRONOUN_DETERMINERS = _words("this that these those one all both some each many several few most another either "
+                             "neither")
+PREPOSITIONS = _words("""
+in on at with from near by behind under over above below into onto off of for to through across
+along around inside outside without like as against beside besides next between beneath toward
+towards up down out upon within about after before during past atop underneath via than
+""")
+CLAUSE_WORDS = _words("who whom whose which that where when while because but and or nor so yet if though although")
+SUBORDINATORS = _words("when while as because since if although though once until whilst")
+START_PREPOSITIONS = _words("in on at during after before upon inside outside near from under behind within "
+                            "throughout despite with for by")
+DISCOURSE = _words("""
+so then and but suddenly unfortunately eventually finally basically apparently accidentally
+immediately also just now first next later afterwards meanwhile ok okay well oh oops lol yes yeah
+soon again here instead still
+""")
+VIDEO_WORDS = _words("video clip footage gif film movie scene")
+VIDEO_LINKS = _words("shows showing of features featuring where")
+GOAL_WORDS = _words("goal goals intention intent aim plan idea objective point purpose")
+NOT_ADVERB_LY = _words("""elderly ugly lonely friendly curly silly jolly holy jelly belly family bully lily early
+only daily burly rally trolley ally italy fly""")
+NOUN_ING = _words("""ceiling building railing swing string ring wing king thing sibling offspring wedding pudding
+evening morning clothing awning painting icing sling viking darling duckling seedling underling spring""")
+PUNCT = _words(", ; : . ! ? ( ) & \" -")
+PRONOUN_PLACEHOLDERS = _words("-pron- pron -PRON-")
+
+_JUNK_RE = re.compile(
+    r"(i )?(do not|don't|dont|didn't|didnt|did not) know.*|(i'?m |i am )?(not sure|unsure).*|no idea.*"
+    r"|idk.*|dunno.*|n ?a|none|nothing( .*)?|unknown.*|unclear.*"
+    r"|(i )?(can't|cant|cannot|could not|couldn't) (tell|see|say).*"
+    r"|no (goal|failure|fail|problem|mistake).*|not applicable|same( as above)?|see above|skip|x+|none of the above"
+)
+_TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*'?|[,;:.!?()&\"]")
+
+
+def _verb_forms(base: str) -> set[str]:
+    forms = {base}
+    cvc = len(base) >= 3 and base[-1] not in "aeiouwxy" and base[-2] in "aeiou" and base[-3] not in "aeiou"
+    stem = base + base[-1] if cvc else base
+    if base.endswith(("s", "sh", "ch", "x", "z", "o")):
+        forms.add(base + "es")
+    elif base.endswith("y") and base[-2:-1] not in ("a", "e", "i", "o", "u"):
+        forms |= {base[:-1] + "ies", base[:-1] + "ied"}
+    else:
+        forms.add(base + "s")
+    if base.endswith("e") and not base.endswith(("ee", "ye", "oe")):
+        forms |= {base + "d", base[:-1] + "ing"}
+    else:
+        forms |= {base + "ed", base + "ing", stem + "ed", stem + "ing"}
+    return forms
+
+
+VERB_FORMS = frozenset(f for v in VERBS for f in _verb_forms(v)) | IRREGULAR_VERB_FORMS
+
+
+# -- lexicon lookups ------------------------------------------------------------------------------
+def _lemmas(word: str) -> list[str]:
+    out = [word]
+    if word in IRREGULAR_PLURALS:
+        out.append(IRREGULAR_PLURALS[word])
+    if word.endswith("men") and len(word) > 3:
+        out.append(word[:-3] + "man")
+    if word.endswith("ies") and len(word) > 4:
+        out.append(word[:-3] + "y")
+    if word.endswith("es") and len(word) > 3:
+        out.append(word[:-2])
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 2:
+        out.append(word[:-1])
+    return out
+
+
+def _is_agent_noun(word: str) -> bool:
+    """``-er`` of a known action verb (skier, snowboarder, runner) or an ``-ist`` (cyclist)."""
+    if word.endswith("ist") and len(word) >= 6:
+        return True
+    if not word.endswith("er") or len(word) < 5:
+        return False
+    stems = {word[:-2], word[:-1]}
+    if word[-3] == word[-4]:
+        stems.add(word[:-3])  # runner -> run, swimmer -> swim
+    if word.endswith("ier"):
+        stems.add(word[:-3] + "y")
+    return any(s in VERBS for s in stems)
+
+
+def is_person_word(word: str, extra_person: Iterable[str] = (), extra_non_person: Iterable[str] = ()) -> bool:
+    """Whether one (head) word names a person: lexicon, compounds of person words, agent nouns."""
+    word = word.strip().strip("'").lower()
+    if not word:
+        return False
+    extra_person, extra_non_person = set(extra_person), set(extra_non_person)
+    if re.fullmatch(r"[a-z0-9]+-years?-olds?", word):  # "a 5-year-old"
+        return True
+    parts = [word] + ([word.rsplit("-", 1)[1]] if "-" in word else [])
+    lemmas = [lem for p in parts for lem in _lemmas(p)]
+    if any(lem in extra_non_person for lem in lemmas):
+        return False
+    if any(lem in extra_person for lem in lemmas):
+        return True
+    if any(lem in NOT_PERSON for lem in lemmas):
+        return False
+    if any(lem in PERSON_NOUNS or lem in PERSON_PRONOUNS for lem in lemmas):
+        return True
+    for lem in lemmas:
+        if any(lem.endswith(s) and len(lem) > len(s) for s in PERSON_SUFFIXES) or _is_agent_noun(lem):
+            return True
+    return False
+
+
+# -- finding the subject --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SubjectResult:
+    subject: str | None  # the head word(s): "man", "man and son", "people"
+    is_person: bool
+    problem: str | None  # why the caption is not kept (None when is_person)
+
+
+def tokenize(caption: str) -> list[str]:
+    """Lower-case words and punctuation; ``'s`` / ``'re`` split off (``man's`` -> ``man 's``)."""
+    text = caption.lower().replace("\u2019", "'").replace("\u2018", "'")
+    out: list[str] = []
+    for tok in _TOKEN_RE.findall(text):
+        m = re.fullmatch(r"(.+?)('s|'re|'m|'ve|'ll|'d|')", tok)
+        if m and tok not in ("'",):
+            out += [m.group(1), "'s" if m.group(2) == "'" else m.group(2)]
+        else:
+            out.append(tok)
+    return out
+
+
+def is_junk(caption: str) -> bool:
+    """Answers like "Don't know", "n/a", "???" that describe nothing."""
+    norm = " ".join(re.sub(r"[^a-z0-9' ]+", " ", caption.lower().replace("\u2019", "'")).split())
+    return not norm or bool(_JUNK_RE.fullmatch(norm))
+
+
+def _is_verbish(tok: str) -> bool:
+    return tok in VERB_FORMS or tok in AUXILIARIES
+
+
+def _is_ly_adverb(tok: str) -> bool:
+    return tok.endswith("ly") and len(tok) > 4 and tok not in NOT_ADVERB_LY and tok not in PERSON_NOUNS
+
+
+def _looks_like_verb(tok: str) -> bool:
+    """Unknown ``-ing`` / ``-ed`` words after a noun: participles ("the man wearing a hat")."""
+    return len(tok) > 5 and tok.endswith(("ing", "ed")) and tok not in NOUN_ING
+
+
+def _ends_phrase(tok: str) -> bool:
+    return tok in PREPOSITIONS or tok in CLAUSE_WORDS or tok in PUNCT or tok in AUXILIARIES
+
+
+class _Parser:
+    def __init__(self, toks: list[str], lex: tuple[set[str], set[str]]):
+        self.toks, self.lex = toks, lex
+
+    def at(self, i: int) -> str:
+        return self.toks[i] if 0 <= i < len(self.toks) else ""
+
+    def person(self, word: str) -> bool:
+        return is_person_word(word, *self.lex)
+
+    def noun_phrase(self, i: int) -> tuple[list[str], int]:
+        """Head(s) of the noun phrase starting at ``i`` and the index after it."""
+        cands: list[str] = []
+        pre: list[str] = []
+        while i < len(self.toks):
+            t = self.at(i)
+            if not cands and (t in PERSON_PRONOUNS or t == "it") and t not in POSSESSIVES:
+                return [t], i + 1
+            if t == "of":
+                last = cands[-1] if cands else (pre[-1] if pre else "")
+                if last in PARTITIVES:
+                    return self.noun_phrase(i + 1)
+                break
+            if t == "'s":
+                nxt = self.at(i + 1)
+                # "'s" is "is"/"has" before a participle or an article; a base verb never follows it
+                participle = nxt.endswith(("ing", "ed", "en")) and (nxt in VERB_FORMS or _looks_like_verb(nxt))
+                aux = (not cands or participle or nxt in AUXILIARIES or nxt in IRREGULAR_VERB_FORMS
+                       or nxt in ("a", "an", "the"))
+                if aux:
+                    break
+                pre, cands = pre + cands + [t], []  # possessive: "the man's hat" -> the head is "hat"
+                i += 1
+                continue
+            if not cands and (t in DETERMINERS or t.isdigit()):
+                pre.append(t)
+                i += 1
+                continue
+            if cands and (t in DETERMINERS or t in THING_PRONOUNS or t in PERSON_PRONOUNS):
+                # "the man yeets the ball": an unknown word followed by an article was a verb
+                if t in ARTICLES and len(cands) >= 2 and not self.person(cands[-1]):
+                    cands.pop()
+                break
+            if not cands and pre and pre[-1] in PRONOUN_DETERMINERS and (_is_verbish(t) or _ends_phrase(t)):
+                break  # "that hits the car", "both fall": the determiner is the subject
+            if _ends_phrase(t):
+                break
+            if cands and (_is_verbish(t) or _is_ly_adverb(t) or (_looks_like_verb(t) and not self.person(t))):
+                nxt = self.at(i + 1)
+                # "the soccer coach falls": a person noun that is also a verb, followed by the verb
+                if not (self.person(t) and (_is_verbish(nxt) or nxt == "")):
+                    break
+            cands.append(t)
+            i += 1
+        if cands:
+            return [cands[-1]], i
+        return ([pre[-1]] if pre and pre[-1] != "'s" else []), i
+
+    def subject(self, i: int) -> list[str]:
+        heads, j = self.noun_phrase(i)
+        while heads and self.at(j) in ("and", "or", "&", "plus"):
+            nxt = self.at(j + 1)
+            if not nxt or (_is_verbish(nxt) and not self.person(nxt) and nxt not in DETERMINERS):
+                break
+            more, j = self.noun_phrase(j + 1)
+            if not more:
+                break
+            heads += more
+        return heads
+
+    def skip_phrase(self, i: int) -> int:
+        """Past a prepositional object or participle phrase ("in the video", "riding a bike")."""
+        if _is_verbish(self.at(i)) or _looks_like_verb(self.at(i)):
+            i += 1
+        seen = False
+        while i < len(self.toks):
+            t = self.at(i)
+            if seen and (t in DETERMINERS or t in PERSON_PRONOUNS or t in THING_PRONOUNS):
+                return i
+            if t in PUNCT or t in CLAUSE_WORDS or t in AUXILIARIES:
+                return i
+            seen = seen or t not in DETERMINERS
+            i += 1
+        return i
+
+    def start(self) -> int | None:
+        """Index where the subject phrase begins, past openers; None when there is no subject."""
+        i, n = 0, len(self.toks)
+        while i < n:
+            t, nxt = self.at(i), self.at(i + 1)
+            if t in PUNCT or t in DISCOURSE or (_is_ly_adverb(t) and not self.person(t)):
+                i += 1
+            elif t == "there" and nxt in ("is", "are", "was", "were", "'s", "seems", "appears"):
+                i += 2
+                while self.at(i) in ("to", "be", "seems", "seem"):
+                    i += 1
+            elif (t in VIDEO_WORDS and nxt in VIDEO_LINKS) or (
+                    t in ("the", "this", "a", "in") and nxt in VIDEO_WORDS and self.at(i + 2) in VIDEO_LINKS):
+                i += 2 if t in VIDEO_WORDS else 3
+                while self.at(i) in VIDEO_LINKS or self.at(i) in ("is", "was", "that", "how"):
+                    i += 1
+            elif (t in GOAL_WORDS or (t in DETERMINERS and nxt in GOAL_WORDS)) and (
+                    self.at(i + 1 if t in GOAL_WORDS else i + 2) in ("is", "was", "'s", "seems", "seemed", "were")):
+                i += 2 if t in GOAL_WORDS else 3
+                if self.at(i) == "for":
+                    return i + 1
+                return None  # "the goal was to jump": no one named
+            elif t in SUBORDINATORS or t in START_PREPOSITIONS:
+                if "," in self.toks[i:]:
+                    i = self.toks.index(",", i) + 1
+                elif t in SUBORDINATORS and not (_is_verbish(nxt) or _looks_like_verb(nxt)):
+                    i += 1  # "when he jumps ...": the clause's own subject
+                elif nxt in PERSON_PRONOUNS and nxt not in POSSESSIVES:
+                    i += 1  # "after he jumps he falls"
+                else:
+                    i = self.skip_phrase(i + 1)
+            else:
+                break
+        if i >= n:
+            return None
+        t, nxt = self.at(i), self.at(i + 1)
+        if t == "to" or (t in AUXILIARIES and t not in DETERMINERS):
+            return None
+        starts_with_verb = (_is_verbish(t) or _looks_like_verb(t)) and not self.person(t)
+        if starts_with_verb and (not nxt or nxt in DETERMINERS or nxt in PREPOSITIONS or _ends_phrase(nxt)
+                                 or _is_verbish(nxt) or nxt in THING_PRONOUNS or nxt in PERSON_PRONOUNS):
+            return None  # "riding a bike down the hill", "falls off the swing"
+        return i
+
+
+def _svo_subject(svos: list | None) -> str | None:
+    for triple in svos or []:
+        if isinstance(triple, (list, tuple)) and triple and isinstance(triple[0], str) and triple[0].strip():
+            return " ".join(triple[0].lower().split())
+    return None
+
+
+def analyse_subject(caption: str, svos: list | None = None, extra_person: Iterable[str] = (),
+                    extra_non_person: Iterable[str] = ()) -> SubjectResult:
+    """The caption's subject and whether it refers to a person, with the reason when it is not kept."""
+    lex = (set(w.lower() for w in extra_person), set(w.lower() for w in extra_non_person))
+    caption = caption or ""
+    if not caption.strip():
+        return SubjectResult(None, False, "empty caption")
+    if is_junk(caption):
+        return SubjectResult(None, False, f"no usable caption: {caption.strip()[:80]!r}")
+    svo = _svo_subject(svos)
+    heads: list[str] = []
+    if svo is not None and svo not in PRONOUN_PLACEHOLDERS and svo.split()[-1] not in PARTITIVES:
+        heads = [svo.split()[-1]]  # the annotation's own parse; "-PRON-" and group words need the text
+    else:
+        parser = _Parser(tokenize(caption), lex)
+        start = parser.start()
+        if start is not None:
+            heads = parser.subject(start)
+    if not heads:
+        return SubjectResult(None, False, "no subject found (the caption starts with a verb or names no one)")
+    subject = " and ".join(heads)
+    if any(is_person_word(h, *lex) for h in heads):
+        return SubjectResult(subject, True, None)
+    return SubjectResult(subject, False, f"subject {subject!r} is not a person")
+
+
+def find_subject(caption: str, svos: list | None = None) -> str | None:
+    """The subject head word(s) of a caption ("man", "man and son"), or None when there is none."""
+    return analyse_subject(caption, svos).subject
+
+
+def is_person_subject(caption: str, svos: list | None = None) -> bool:
+    """Paper 3.2's filter: whether the caption's subject refers to a person."""
+    return analyse_subject(caption, svos).is_person
+
+
+# -- stage prompts --------------------------------------------------------------------------------
+def prompt_key(clip_key: str, kind: str, annotation_index: int | None = None) -> str:
+    """``{clip_key}-n`` / ``-a`` / ``-ap``; with every annotation, ``{clip_key}-{index}-n``."""
+    middle = "" if annotation_index is None else f"-{annotation_index}"
+    return f"{clip_key}{middle}-{KIND_SUFFIX[kind]}"
+
+
+def join_prompts(goal: str, wentwrong: str) -> str:
+    """C_a+: C_n and C_a concatenated into one sentence."""
+    return f"{goal.rstrip(' .,;!?')}, {wentwrong}"
+
+
+def _test_set_clip_keys(ctx: Context) -> set[str]:
+    rel = manifest_rel("test_shards")
+    if not ctx.store.exists(rel):
+        raise FileNotFoundError(
+            f"prompts.exclude_test_clips is on but {rel} is missing: build the test set first "
+            "(stages frames .. test_shards), or set prompts.exclude_test_clips=false"
+        )
+    return {r["sample_key"].rsplit("-", 1)[0] for r in ok_rows(ctx.store, "test_shards")}
+
+
+def plan_prompt_units(ctx: Context) -> list[Unit]:
+    """One item per (clip, annotation, kind); a clip's items share a unit (a+ and the counterpart
+    links need the whole clip). The training branch reads the captions of both OOPS! splits."""
+    sec = ctx.cfg.prompts
+    test_clips = _test_set_clip_keys(ctx) if sec.exclude_test_clips else set()
+    root = os.path.expanduser(oops_root(ctx.cfg))
+    items = []
+    for clip in oops.load_captions(root, ["train", "val"]):
+        indices = range(len(clip.captions)) if sec.annotation_index == "all" else [sec.annotation_index]
+        for index in indices:
+            cap = clip.captions[index] if index < len(clip.captions) else None
+            for kind in KIND_SUFFIX:
+                items.append({
+                    "sample_key": prompt_key(clip.clip_key, kind, index if sec.annotation_index == "all" else None),
+                    "clip_name": clip.clip_name, "clip_key": clip.clip_key, "split": clip.split, "kind": kind,
+                    "annotation_index": index, "annotations": len(clip.captions),
+                    "goal": cap.goal if cap else None, "wentwrong": cap.wentwrong if cap else None,
+                    "goal_svos": cap.goal_svos if cap else [], "wentwrong_svos": cap.wentwrong_svos if cap else [],
+                    "in_test_set": clip.clip_key in test_clips,
+                })
+    return chunk_units(PROMPTS, items, CLIPS_PER_UNIT, group_key="clip_key")
+
+
+def _clean(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _annotation_rows(items: dict[str, dict], extra: tuple[list[str], list[str]]) -> dict[str, tuple[dict, str | None]]:
+    """kind -> (row fields, problem) for one clip annotation's n / a / a+ items."""
+    first = next(iter(items.values()))
+    shared_problem = None
+    if first["in_test_set"]:
+        shared_problem = "clip is in the test set"
+    elif first["goal"] is None:
+        shared_problem = (f"clip has {first['annotations']} caption annotation(s); "
+                          f"annotation_index={first['annotation_index']} is out of range")
+    found = {
+        "n": analyse_subject(first["goal"] or "", first["goal_svos"], *extra),
+        "a": analyse_subject(first["wentwrong"] or "", first["wentwrong_svos"], *extra),
+    }
+    prompts = {"n": _clean(first["goal"]), "a": _clean(first["wentwrong"])}
+    prompts["a+"] = join_prompts(prompts["n"], prompts["a"]) if prompts["n"] and prompts["a"] else ""
+    out = {}
+    for kind in items:
+        if shared_problem:
+            problem = shared_problem
+        elif kind == "a+":
+            failed = [f"C_{k}: {found[k].problem}" for k in ("n", "a") if found[k].problem]
+            problem = f"a+ needs both C_n and C_a kept ({'; '.join(failed)})" if failed else None
+        else:
+            problem = found[kind].problem
+        subject = found["n" if kind == "a+" else kind].subject
+        out[kind] = ({"prompt": prompts[kind] or None, "subject": subject}, problem)
+    return out
+
+
+def run_prompt_unit(ctx: Context, unit: Unit) -> list[dict]:
+    sec = ctx.cfg.prompts
+    extra = (list(sec.extra_person_words), list(sec.extra_non_person_words))
+    groups: dict[tuple[str, int], dict[str, dict]] = {}
+    for it in unit.items:
+        groups.setdefault((it["clip_key"], it["annotation_index"]), {})[it["kind"]] = it
+    decided: dict[str, tuple[dict, dict, str | None]] = {}  # sample_key -> (item, fields, problem)
+    for group in groups.values():
+        for kind, (fields, problem) in _annotation_rows(group, extra).items():
+            decided[group[kind]["sample_key"]] = (group[kind], fields, problem)
+    ok_by_clip: dict[tuple[str, str], list[str]] = {}  # (clip_key, behavior) -> ok prompt keys
+    for key, (it, _, problem) in sorted(decided.items()):
+        if problem is None:
+            ok_by_clip.setdefault((it["clip_key"], "normal" if it["kind"] == "n" else "anomaly"), []).append(key)
+    rows = []
+    for it in unit.items:
+        _, fields, problem = decided[it["sample_key"]]
+        other = "anomaly" if it["kind"] == "n" else "normal"
+        row = {k: it[k] for k in ("clip_name", "clip_key", "split", "kind", "annotation_index")}
+        row |= fields | {"counterpart_keys": json.dumps(ok_by_clip.get((it["clip_key"], other), []))}
+        rows.append(reject(it, problem, **row) if problem else {"sample_key": it["sample_key"], "status": OK,
+                                                               "reason": None, **row})
+    return rows
+
+
+PROMPTS_STAGE = Stage(
+    name=PROMPTS,
+    plan_units=plan_prompt_units,
+    run_unit=run_prompt_unit,
+    config_keys=("prompts", "oops"),
+    version="1",
+)
