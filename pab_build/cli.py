@@ -144,3 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         code = 1
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -62,6 +62,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ti
     ref = str(tmp_path / "ref")
     proc = _pab_run(ref, overrides)
     assert proc.wait(timeout=900) == 0
+    assert os.path.exists(os.path.join(ref, "shards", "index.json"))
 
     out = str(tmp_path / "killed")
     rng = random.Random(20261129)
