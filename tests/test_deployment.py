@@ -1,0 +1,353 @@
+"""The deployments in prefect.yaml on a real Prefect server (127.0.0.1, a free port, its own
+PREFECT_HOME): create the work pools, `prefect deploy`, start a process worker, run
+`prefect deployment run build-pab/smoke --watch`, check the outputs; a rerun skips finished units;
+a crashed run, retried with `prefect flow-run retry`, resumes from its markers.
+
+Every process started here (server, worker, the flow runs it spawns) is killed on teardown.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pab_build.config import REPO_ROOT, load_config
+from pab_build.manifests import read_manifest
+from pab_build.store import Store
+
+PREFECT = str(Path(sys.executable).with_name("prefect")) if Path(sys.executable).with_name("prefect").exists() \
+    else shutil.which("prefect") or "prefect"
+CPU_POOL, GPU_POOL = "pab-process", "pab-gpu"
+DEPLOYMENTS = {"build-pab/smoke": CPU_POOL, "build-pab/full": GPU_POOL, "train-cmp/full": GPU_POOL}
+# frames needs no model, so the tiny models are not built (minutes on 2 cores); drop this override
+# (or add stages to `until`) once a test should exercise them.
+EXTRA_OVERRIDES = ["fixtures.build_tiny_models=false"]
+UNTIL = "frames"
+
+
+def _deployments() -> list[dict]:
+    with open(REPO_ROOT / "prefect.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)["deployments"]
+
+
+@pytest.mark.parametrize("dep", _deployments(), ids=lambda d: f"{d['entrypoint'].split(':')[1]}/{d['name']}")
+def test_prefect_yaml_parameters_are_flow_parameters(dep):
+    """A misspelt parameter in prefect.yaml is not caught by `prefect deploy`; catch it here."""
+    import inspect
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, _ = dep["entrypoint"].split(":")
+    if not (REPO_ROOT / path).exists():
+        pytest.skip(f"{path} is not written yet")
+    flow = load_flow_from_entrypoint(str(REPO_ROOT / dep["entrypoint"]))
+    accepted = set(inspect.signature(flow.fn).parameters)
+    assert set(dep["parameters"]) <= accepted, set(dep["parameters"]) - accepted
+    assert dep["work_pool"]["name"] in (CPU_POOL, GPU_POOL)
+    assert f"{flow.name}/{dep['name']}" in DEPLOYMENTS
+
+
+def test_containers_run_workers_of_the_deployments_pools():
+    """compose.yaml and the images start workers on the pools prefect.yaml deploys to, from the
+    folder the pull step will point at (compose registers the deployments inside the image)."""
+    with open(REPO_ROOT / "docker" / "compose.yaml", encoding="utf-8") as f:
+        services = yaml.safe_load(f)["services"]
+    pools = {d["work_pool"]["name"] for d in _deployments()}
+    worker_pools = {c[c.index("--pool") + 1] for c in (s["command"] for s in services.values()) if "worker" in c}
+    assert worker_pools == pools
+    register = " ".join(services["register"]["command"])
+    assert all(f"work-pool create {p} --type process" in register for p in pools)
+    assert "deploy --all" in register
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (REPO_ROOT / "docker" / name).read_text()
+        assert "WORKDIR /opt/pab-build" in text and 'pip install -e ".[${EXTRAS}]"' in text
+        assert re.search(r'CMD \["prefect", "worker", "start", "--pool", "(%s)"' % "|".join(pools), text)
+
+
+# --- a real server, pools, deployments and a worker ------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session: its group and every descendant (flow runs
+    start in sessions of their own, so the group alone would miss them)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            continue
+        _, family = psutil.wait_procs(family, timeout=5)
+        if not family:
+            return
+
+
+class PrefectStack:
+    def __init__(self, home: Path, port: int):
+        self.home, self.port = home, port
+        self.api = f"http://127.0.0.1:{port}/api"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_API_URL=self.api,
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="false",
+            PREFECT_CLI_PROMPT="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs_open: list = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "wb")
+        self.logs_open.append(log)
+        proc = subprocess.Popen([PREFECT, *args], cwd=REPO_ROOT, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, n: int = 3000) -> str:
+        return (self.home / f"{name}.log").read_text(errors="replace")[-n:]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([PREFECT, *args], cwd=REPO_ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.api + path, timeout=10) as r:
+            return json.load(r)
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.api + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def flow_run(self, run_id: str) -> dict:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def wait_state(self, run_id: str, states: set[str], timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(run_id)
+            if run["state_type"] in states:
+                return run
+            time.sleep(0.5)
+        raise AssertionError(f"flow run {run_id} still {run['state_type']}; worker log:\n{self.log_tail('worker')}")
+
+    def wait_settled(self, run_id: str, quiet_s: float, timeout: float) -> list[dict]:
+        """Wait until no new state has been recorded for ``quiet_s``; returns the state history."""
+        deadline = time.monotonic() + timeout
+        states, since = self.get(f"/flow_run_states/?flow_run_id={run_id}"), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            assert time.monotonic() < deadline, states
+            time.sleep(0.5)
+            now = self.get(f"/flow_run_states/?flow_run_id={run_id}")
+            if len(now) != len(states):
+                states, since = now, time.monotonic()
+        return states
+
+    def logs(self, run_id: str) -> list[str]:
+        """The run's latest log messages, newest first."""
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 200}
+        return [entry["message"] for entry in self.post("/logs/filter", body)]
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):  # worker (and its flow runs) before the server
+            _stop(self.procs[name])
+        for log in self.logs_open:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    s = PrefectStack(home, _free_port())
+    try:
+        server = s.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(s.port))
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"prefect server exited:\n{s.log_tail('server')}"
+            try:
+                if s.get("/health") is True:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /api/health after 120 s:\n{s.log_tail('server')}"
+            time.sleep(0.5)
+        for pool in (CPU_POOL, GPU_POOL):
+            r = s.cli("work-pool", "create", pool, "--type", "process")
+            assert r.returncode == 0, r.stdout + r.stderr
+        r = s.cli("--no-prompt", "deploy", "--all")
+        assert r.returncode == 0, r.stdout + r.stderr
+        s.start("worker", "worker", "start", "--pool", CPU_POOL, "--type", "process")
+        yield s
+    finally:
+        s.stop_all()
+
+
+def _run_deployment(stack: PrefectStack, params: dict, watch: bool = True) -> tuple[str, subprocess.CompletedProcess]:
+    args = ["deployment", "run", "build-pab/smoke", "--params", json.dumps(params)]
+    if watch:
+        args += ["--watch", "--watch-timeout", "150"]
+    r = stack.cli(*args, timeout=180)
+    m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
+    assert m, r.stdout + r.stderr
+    return m.group(1), r
+
+
+def _summary(stack: PrefectStack, run_id: str, timeout: float = 30) -> dict:
+    """The build's summary line from the run's logs (logs reach the server in batches, possibly
+    after the run's final state)."""
+    deadline = time.monotonic() + timeout
+    while not (lines := [m for m in stack.logs(run_id) if m.startswith("build summary: ")]):
+        assert time.monotonic() < deadline, stack.logs(run_id)
+        time.sleep(0.5)
+    return ast.literal_eval(lines[0].removeprefix("build summary: "))
+
+
+def _mtimes(out: Path, pattern: str) -> dict[str, int]:
+    return {p: os.stat(p).st_mtime_ns for p in sorted(glob.glob(str(out / pattern)))}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deployments_registered_with_pools_and_pull_step(stack):
+    for name, pool in DEPLOYMENTS.items():
+        dep = stack.get(f"/deployments/name/{name}")
+        assert dep["work_pool_name"] == pool
+        assert dep["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+        ]
+        assert set(dep["parameters"]) <= set(dep["parameter_openapi_schema"]["properties"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_smoke_deployment_run_then_rerun_skips_finished_units(stack, tmp_path):
+    out, oops_dir = tmp_path / "out", tmp_path / "sample-oops"
+    # the smoke profile writes the bundled sample OOPS! root itself: here, into tmp
+    params = {"out": str(out), "until": UNTIL,
+              "overrides": EXTRA_OVERRIDES + [f"fixtures.sample_oops_dir={oops_dir}"]}
+    run_id, r = _run_deployment(stack, params)
+    assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + stack.log_tail("worker")
+    assert stack.flow_run(run_id)["state_type"] == "COMPLETED"
+
+    assert (out / "manifests" / "frames.parquet").exists()
+    rows = read_manifest(Store(str(out)), "frames")
+    ok = [x for x in rows if x["status"] == "ok"]
+    rejected = [x for x in rows if x["status"] == "rejected"]
+    assert ok and rejected
+    assert all(x["reason"] for x in rejected)
+    assert all((out / x["image_path"]).is_file() for x in ok)
+    units = len(_mtimes(out, "_markers/frames/*.json"))
+    assert units > 1
+    assert _summary(stack, run_id)["frames"] == {"done": units, "skipped": 0, "failed": 0,
+                                                 "ok": len(ok), "rejected": len(rejected)}
+
+    before = _mtimes(out, "frames/*.jpg") | _mtimes(out, "_markers/frames/*.json")
+    rerun_id, r = _run_deployment(stack, params)
+    assert r.returncode == 0 and rerun_id != run_id, r.stdout + r.stderr
+    assert _summary(stack, rerun_id)["frames"]["skipped"] == units
+    assert _summary(stack, rerun_id)["frames"]["done"] == 0
+    assert _mtimes(out, "frames/*.jpg") | _mtimes(out, "_markers/frames/*.json") == before
+
+
+def _flow_run_processes(stack: PrefectStack) -> list[psutil.Process]:
+    worker = psutil.Process(stack.procs["worker"].pid)
+    return [p for p in worker.children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_crashed_run_resumes_from_markers_when_retried(stack, tmp_path):
+    """A unit hangs (its video is a FIFO nobody writes: a stuck mount, say), the flow-run process
+    is killed (an OOM kill, a preempted machine): Prefect marks the run Crashed. With the video
+    back, `prefect flow-run retry` runs the same flow run again: the finished units are skipped,
+    the missing one is done, and the manifest equals an uninterrupted build's byte for byte."""
+    from pab_build.fixtures.sample_oops import write_sample_oops
+    from pab_build.pipeline import get_stage
+    from pab_build.units import Context, run_stage
+
+    pristine, oops_root = tmp_path / "oops-pristine", tmp_path / "oops"
+    write_sample_oops(str(pristine), seed=0)
+    shutil.copytree(pristine, oops_root)
+    overrides = EXTRA_OVERRIDES + [f"oops.root={oops_root}"]
+
+    ref = tmp_path / "reference"  # the same build, uninterrupted, in-process
+    run_stage(Context.create(load_config("smoke", overrides), str(ref)), get_stage("frames"))
+    units = len(_mtimes(ref, "_markers/frames/*.json"))
+    last_ok_clip = sorted(x["clip_name"] for x in read_manifest(Store(str(ref)), "frames") if x["status"] == "ok")[-1]
+    (video,) = glob.glob(str(oops_root / "oops_video" / "*" / (glob.escape(last_ok_clip) + ".*")))
+    os.unlink(video)
+    os.mkfifo(video)  # opening it blocks: that clip's unit hangs, the other units finish
+
+    out = tmp_path / "out"
+    run_id, r = _run_deployment(stack, {"out": str(out), "until": UNTIL, "overrides": overrides}, watch=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 120
+    while len(_mtimes(out, "_markers/frames/*.json")) < units - 1:
+        assert time.monotonic() < deadline, stack.log_tail("worker")
+        assert stack.flow_run(run_id)["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), stack.log_tail("worker")
+        time.sleep(0.2)
+    time.sleep(1)  # the stuck unit stays stuck
+    assert len(_mtimes(out, "_markers/frames/*.json")) == units - 1
+    assert not (out / "manifests" / "frames.parquet").exists()
+    engines = _flow_run_processes(stack)
+    assert len(engines) == 1, engines
+    engines[0].kill()
+    stack.wait_state(run_id, {"CRASHED", "FAILED"}, timeout=60)
+    # the runner and the worker each report the crash (Prefect 3.9), about 1.5 s apart: a retry
+    # in between would be overwritten by the second report
+    stack.wait_settled(run_id, quiet_s=5, timeout=60)
+    crashed = stack.flow_run(run_id)
+    assert crashed["state_type"] == "CRASHED", crashed["state"]
+
+    markers_before = _mtimes(out, "_markers/frames/*.json")
+    os.unlink(video)
+    shutil.copy2(glob.glob(str(pristine / "oops_video" / "*" / os.path.basename(video)))[0], video)
+    r = stack.cli("flow-run", "retry", run_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    done = stack.wait_state(run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=150)
+    assert done["state_type"] == "COMPLETED" and done["run_count"] == 2, stack.log_tail("worker")
+
+    assert _summary(stack, run_id)["frames"]["skipped"] == units - 1
+    assert _summary(stack, run_id)["frames"]["done"] == 1
+    markers_after = _mtimes(out, "_markers/frames/*.json")
+    assert len(markers_after) == units
+    assert {k: markers_after[k] for k in markers_before} == markers_before  # finished units untouched
+    assert (out / "manifests/frames.parquet").read_bytes() == (ref / "manifests/frames.parquet").read_bytes()
+
