@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     # builds run on machines with restricted networks: no usage telemetry from Prefect or Ray
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # the library logs through `logging`; Prefect forwards these loggers into run logs
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pab_build")
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError) as e:

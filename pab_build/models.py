@@ -7,12 +7,15 @@ RealVisXL once, not once per unit.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from typing import Callable, Hashable, TypeVar
 
 import torch
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _CACHE: dict[Hashable, object] = {}
 _LOCKS: dict[Hashable, threading.Lock] = {}
@@ -29,6 +32,8 @@ def cached_model(key: Hashable, load: Callable[[], T]) -> T:
         if key not in _CACHE:
             _CACHE[key] = load()
             LOAD_COUNTS[key] = LOAD_COUNTS.get(key, 0) + 1
+            name = key[0] if isinstance(key, tuple) and key else key
+            log.info("loaded model %s in process %d", name, os.getpid())
     return _CACHE[key]  # type: ignore[return-value]
 
 
