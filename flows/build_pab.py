@@ -8,6 +8,7 @@ artifacts. The work itself is ``pab_build.units.execute_unit`` over a stage from
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -19,6 +20,11 @@ from pab_build.config import PABConfig, config_from_dict, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
 from pab_build.units import Context, Unit, execute_unit, finalize_stage, record_failed_unit, status_counts
+
+
+# the library logs through `logging` (model loads, ...); Prefect forwards the `pab_build` logger into
+# run logs when PREFECT_LOGGING_EXTRA_LOGGERS=pab_build (the `pab` CLI sets it)
+logging.getLogger("pab_build").setLevel(logging.INFO)
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
@@ -44,12 +50,15 @@ def _task_runner(cfg: PABConfig):
 
 
 def _ray_resources(cfg: PABConfig, uses_gpu: bool):
-    """On Ray, GPU stages ask for ``run.gpus_per_unit`` GPUs per unit, every unit for CPUs."""
+    """On Ray, units of GPU stages ask for ``run.gpus_per_unit`` GPUs when the build runs on CUDA
+    (on a CPU build a GPU request could never be met and the units would wait forever); every unit
+    asks for ``run.cpus_per_unit`` CPUs."""
     if cfg.run.task_runner != "ray":
         return contextlib.nullcontext()
     from prefect_ray.context import remote_options
 
-    return remote_options(num_cpus=cfg.run.cpus_per_unit, num_gpus=cfg.run.gpus_per_unit if uses_gpu else 0)
+    wants_gpu = uses_gpu and cfg.run.device.startswith("cuda")
+    return remote_options(num_cpus=cfg.run.cpus_per_unit, num_gpus=cfg.run.gpus_per_unit if wants_gpu else 0)
 
 
 def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
