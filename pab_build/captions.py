@@ -18,7 +18,7 @@ from typing import Callable
 from .config import CaptionsConfig, model_id
 from .manifests import OK, ok_rows, read_manifest, reject
 from .units import Context, Stage, Unit, chunk_units
-from .vlm import VLMRequest, answer_requests, image_from_bytes, load_backend, load_prompt, prompts_fingerprint
+from .vlm import VLMRequest, answer_requests, load_backend, load_prompt, prompts_fingerprint
 
 TEST_CAPTIONS = "test_captions"
 TRAIN_CAPTIONS = "train_captions"
@@ -118,7 +118,7 @@ def load_unit_images(ctx: Context, items: list[dict], missing_reason: str) -> tu
             rejected[it["sample_key"]] = reject(it, missing_reason)
             continue
         try:
-            images[it["sample_key"]] = image_from_bytes(ctx.store.read_bytes(it["image_path"]))
+            images[it["sample_key"]] = ctx.store.read_image(it["image_path"])
         except Exception as e:  # noqa: BLE001 - missing or corrupt file: this item only
             rejected[it["sample_key"]] = reject(it, f"image unreadable: {it['image_path']}: {type(e).__name__}")
     return images, rejected

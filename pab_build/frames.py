@@ -8,7 +8,6 @@ both frames of a clip in one batched call.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -158,11 +157,11 @@ def extract_transition_frames(ctx: Context, clip_items: list[dict]) -> list[dict
         b = it["behavior"]
         data, w, h = _encode_jpeg(frame, cfg.frames.jpeg_quality, cfg.frames.max_side)
         rel = f"frames/{it['sample_key']}.jpg"
-        ctx.store.write_bytes(rel, data)
+        digest = ctx.store.write_bytes(rel, data)
         rows.append({
             "sample_key": it["sample_key"], "status": OK, "reason": None, **base, "behavior": b, **extra,
             "time_s": idx[b] / fps, "frame_index": idx[b], "source_caption": it["source_caption"],
-            "image_path": rel, "image_sha256": hashlib.sha256(data).hexdigest(), "width": w, "height": h,
+            "image_path": rel, "image_sha256": digest, "width": w, "height": h,
         })
     return rows
 

@@ -254,9 +254,9 @@ def run_generate_unit(ctx: Context, unit: Unit) -> list[dict]:
                 continue
             data = encode_jpeg(array_to_image(array), sec.jpeg_quality)
             rel = image_rel(it["prompt_key"], it["sample_key"])
-            ctx.store.write_bytes(rel, data)
+            digest = ctx.store.write_bytes(rel, data)
             rows[it["sample_key"]] = {"sample_key": it["sample_key"], "status": OK, "reason": None, **fields,
-                                      "image_path": rel, "image_sha256": hashlib.sha256(data).hexdigest()}
+                                      "image_path": rel, "image_sha256": digest}
     return [rows[k] for k in unit.sample_keys]
 
 

@@ -11,7 +11,6 @@ Keypoints are OpenPose's 18 body parts (:data:`BODY_PARTS`), as ``(x, y, score)`
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -222,11 +221,6 @@ def generated_image_problem(result: PoseResult, cfg: GenPoseConfig) -> str | Non
 
 
 # -- stage helpers --------------------------------------------------------------------------------
-def read_rgb(store, rel: str) -> Image.Image:
-    with Image.open(io.BytesIO(store.read_bytes(rel))) as im:
-        return im.convert("RGB")
-
-
 def encode_png(image: Image.Image) -> bytes:
     """PNG with fixed settings (PIL writes no timestamps), so the same map gives the same bytes."""
     buf = io.BytesIO()
@@ -257,7 +251,7 @@ def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: i
         loaded: list[tuple[str, Image.Image]] = []
         for it in items[start : start + batch_size]:
             try:
-                loaded.append((it["sample_key"], read_rgb(ctx.store, it["image_path"])))
+                loaded.append((it["sample_key"], ctx.store.read_image(it["image_path"])))
             except Exception as e:  # noqa: BLE001 - a missing or corrupt file rejects this item only
                 out[it["sample_key"]] = f"image unreadable: {it['image_path']}: {type(e).__name__}"
 
@@ -291,9 +285,7 @@ def _pose_row(item: dict, reason: str | None, result: PoseResult | str, pose_rel
 
 
 def _write_pose_map(ctx: Context, rel: str, result: PoseResult) -> str:
-    data = encode_png(result.pose_map)
-    ctx.store.write_bytes(rel, data)
-    return hashlib.sha256(data).hexdigest()
+    return ctx.store.write_bytes(rel, encode_png(result.pose_map))
 
 
 # -- stage: pose (test frames) --------------------------------------------------------------------

@@ -30,7 +30,6 @@ import os
 from dataclasses import dataclass
 
 import fsspec
-from PIL import Image
 
 from .manifests import OK, manifest_rel, read_manifest, reject
 from .units import Context, Stage, Unit, chunk_units
@@ -259,7 +258,7 @@ def _image_html(ctx: Context, rel: str | None, alt: str) -> str:
     if not rel:
         return '<p class="missing">no image</p>'
     try:
-        image = Image.open(io.BytesIO(ctx.store.read_bytes(rel))).convert("RGB")
+        image = ctx.store.read_image(rel)
     except Exception as e:  # noqa: BLE001 - one unreadable image must not stop the sheet
         return f'<p class="missing">image unreadable: {html.escape(rel)} ({type(e).__name__})</p>'
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))

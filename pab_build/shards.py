@@ -434,8 +434,7 @@ def write_shard_unit(ctx: Context, unit: Unit, split: str) -> list[dict]:
         raise RuntimeError(f"shard {unit.unit_id} came to {len(data)} bytes, over max_bytes_per_shard={limit}; "
                            "source files changed since planning")
     rel = shard_rel(split, number)
-    ctx.store.write_bytes(rel, data)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = ctx.store.write_bytes(rel, data)
     for it in ok:
         extra = {"hard_negative_key": it["json"]["hard_negative_key"]} if split == "train" else {}
         fields = _row(it, split, shard=rel, shard_index=number, shard_bytes=len(data), shard_sha256=digest, **extra)

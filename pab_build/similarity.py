@@ -15,7 +15,6 @@ from PIL import Image
 from .config import model_path
 from .manifests import OK, ok_rows, reject
 from .models import cached_model, resolve_device, run_halving_on_oom
-from .pose import read_rgb
 from .units import Context, Stage, Unit, chunk_units
 
 WEIGHTS_FILE = "model.safetensors"  # a local folder holds resnet50's state dict in this file
@@ -129,7 +128,7 @@ def run_pairs_unit(ctx: Context, unit: Unit) -> list[dict]:
         images, unreadable = {}, {}
         for it in (normal, anomaly):
             try:
-                images[it["sample_key"]] = read_rgb(ctx.store, it["image_path"])
+                images[it["sample_key"]] = ctx.store.read_image(it["image_path"])
             except Exception as e:  # noqa: BLE001 - a missing or corrupt file rejects this pair only
                 unreadable[it["sample_key"]] = f"image unreadable: {it['image_path']}: {type(e).__name__}"
         if unreadable:

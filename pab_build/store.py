@@ -11,6 +11,8 @@ written in one call.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import json
 import os
@@ -84,12 +86,21 @@ class Store:
         return sorted(n for n in names if not n.startswith("."))
 
     # -- writes ------------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` atomically (see module docstring)."""
+    def read_image(self, rel: str):
+        """The image at ``rel`` as an RGB ``PIL.Image`` (decoded fully, file closed)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.read_bytes(rel))) as im:
+            return im.convert("RGB")
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write ``data`` to ``rel`` atomically (see module docstring); returns its sha256, which
+        manifests record so that later units' input hashes follow the content."""
         target = self.path(rel)
+        digest = hashlib.sha256(data).hexdigest()
         if not self.is_local:
             self.fs.pipe_file(target, data)
-            return
+            return digest
         folder, name = os.path.split(target)
         os.makedirs(folder, exist_ok=True)
         with _tmp_lock:
@@ -105,6 +116,7 @@ class Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        return digest
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
