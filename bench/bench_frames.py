@@ -19,7 +19,10 @@ import decord
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.fixtures.sample_oops import render_clip  # noqa: E402
-from pab_build.frames import frame_index, transition_times  # noqa: E402
+from pab_build.stages.frames import (
+    frame_index,
+    transition_times,  # noqa: E402
+)
 
 
 def decord_batched(path: str, fail_t: float) -> None:

@@ -18,8 +18,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.fixtures import build_tiny_models  # noqa: E402
-from pab_build.pose import detect_poses, load_pose_detector  # noqa: E402
-from pab_build.similarity import embed_images, load_resnet50  # noqa: E402
+from pab_build.openpose import (
+    detect_poses,
+    load_pose_detector,  # noqa: E402
+)
+from pab_build.similarity import (
+    embed_images,
+    load_resnet50,  # noqa: E402
+)
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ sizes) is built from its published configs with random weights: speed does not d
 Both runs use the same weights and the same 1024 px, 30-step, classifier-free-guided calls:
 
 * baseline: ``pipe(prompt)`` one image per call, float32, diffusers' default attention;
-* optimised: the weights cast to ``models.sdxl.dtype``, :func:`pab_build.generate.apply_fast_paths`
+* optimised: the weights cast to ``models.sdxl.dtype``, :func:`pab_build.stages.generate.apply_fast_paths`
   with configs/full.yaml's ``generate`` settings (SDPA, channels-last, VAE tiling, compile if
-  ``--compile``), images made by :func:`pab_build.generate.generate_arrays` in batches of
+  ``--compile``), images made by :func:`pab_build.stages.generate.generate_arrays` in batches of
   ``generate.batch_size``.
 
 Random weights may produce NaN images in float16; the time per step is the same.
@@ -29,8 +29,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
 from pab_build.fixtures.tiny_sdxl import _build_tokenizer  # noqa: E402  (offline CLIP BPE tables)
-from pab_build.generate import apply_fast_paths, generate_arrays  # noqa: E402
 from pab_build.models import torch_dtype  # noqa: E402
+from pab_build.stages.generate import (
+    apply_fast_paths,
+    generate_arrays,  # noqa: E402
+)
 
 NO_CUDA_EXIT = 2
 PROMPT = "A man is riding a skateboard down a ramp in a parking lot and falls off, realistic photo"
@@ -66,7 +69,12 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
 
 def build_sdxl_pipeline(device: str | torch.device):
     """Full-size SDXL with random weights, created directly on ``device`` ("meta": no memory)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _build_tokenizer()

@@ -1,4 +1,4 @@
-"""Shard writing: the project's deterministic writer (`pab_build.shards.build_shard` + atomic store
+"""Shard writing: the project's deterministic writer (`pab_build.shard_writer.build_shard` + atomic store
 write) vs. a plain `tarfile` copy of the same bytes to disk (the baseline).
 
     python bench/bench_shards.py [--samples 400] [--kb 120]
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pab_build.shards import build_shard  # noqa: E402
+from pab_build.shard_writer import build_shard  # noqa: E402
 from pab_build.store import Store  # noqa: E402
 
 

@@ -28,9 +28,19 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
-from pab_build.fixtures.tiny_qwen2vl import CHAT_TEMPLATE, SPECIAL_TOKENS, _build_tokenizer  # noqa: E402
+from pab_build.fixtures.tiny_qwen2vl import (  # noqa: E402
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    _build_tokenizer,
+)
 from pab_build.vlm import (  # noqa: E402
-    TransformersBackend, VLMRequest, VllmBackend, fill_prompt, generate_answers, image_tokens, load_prompt,
+    TransformersBackend,
+    VllmBackend,
+    VLMRequest,
+    fill_prompt,
+    generate_answers,
+    image_tokens,
+    load_prompt,
 )
 
 NO_CUDA_EXIT = 2
@@ -86,7 +96,12 @@ def build_model(size: str, device: str | torch.device, dtype: torch.dtype):
 
 def save_model_folder(model, tokenizer, eos: int, pad: int, dest: str) -> None:
     """A hub-style folder (weights, generation config, processor) that ``from_pretrained`` loads."""
-    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
     model.save_pretrained(dest)

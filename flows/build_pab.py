@@ -12,15 +12,25 @@ import logging
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import unmapped
 
 from pab_build.config import PABConfig, config_from_dict, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
-from pab_build.units import Context, Unit, execute_unit, finalize_stage, record_failed_unit, status_counts
-
+from pab_build.units import (
+    Context,
+    Unit,
+    execute_unit,
+    finalize_stage,
+    record_failed_unit,
+    status_counts,
+)
 
 # the library logs through `logging` (model loads, ...); Prefect forwards the `pab_build` logger into
 # run logs when PREFECT_LOGGING_EXTRA_LOGGERS=pab_build (the `pab` CLI sets it)
@@ -40,7 +50,9 @@ def run_unit_task(cfg: PABConfig, out: str, stage_name: str, unit: Unit) -> str:
 
 def _task_runner(cfg: PABConfig):
     if cfg.run.task_runner == "ray":
-        from prefect_ray import RayTaskRunner  # optional extra: pip install 'pab-build[ray]'
+        from prefect_ray import (
+            RayTaskRunner,  # optional extra: pip install 'pab-build[ray]'
+        )
 
         init_kwargs = {"address": cfg.run.ray_address} if cfg.run.ray_address else {}
         return RayTaskRunner(init_kwargs=init_kwargs)
@@ -165,14 +177,14 @@ def build_pab(
 
 @task(name="release", cache_policy=NO_CACHE)
 def release_task(cfg: PABConfig, out: str) -> dict[str, Any]:
-    from pab_build.card import write_dataset_card
+    from pab_build.release.card import write_dataset_card
 
     return {"card": write_dataset_card(out)}
 
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
-    from pab_build.publish import publish
+    from pab_build.release.publish import publish
 
     options = dict(cfg.publish.storage_options)
     if cfg.publish.credentials_block:

@@ -1,4 +1,4 @@
-"""Stages ``test_attributes`` and ``attributes``: action / anomaly / scene labels (appendix A.1).
+"""Attribute questions (appendix A.1) shared by ``test_attributes`` and ``train_attributes``.
 
 Each image is asked two questions with its source caption C substituted into the instruction:
 a normal image its action type and scene, an anomaly image its anomaly behaviour class and scene.
@@ -11,18 +11,33 @@ from __future__ import annotations
 
 import re
 
-from .config import model_id
-from .manifests import OK, ok_rows, read_manifest, reject
-from .units import Context, Stage, Unit, chunk_units
-from .vlm import VLMRequest, answer_requests, fill_prompt, load_backend, load_prompt, prompts_fingerprint
 from .captions import load_unit_images
+from .config import model_id
+from .manifests import OK, reject
+from .units import Context, Unit
+from .vlm import (
+    VLMRequest,
+    answer_requests,
+    fill_prompt,
+    load_backend,
+    load_prompt,
+    prompts_fingerprint,
+)
 
 TEST_ATTRIBUTES = "test_attributes"
-TRAIN_ATTRIBUTES = "attributes"
+
+
+TRAIN_ATTRIBUTES = "train_attributes"
+
 
 ATTRIBUTE_PROMPTS = {"action": "attr_action_v1", "anomaly": "attr_anomaly_v1", "scene": "attr_scene_v1"}
+
+
 QUESTIONS = {"normal": ("action", "scene"), "anomaly": ("anomaly", "scene")}
+
+
 BEHAVIOR_OF_KIND = {"n": "normal", "a": "anomaly", "a+": "anomaly"}  # training prompt kinds
+
 
 # "The answer is ...", "Answer: ...", "Scene category: ..." in front of the phrase itself
 _LEAD_IN = re.compile(
@@ -30,7 +45,11 @@ _LEAD_IN = re.compile(
     r"(?:the\s+)?(?:action(?:\s+type)?|anomal(?:y|ous)(?:\s+behaviou?r)?(?:\s+class)?|failure|behaviou?r|"
     r"scene(?:\s+category)?|background|category|class)\b\s*(?:is\b\s*:?|:))\s*"
 )
+
+
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+")
+
+
 _QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
 
 
@@ -63,43 +82,6 @@ def attribute_questions(behavior: str) -> tuple[str, ...]:
 
 def prompt_versions(behavior: str) -> str:
     return ",".join(ATTRIBUTE_PROMPTS[q] for q in attribute_questions(behavior))
-
-
-# -- planning -------------------------------------------------------------------------------------
-def plan_test_attribute_units(ctx: Context) -> list[Unit]:
-    """Test images with an accepted caption; C is the OOPS! caption stored with the frame."""
-    frames = {r["sample_key"]: r for r in ok_rows(ctx.store, "frames")}
-    items = []
-    for r in ok_rows(ctx.store, "test_captions"):
-        f = frames.get(r["sample_key"], {})
-        items.append({
-            "sample_key": r["sample_key"],
-            "image_path": f.get("image_path"),
-            "image_sha256": f.get("image_sha256"),
-            "behavior": f.get("behavior"),
-            "source_caption": f.get("source_caption"),
-        })
-    items.sort(key=lambda it: it["sample_key"])
-    return chunk_units(TEST_ATTRIBUTES, items, ctx.cfg.attributes.images_per_unit)
-
-
-def plan_train_attribute_units(ctx: Context) -> list[Unit]:
-    """Training images with a caption; C is the prompt the image was generated from."""
-    generated = {r["sample_key"]: r for r in ok_rows(ctx.store, "generate")}
-    prompts = {r["sample_key"]: r for r in read_manifest(ctx.store, "prompts")}
-    items = []
-    for r in ok_rows(ctx.store, "train_captions"):
-        g = generated.get(r["sample_key"], {})
-        p = prompts.get(g.get("prompt_key"), {})
-        items.append({
-            "sample_key": r["sample_key"],
-            "image_path": g.get("image_path"),
-            "image_sha256": g.get("image_sha256"),
-            "behavior": BEHAVIOR_OF_KIND.get(g.get("kind")),
-            "source_caption": p.get("prompt"),
-        })
-    items.sort(key=lambda it: it["sample_key"])
-    return chunk_units(TRAIN_ATTRIBUTES, items, ctx.cfg.attributes.images_per_unit)
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -165,22 +147,4 @@ def run_attribute_unit(ctx: Context, unit: Unit) -> list[dict]:
     return [rows[k] for k in unit.sample_keys]
 
 
-_VERSION = f"1+{prompts_fingerprint(*ATTRIBUTE_PROMPTS.values())}"
-
-TEST_ATTRIBUTES_STAGE = Stage(
-    name=TEST_ATTRIBUTES,
-    plan_units=plan_test_attribute_units,
-    run_unit=run_attribute_unit,
-    config_keys=("attributes", "models.qwen2_vl"),
-    version=_VERSION,
-    uses_gpu=True,
-)
-
-ATTRIBUTES_STAGE = Stage(
-    name=TRAIN_ATTRIBUTES,
-    plan_units=plan_train_attribute_units,
-    run_unit=run_attribute_unit,
-    config_keys=("attributes", "models.qwen2_vl"),
-    version=_VERSION,
-    uses_gpu=True,
-)
+ATTRIBUTE_STAGE_VERSION = f"1+{prompts_fingerprint(*ATTRIBUTE_PROMPTS.values())}"

@@ -1,4 +1,4 @@
-"""Stages ``test_captions`` and ``train_captions``: Qwen2-VL captions of every kept image.
+"""Qwen2-VL captioning shared by the stages ``test_captions`` and ``train_captions``.
 
 Paper 3.1: each real test image is captioned by Qwen2-VL with the instruction in
 ``prompts/caption_v1.txt``, then checked by people (quality control: corrected captions replace
@@ -12,16 +12,23 @@ asks for it, generation stopped at ``max_new_tokens`` without an end token).
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Callable
-
 from .config import CaptionsConfig, model_id
-from .manifests import OK, ok_rows, read_manifest, reject
-from .units import Context, Stage, Unit, chunk_units
-from .vlm import VLMRequest, answer_requests, load_backend, load_prompt, prompts_fingerprint
+from .manifests import OK, reject
+from .units import Context, Unit
+from .vlm import (
+    VLMRequest,
+    answer_requests,
+    load_backend,
+    load_prompt,
+    prompts_fingerprint,
+)
 
 TEST_CAPTIONS = "test_captions"
+
+
 TRAIN_CAPTIONS = "train_captions"
+
+
 CAPTION_PROMPT = "caption_v1"  # prompt file stem, recorded as prompt_version
 
 
@@ -43,44 +50,13 @@ def caption_problem(caption: str, *, finished: bool, min_words: int, max_words: 
     return None
 
 
-def read_caption_corrections(paths: list[str], known_keys: set[str]) -> dict[str, str]:
-    """QC corrections, sample_key -> corrected caption. The file format belongs to review.py."""
-    from .review import load_caption_corrections
-
-    return load_caption_corrections(paths, known_keys)
-
-
 # -- planning -------------------------------------------------------------------------------------
-def _image_item(key: str, image_row: dict | None) -> dict:
+def image_item(key: str, image_row: dict | None) -> dict:
     return {
         "sample_key": key,
         "image_path": image_row.get("image_path") if image_row else None,
         "image_sha256": image_row.get("image_sha256") if image_row else None,
     }
-
-
-def plan_test_caption_units(ctx: Context) -> list[Unit]:
-    """Images the review kept, with their frame; QC corrections ride in the items, so a changed
-    correction redoes only its own unit (and the answer cache spares the model)."""
-    sec = ctx.cfg.test_captions
-    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
-    corrections: dict[str, str] = {}
-    if sec.qc_policy == "decisions_file":
-        corrections = read_caption_corrections(list(sec.qc_files), set(frames))
-    items = []
-    for r in ok_rows(ctx.store, "review"):
-        frame = frames.get(r["sample_key"])
-        item = _image_item(r["sample_key"], frame if frame and frame["status"] == OK else None)
-        item["caption_correction"] = corrections.get(r["sample_key"])
-        items.append(item)
-    items.sort(key=lambda it: it["sample_key"])
-    return chunk_units(TEST_CAPTIONS, items, sec.images_per_unit)
-
-
-def plan_train_caption_units(ctx: Context) -> list[Unit]:
-    items = sorted((_image_item(r["sample_key"], r) for r in ok_rows(ctx.store, "gen_pose")),
-                   key=lambda it: it["sample_key"])
-    return chunk_units(TRAIN_CAPTIONS, items, ctx.cfg.train_captions.images_per_unit)
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -140,46 +116,4 @@ def caption_unit(ctx: Context, unit: Unit, sec: CaptionsConfig, missing_reason: 
     return [rows[k] for k in unit.sample_keys]
 
 
-def run_test_caption_unit(ctx: Context, unit: Unit) -> list[dict]:
-    return caption_unit(ctx, unit, ctx.cfg.test_captions, "no frame image for this sample in the frames manifest")
-
-
-def run_train_caption_unit(ctx: Context, unit: Unit) -> list[dict]:
-    return caption_unit(ctx, unit, ctx.cfg.train_captions, "no image path in the gen_pose manifest")
-
-
-def _caption_sheet_exporter() -> Callable[[Context, list[dict]], None] | None:
-    if importlib.util.find_spec(f"{__package__}.review") is None:
-        return None
-    from . import review
-
-    return getattr(review, "export_caption_sheet", None)
-
-
-def export_test_caption_sheet(ctx: Context, rows: list[dict]) -> None:
-    """After the manifest: the sheet people use for caption QC (written by review.py)."""
-    export = _caption_sheet_exporter()
-    if export is not None:
-        export(ctx, rows)
-
-
-_VERSION = f"1+{prompts_fingerprint(CAPTION_PROMPT)}"
-
-TEST_CAPTIONS_STAGE = Stage(
-    name=TEST_CAPTIONS,
-    plan_units=plan_test_caption_units,
-    run_unit=run_test_caption_unit,
-    config_keys=(TEST_CAPTIONS, "models.qwen2_vl"),
-    version=_VERSION,
-    uses_gpu=True,
-    finalize=export_test_caption_sheet,
-)
-
-TRAIN_CAPTIONS_STAGE = Stage(
-    name=TRAIN_CAPTIONS,
-    plan_units=plan_train_caption_units,
-    run_unit=run_train_caption_unit,
-    config_keys=(TRAIN_CAPTIONS, "models.qwen2_vl"),
-    version=_VERSION,
-    uses_gpu=True,
-)
+CAPTION_STAGE_VERSION = f"1+{prompts_fingerprint(CAPTION_PROMPT)}"

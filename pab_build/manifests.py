@@ -78,7 +78,7 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     ],
     "gen_pose": [*_IMAGE, *_POSE],
     "train_captions": [*_CAPTION, ("finished", _b)],
-    "attributes": [*_ATTRIBUTES, ("behavior", _s)],
+    "train_attributes": [*_ATTRIBUTES, ("behavior", _s)],
     "train_shards": [
         *_SHARD, ("clip_key", _s), ("behavior", _s), ("kind", _s),
         ("shard_bytes", _i), ("shard_sha256", _s),

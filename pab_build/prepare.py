@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+
 from .config import PABConfig
+from .manifests import manifest_rel
+from .pipeline import RENAMED_STAGES
 from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def migrate_renamed_stages(store: Store) -> list[str]:
+    """Move a build's outputs from a stage's old name to its new one (e.g. ``attributes`` ->
+    ``train_attributes``), so its finished units stay done; a stage hash does not include the name."""
+    moved = []
+    for old, new in RENAMED_STAGES.items():
+        for old_rel, new_rel in ((f"_markers/{old}", f"_markers/{new}"), (f"_units/{old}", f"_units/{new}"),
+                                 (f"_cache/{old}", f"_cache/{new}"), (manifest_rel(old), manifest_rel(new))):
+            if store.exists(old_rel) and not store.exists(new_rel):
+                store.fs.mv(store.path(old_rel), store.path(new_rel), recursive=True)
+                moved.append(f"{old_rel} -> {new_rel}")
+    for m in moved:
+        log.info("renamed stage outputs: %s", m)
+    return moved
 
 
 def prepare_build(cfg: PABConfig, out: str) -> None:
@@ -18,4 +39,5 @@ def prepare_build(cfg: PABConfig, out: str) -> None:
 
         write_sample_oops(cfg.fixtures.sample_oops_dir, seed=cfg.fixtures.seed)
     store = Store(out, **cfg.publish.storage_options) if "://" in out else Store(out)
+    migrate_renamed_stages(store)
     store.write_text("config.yaml", cfg.to_yaml())

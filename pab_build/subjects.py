@@ -1,9 +1,8 @@
-"""Stage ``prompts``: the subject filter and the C_n / C_a / C_a+ prompts of the training set.
+"""The subject filter: does an OOPS! caption describe a person? (paper 3.2)
 
 Paper 3.2: "before image generation, we filter the captions to ensure they describe human
 subjects. For each caption, we extract the subject and verify if it refers to a person, such as
-people, he, man, etc. [...] for cases where both C_n and C_a are retained, we concatenate them to
-form a new C_a+."
+people, he, man, etc."
 
 The subject comes from the annotation's subject-verb-object triples (``kgoalsvos`` /
 ``kwentwrongsvos``) when they name one; otherwise from the caption itself: the head noun of the
@@ -16,20 +15,9 @@ subject ("trying to jump the fence") and junk ("Don't know") are rejected: nothi
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Iterable
-
-from . import oops
-from .config import oops_root
-from .manifests import OK, manifest_rel, ok_rows, reject
-from .units import Context, Stage, Unit, chunk_units
-
-PROMPTS = "prompts"
-CLIPS_PER_UNIT = 256  # prompt building is cheap: a unit only bounds what a rerun redoes
-KIND_SUFFIX = {"n": "n", "a": "a", "a+": "ap"}
 
 
 def _words(text: str) -> frozenset[str]:
@@ -40,7 +28,11 @@ def _words(text: str) -> frozenset[str]:
 PERSON_PRONOUNS = _words("""
 he she they i we you someone somebody everyone everybody anyone anybody him her them us me
 himself herself themselves myself yourself ourselves yourselves whoever""")
+
+
 THING_PRONOUNS = _words("it something everything anything nothing itself what this that these those")
+
+
 PERSON_NOUNS = _words("""
 man woman boy girl kid child baby toddler infant teen teenager adult person guy gal lady gentleman
 dude bro lad lass fellow folk folks youth youngster tween male female human individual
@@ -73,12 +65,16 @@ conductor inventor narrator juror senator governor counselor janitor author warr
 vendor passerby teammate opponent attendee employee trainee refugee escapee nominee
 mermaid fairy witch wizard pirate ninja zombie elf superhero
 """)
+
+
 # singular lemma of irregular plurals
 IRREGULAR_PLURALS = {
     "men": "man", "women": "woman", "children": "child", "people": "person", "wives": "wife",
     "folks": "folk", "gentlemen": "gentleman", "grandchildren": "grandchild", "kiddos": "kid",
     "passersby": "passerby", "teeth": "tooth", "feet": "foot", "geese": "goose", "mice": "mouse",
 }
+
+
 # words the rules below would call people, and are not (animals, machines, things)
 NOT_PERSON = _words("""
 snowman doberman caiman ottoman talisman walkman pacman checkmate stalemate primate
@@ -96,6 +92,8 @@ crane drone robot doll dummy mannequin statue puppet scarecrow kite fan star anc
 lioness tigress mattress fortress
 twist wrist exist assist insist resist persist playlist checklist wishlist waitlist blacklist
 """)
+
+
 # group words whose "of" complement is the real head ("a group of people", "one of them")
 PARTITIVES = _words("""
 group groups bunch couple pair lot lots team crowd number handful dozen dozens hundreds thousands
@@ -103,9 +101,12 @@ family gang crew band pack herd flock set line row kind type sort majority rest 
 squad troop class swarm litter few some all both each many most several none any either neither
 one two three four five six seven eight nine ten
 """)
+
+
 # person-word suffixes of compounds (fireman, cowboy, schoolgirl, landlady, boyfriend)
 PERSON_SUFFIXES = ("man", "woman", "person", "boy", "girl", "guy", "lady", "mother", "father", "sister",
                    "brother", "daughter", "parent", "friend")
+
 
 # Action verbs (base forms). They end the subject noun phrase and make agent nouns (ski -> skier).
 VERBS = _words("""
@@ -139,6 +140,8 @@ sled sledge skate surf hike camp trek tour visit explore travel commute cross ap
 enter reach touch grab grip clutch squeeze hug pat rub scrub wash rinse dry iron sew knit weave
 trick treat build dig plow mow rake weed water prune trim harvest pick gather collect back
 """)
+
+
 IRREGULAR_VERB_FORMS = _words("""
 fell fallen ran rode ridden drove driven threw thrown caught took taken made held got gotten went
 gone came flew flown swam swum broke broken slid lost sat stood lay lain laid slept woke woken
@@ -149,45 +152,80 @@ kept dug sent spent built bent felt heard meant met paid put set cut hit let qui
 spread burst cast hurt sped leapt leaped dove wore worn tried did done does doing has had having
 goes going gets getting gonna wanna gotta
 """)
+
+
 AUXILIARIES = _words("""
 is are was were be been being am 's 're 'm 've 'd 'll has have had do does did can could will
 would shall should may might must cannot can't won't don't doesn't didn't isn't aren't wasn't
 weren't couldn't shouldn't wouldn't hasn't haven't hadn't not never almost nearly just also then
 still suddenly accidentally finally immediately quickly slowly really already even only barely
 """)
+
+
 DETERMINERS = _words("""
 a an the this that these those some any each every another other all both either neither no
 many much several few more most such whole entire his her their my our your its whose one two
 three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen twenty
 dozens lots
 """)
+
+
 POSSESSIVES = _words("his her their my our your its whose")
+
+
 ARTICLES = _words("a an the his her their my our your its")
+
+
 PRONOUN_DETERMINERS = _words("this that these those one all both some each many several few most another either "
                              "neither")
+
+
 PREPOSITIONS = _words("""
 in on at with from near by behind under over above below into onto off of for to through across
 along around inside outside without like as against beside besides next between beneath toward
 towards up down out upon within about after before during past atop underneath via than
 """)
+
+
 CLAUSE_WORDS = _words("who whom whose which that where when while because but and or nor so yet if though although")
+
+
 SUBORDINATORS = _words("when while as because since if although though once until whilst")
+
+
 START_PREPOSITIONS = _words("in on at during after before upon inside outside near from under behind within "
                             "throughout despite with for by")
+
+
 DISCOURSE = _words("""
 so then and but suddenly unfortunately eventually finally basically apparently accidentally
 immediately also just now first next later afterwards meanwhile ok okay well oh oops lol yes yeah
 soon again here instead still
 """)
+
+
 VIDEO_WORDS = _words("video clip footage gif film movie scene")
+
+
 VIDEO_LINKS = _words("shows showing of features featuring where")
+
+
 GOAL_WORDS = _words("goal goals intention intent aim plan idea objective point purpose")
+
+
 NOT_ADVERB_LY = _words("""elderly ugly lonely friendly curly silly jolly holy jelly belly family bully lily early
 only daily burly rally trolley ally italy fly""")
+
+
 NOUN_ING = _words("""ceiling building railing swing string ring wing king thing sibling offspring wedding pudding
 evening morning clothing awning painting icing sling viking darling duckling seedling underling spring""")
+
+
 PUNCT = _words(", ; : . ! ? ( ) & \" -")
+
+
 PRONOUN_PLACEHOLDERS = _words("-pron- pron -PRON-")
+
 
 _JUNK_RE = re.compile(
     r"(i )?(do not|don't|dont|didn't|didnt|did not) know.*|(i'?m |i am )?(not sure|unsure).*|no idea.*"
@@ -195,6 +233,8 @@ _JUNK_RE = re.compile(
     r"|(i )?(can't|cant|cannot|could not|couldn't) (tell|see|say).*"
     r"|no (goal|failure|fail|problem|mistake).*|not applicable|same( as above)?|see above|skip|x+|none of the above"
 )
+
+
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*'?|[,;:.!?()&\"]")
 
 
@@ -487,115 +527,3 @@ def find_subject(caption: str, svos: list | None = None) -> str | None:
 def is_person_subject(caption: str, svos: list | None = None) -> bool:
     """Paper 3.2's filter: whether the caption's subject refers to a person."""
     return analyse_subject(caption, svos).is_person
-
-
-# -- stage prompts --------------------------------------------------------------------------------
-def prompt_key(clip_key: str, kind: str, annotation_index: int | None = None) -> str:
-    """``{clip_key}-n`` / ``-a`` / ``-ap``; with every annotation, ``{clip_key}-{index}-n``."""
-    middle = "" if annotation_index is None else f"-{annotation_index}"
-    return f"{clip_key}{middle}-{KIND_SUFFIX[kind]}"
-
-
-def join_prompts(goal: str, wentwrong: str) -> str:
-    """C_a+: C_n and C_a concatenated into one sentence."""
-    return f"{goal.rstrip(' .,;!?')}, {wentwrong}"
-
-
-def _test_set_clip_keys(ctx: Context) -> set[str]:
-    rel = manifest_rel("test_shards")
-    if not ctx.store.exists(rel):
-        raise FileNotFoundError(
-            f"prompts.exclude_test_clips is on but {rel} is missing: build the test set first "
-            "(stages frames .. test_shards), or set prompts.exclude_test_clips=false"
-        )
-    return {r["sample_key"].rsplit("-", 1)[0] for r in ok_rows(ctx.store, "test_shards")}
-
-
-def plan_prompt_units(ctx: Context) -> list[Unit]:
-    """One item per (clip, annotation, kind); a clip's items share a unit (a+ and the counterpart
-    links need the whole clip). The training branch reads the captions of both OOPS! splits."""
-    sec = ctx.cfg.prompts
-    test_clips = _test_set_clip_keys(ctx) if sec.exclude_test_clips else set()
-    root = os.path.expanduser(oops_root(ctx.cfg))
-    items = []
-    for clip in oops.load_captions(root, ["train", "val"]):
-        indices = range(len(clip.captions)) if sec.annotation_index == "all" else [sec.annotation_index]
-        for index in indices:
-            cap = clip.captions[index] if index < len(clip.captions) else None
-            for kind in KIND_SUFFIX:
-                items.append({
-                    "sample_key": prompt_key(clip.clip_key, kind, index if sec.annotation_index == "all" else None),
-                    "clip_name": clip.clip_name, "clip_key": clip.clip_key, "split": clip.split, "kind": kind,
-                    "annotation_index": index, "annotations": len(clip.captions),
-                    "goal": cap.goal if cap else None, "wentwrong": cap.wentwrong if cap else None,
-                    "goal_svos": cap.goal_svos if cap else [], "wentwrong_svos": cap.wentwrong_svos if cap else [],
-                    "in_test_set": clip.clip_key in test_clips,
-                })
-    return chunk_units(PROMPTS, items, CLIPS_PER_UNIT, group_key="clip_key")
-
-
-def _clean(text: str | None) -> str:
-    return " ".join((text or "").split())
-
-
-def _annotation_rows(items: dict[str, dict], extra: tuple[list[str], list[str]]) -> dict[str, tuple[dict, str | None]]:
-    """kind -> (row fields, problem) for one clip annotation's n / a / a+ items."""
-    first = next(iter(items.values()))
-    shared_problem = None
-    if first["in_test_set"]:
-        shared_problem = "clip is in the test set"
-    elif first["goal"] is None:
-        shared_problem = (f"clip has {first['annotations']} caption annotation(s); "
-                          f"annotation_index={first['annotation_index']} is out of range")
-    found = {
-        "n": analyse_subject(first["goal"] or "", first["goal_svos"], *extra),
-        "a": analyse_subject(first["wentwrong"] or "", first["wentwrong_svos"], *extra),
-    }
-    prompts = {"n": _clean(first["goal"]), "a": _clean(first["wentwrong"])}
-    prompts["a+"] = join_prompts(prompts["n"], prompts["a"]) if prompts["n"] and prompts["a"] else ""
-    out = {}
-    for kind in items:
-        if shared_problem:
-            problem = shared_problem
-        elif kind == "a+":
-            failed = [f"C_{k}: {found[k].problem}" for k in ("n", "a") if found[k].problem]
-            problem = f"a+ needs both C_n and C_a kept ({'; '.join(failed)})" if failed else None
-        else:
-            problem = found[kind].problem
-        subject = found["n" if kind == "a+" else kind].subject
-        out[kind] = ({"prompt": prompts[kind] or None, "subject": subject}, problem)
-    return out
-
-
-def run_prompt_unit(ctx: Context, unit: Unit) -> list[dict]:
-    sec = ctx.cfg.prompts
-    extra = (list(sec.extra_person_words), list(sec.extra_non_person_words))
-    groups: dict[tuple[str, int], dict[str, dict]] = {}
-    for it in unit.items:
-        groups.setdefault((it["clip_key"], it["annotation_index"]), {})[it["kind"]] = it
-    decided: dict[str, tuple[dict, dict, str | None]] = {}  # sample_key -> (item, fields, problem)
-    for group in groups.values():
-        for kind, (fields, problem) in _annotation_rows(group, extra).items():
-            decided[group[kind]["sample_key"]] = (group[kind], fields, problem)
-    ok_by_clip: dict[tuple[str, str], list[str]] = {}  # (clip_key, behavior) -> ok prompt keys
-    for key, (it, _, problem) in sorted(decided.items()):
-        if problem is None:
-            ok_by_clip.setdefault((it["clip_key"], "normal" if it["kind"] == "n" else "anomaly"), []).append(key)
-    rows = []
-    for it in unit.items:
-        _, fields, problem = decided[it["sample_key"]]
-        other = "anomaly" if it["kind"] == "n" else "normal"
-        row = {k: it[k] for k in ("clip_name", "clip_key", "split", "kind", "annotation_index")}
-        row |= fields | {"counterpart_keys": json.dumps(ok_by_clip.get((it["clip_key"], other), []))}
-        rows.append(reject(it, problem, **row) if problem else {"sample_key": it["sample_key"], "status": OK,
-                                                               "reason": None, **row})
-    return rows
-
-
-PROMPTS_STAGE = Stage(
-    name=PROMPTS,
-    plan_units=plan_prompt_units,
-    run_unit=run_prompt_unit,
-    config_keys=("prompts", "oops"),
-    version="1",
-)

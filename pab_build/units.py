@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import PABConfig, stable_hash
-from .manifests import OK, REJECTED, read_table, rows_to_table, table_bytes, write_manifest
+from .manifests import (
+    OK,
+    REJECTED,
+    read_table,
+    rows_to_table,
+    table_bytes,
+    write_manifest,
+)
 from .store import Marker, Store
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,14 @@ from typing import Any, Callable, Protocol, Sequence
 
 from PIL import Image
 
-from .config import PROMPTS_DIR, GenerationSettings, PABConfig, model_id, model_path, stable_hash
+from .config import (
+    PROMPTS_DIR,
+    GenerationSettings,
+    PABConfig,
+    model_id,
+    model_path,
+    stable_hash,
+)
 from .models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
 from .store import Store
 

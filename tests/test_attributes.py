@@ -11,6 +11,8 @@ from PIL import Image
 
 from pab_build import attributes, vlm
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
+from pab_build.stages import test_attributes as test_attributes_stage
+from pab_build.stages import train_attributes as train_attributes_stage
 from pab_build.units import Context, run_stage
 
 
@@ -109,7 +111,7 @@ def test_test_attributes_ask_the_papers_questions_with_the_source_caption(attr_c
     ctx = attr_ctx
     frames = _test_inputs(ctx)
     rec = _record(monkeypatch, ctx)
-    run_stage(ctx, attributes.TEST_ATTRIBUTES_STAGE)
+    run_stage(ctx, test_attributes_stage.STAGE)
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "test_attributes")}
     assert sorted(rows) == sorted(frames)  # one row per captioned image, the rejected caption left out
     assert rows["c0000000009-normal"]["status"] == REJECTED
@@ -151,7 +153,7 @@ def test_an_answer_that_normalises_to_nothing_rejects_the_row(attr_ctx, monkeypa
     ctx = attr_ctx
     _test_inputs(ctx)
     _record(monkeypatch, ctx, answer=lambda r: "..." if r.key.endswith("/scene") else "The answer is Falling.")
-    run_stage(ctx, attributes.TEST_ATTRIBUTES_STAGE)
+    run_stage(ctx, test_attributes_stage.STAGE)
     row = next(r for r in read_manifest(ctx.store, "test_attributes") if r["sample_key"] == "c0000000000-anomaly")
     assert row["status"] == REJECTED
     assert row["reason"] == "attribute answer normalises to nothing: scene='...'"
@@ -178,8 +180,8 @@ def test_train_attributes_use_the_generation_prompt_as_c(attr_ctx, monkeypatch):
     write_manifest(ctx.store, "train_captions", caps)
 
     rec = _record(monkeypatch, ctx, answer=lambda r: f"Answer: {r.key.split('/')[1]} {r.key.split('/')[0]}.")
-    run_stage(ctx, attributes.ATTRIBUTES_STAGE)
-    rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "attributes")}
+    run_stage(ctx, train_attributes_stage.STAGE)
+    rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "train_attributes")}
     assert sorted(rows) == sorted(g["sample_key"] for g in gen)
     sent = {r.key: r.prompt for b in rec.batches for r in b}
     assert sorted(sent) == sorted([f"{clip}-n-000/action", f"{clip}-n-000/scene", f"{clip}-a-000/anomaly",

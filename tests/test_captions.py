@@ -11,6 +11,8 @@ from PIL import Image
 
 from pab_build import captions, vlm
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
+from pab_build.stages import test_captions as test_captions_stage
+from pab_build.stages import train_captions as train_captions_stage
 from pab_build.units import Context, execute_unit, run_stage
 
 
@@ -88,7 +90,7 @@ def test_test_captions_stage_one_row_per_reviewed_image(cap_ctx):
         {"sample_key": "cffffffffff-normal", "status": OK, "reason": None, "clip_key": "cffffffffff"}]
     write_manifest(ctx.store, "review", review)
 
-    counts = run_stage(ctx, captions.TEST_CAPTIONS_STAGE)
+    counts = run_stage(ctx, test_captions_stage.STAGE)
     assert counts == {"done": 2, "skipped": 0, "failed": 0}
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "test_captions")}
     assert sorted(rows) == sorted(keys + ["cffffffffff-normal"])
@@ -108,7 +110,7 @@ def test_test_captions_stage_one_row_per_reviewed_image(cap_ctx):
 
     # rerun: every unit is skipped (markers), and the manifest is byte-identical
     before = ctx.store.read_bytes("manifests/test_captions.parquet")
-    assert run_stage(ctx, captions.TEST_CAPTIONS_STAGE)["skipped"] == 2
+    assert run_stage(ctx, test_captions_stage.STAGE)["skipped"] == 2
     assert ctx.store.read_bytes("manifests/test_captions.parquet") == before
 
 
@@ -116,7 +118,7 @@ def test_short_captions_are_rejected_as_empty(cap_ctx):
     ctx = cap_ctx
     keys = _test_inputs(ctx, n_clips=1)
     ctx.cfg.test_captions.min_words = 1000
-    run_stage(ctx, captions.TEST_CAPTIONS_STAGE)
+    run_stage(ctx, test_captions_stage.STAGE)
     rows = read_manifest(ctx.store, "test_captions")
     assert [r["sample_key"] for r in rows] == keys
     for r in rows:
@@ -133,11 +135,11 @@ def test_qc_corrections_replace_the_generated_caption(cap_ctx, monkeypatch):
         seen["paths"], seen["known"] = paths, known_keys
         return {keys[0]: "A man in a red  shirt\nfalls off a bike."}
 
-    monkeypatch.setattr(captions, "read_caption_corrections", fake_corrections)
+    monkeypatch.setattr(test_captions_stage, "load_caption_corrections", fake_corrections)
     ctx.cfg.test_captions.qc_policy = "decisions_file"
     ctx.cfg.test_captions.qc_files = ["qc/alice.csv"]
     ctx.cfg.test_captions.min_words = 1000  # every generated caption fails; the correction still wins
-    run_stage(ctx, captions.TEST_CAPTIONS_STAGE)
+    run_stage(ctx, test_captions_stage.STAGE)
     assert seen == {"paths": ["qc/alice.csv"], "known": set(keys)}
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "test_captions")}
     fixed = rows[keys[0]]
@@ -154,18 +156,18 @@ def test_qc_corrections_for_unknown_keys_stop_the_stage(cap_ctx, monkeypatch):
     def strict(paths, known_keys):
         raise ValueError("qc/alice.csv: unknown sample_key 'cXXX-normal'")
 
-    monkeypatch.setattr(captions, "read_caption_corrections", strict)
+    monkeypatch.setattr(test_captions_stage, "load_caption_corrections", strict)
     ctx.cfg.test_captions.qc_policy = "decisions_file"
     with pytest.raises(ValueError, match="unknown sample_key"):
-        captions.TEST_CAPTIONS_STAGE.plan_units(ctx)
+        test_captions_stage.STAGE.plan_units(ctx)
 
 
 def test_finalize_exports_the_caption_sheet(cap_ctx, monkeypatch):
     ctx = cap_ctx
     keys = _test_inputs(ctx, n_clips=1)
     exported = []
-    monkeypatch.setattr(captions, "_caption_sheet_exporter", lambda: lambda c, rows: exported.append(rows))
-    run_stage(ctx, captions.TEST_CAPTIONS_STAGE)
+    monkeypatch.setattr(test_captions_stage, "export_caption_sheet", lambda c, rows: exported.append(rows))
+    run_stage(ctx, test_captions_stage.STAGE)
     assert [sorted(r["sample_key"] for r in rows) for rows in exported] == [keys]
 
 
@@ -190,15 +192,15 @@ def test_a_unit_that_died_midway_resumes_from_the_answer_cache(cap_ctx, monkeypa
 
     flaky = Flaky()
     monkeypatch.setattr(captions, "load_backend", lambda cfg, settings: flaky)
-    (unit,) = captions.TEST_CAPTIONS_STAGE.plan_units(ctx)
+    (unit,) = test_captions_stage.STAGE.plan_units(ctx)
     with pytest.raises(RuntimeError, match="worker died"):
-        execute_unit(ctx, captions.TEST_CAPTIONS_STAGE, unit)
+        execute_unit(ctx, test_captions_stage.STAGE, unit)
     assert ctx.store.read_marker("test_captions", unit.unit_id) is None
     flaky.fail_second = False
     calls.clear()
-    assert execute_unit(ctx, captions.TEST_CAPTIONS_STAGE, unit) == "done"
+    assert execute_unit(ctx, test_captions_stage.STAGE, unit) == "done"
     assert sum(len(c) for c in calls) == 2  # the first batch was not asked again
-    rows = captions.run_test_caption_unit(ctx, unit)  # everything cached now
+    rows = test_captions_stage.run_test_caption_unit(ctx, unit)  # everything cached now
     assert sum(len(c) for c in calls) == 2
     direct = _direct_captions(ctx, [(k, f"frames/{k}.jpg") for k in keys], ctx.cfg.test_captions)
     assert {r["sample_key"]: r["caption_generated"] for r in rows} == {k: a.text for k, a in direct.items()}
@@ -215,7 +217,7 @@ def test_train_captions_caption_every_posed_image(cap_ctx):
                      "image_sha256": _write_jpeg(ctx.store, rel, i)})
     rows.append({"sample_key": "c0000000001-a-009", "status": REJECTED, "reason": "broken body"})
     write_manifest(ctx.store, "gen_pose", rows)
-    run_stage(ctx, captions.TRAIN_CAPTIONS_STAGE)
+    run_stage(ctx, train_captions_stage.STAGE)
     out = read_manifest(ctx.store, "train_captions")
     assert [r["sample_key"] for r in out] == [f"c0000000001-a-{i:03d}" for i in range(3)]
     direct = _direct_captions(ctx, [(r["sample_key"], r["image_path"]) for r in rows[:3]], ctx.cfg.train_captions)

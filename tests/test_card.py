@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 import yaml
 from PIL import Image
-
-from pab_build.card import reason_pattern, size_category, write_dataset_card
-from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from test_official import build_release_tree
+
+from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
+from pab_build.release.card import reason_pattern, size_category, write_dataset_card
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_table2_and_funnel_equal_the_manifests(built):
 
     funnel = {r[0]: r for r in _table_rows(text, "## Build funnel")}
     assert list(funnel) == ["frames", "pose", "pairs", "test_captions", "test_attributes", "test_shards",
-                            "prompts", "generate", "gen_pose", "train_captions", "attributes", "train_shards"]
+                            "prompts", "generate", "gen_pose", "train_captions", "train_attributes", "train_shards"]
     for stage, row in funnel.items():
         rows = read_manifest(store, stage)
         kept = sum(r["status"] == OK for r in rows)
@@ -77,7 +77,7 @@ def test_table2_and_funnel_equal_the_manifests(built):
 def test_class_counts_are_the_shipped_samples_attributes(built):
     store, text = built["store"], built["text"]
     shipped = {r["sample_key"]: r for r in read_manifest(store, "train_shards") if r["status"] == OK}
-    attrs = {r["sample_key"]: r for r in read_manifest(store, "attributes")}
+    attrs = {r["sample_key"]: r for r in read_manifest(store, "train_attributes")}
     counts = text.split("### Training set", 1)[1].split("### Test set", 1)[0]
     listed = {(a, c): int(n) for a, c, n in re.findall(r"^\| (action|anomaly|scene) \| (.+?) \| (\d+) \|$", counts, re.M)}
     want = {}

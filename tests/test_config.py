@@ -1,7 +1,13 @@
 import pytest
 import yaml
 
-from pab_build.config import ConfigError, load_config, model_id, model_path, parse_override
+from pab_build.config import (
+    ConfigError,
+    load_config,
+    model_id,
+    model_path,
+    parse_override,
+)
 
 
 def test_profiles_load_and_full_carries_paper_settings():

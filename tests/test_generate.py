@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pab_build import generate
 from pab_build.config import ConfigError
-from pab_build.generate import GENERATE_STAGE, image_key, image_seed
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.models import LOAD_COUNTS
+from pab_build.stages import generate
+from pab_build.stages.generate import STAGE as GENERATE_STAGE
+from pab_build.stages.generate import image_key, image_seed
 from pab_build.store import Store
 from pab_build.units import execute_unit, finalize_stage, run_stage
 
@@ -150,7 +151,7 @@ def test_fast_path_toggles_still_give_valid_images(gen_ctx, toggle, caplog):
         dtype = "bfloat16"
     else:
         setattr(fast_sec, toggle, True)
-    with caplog.at_level(logging.WARNING, logger="pab_build.generate"):
+    with caplog.at_level(logging.WARNING, logger="pab_build.stages.generate"):
         fast = generate.load_sdxl_pipeline(path, "cpu", dtype, fast_sec)
     assert fast is not baseline
     (ref,) = generate.generate_batch(baseline, ["a man falls"], [5], sec)

@@ -7,10 +7,11 @@ import random
 import pytest
 from test_shards import shard_paths, write_train_build
 
-from pab_build import shards
+from pab_build import shard_writer
 from pab_build.hard_negatives import behavior_of_kind, choose_hard_negatives
 from pab_build.manifests import OK, REJECTED, read_manifest
 from pab_build.oops import clip_key
+from pab_build.stages import train_shards as train_shards_stage
 from pab_build.units import run_stage
 
 CODES = {"n": "n", "a": "a", "a+": "ap"}
@@ -73,14 +74,14 @@ def test_every_shipped_link_points_at_a_shipped_sample_of_the_same_identity_and_
         rejected_at={f"{ck_drop}-a-000": "gen_pose"},
     )
     ctx.store.remove(f"generate/{ck_full}-a/{ck_full}-a-000.jpg")  # not shippable: no one's negative
-    run_stage(ctx, shards.TRAIN_SHARDS_STAGE)
+    run_stage(ctx, train_shards_stage.STAGE)
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "train_shards")}
     for key in (f"{ck_lonely}-n-000", f"{ck_lonely}-n-001", f"{ck_drop}-n-000"):
         assert rows[key]["status"] == REJECTED
         assert rows[key]["reason"] == "no counterpart image of the same identity"
     assert rows[f"{ck_full}-a-000"]["reason"] == f"file missing: generate/{ck_full}-a/{ck_full}-a-000.jpg"
 
-    samples = {s["__key__"]: s for s in shards.iter_shard_samples(shard_paths(ctx, "train"))}
+    samples = {s["__key__"]: s for s in shard_writer.iter_shard_samples(shard_paths(ctx, "train"))}
     assert sorted(samples) == sorted(k for k, r in rows.items() if r["status"] == OK)
     assert len(samples) == 6 and len(shard_paths(ctx, "train")) == 2
     for key, s in samples.items():

@@ -23,13 +23,13 @@ KILL_POINTS = [
     ("generate", "marker"),  # between / inside generation units
     ("generate", "marker"),
     ("train_captions", "cache"),  # a unit half answered: its answer cache has a batch
-    ("attributes", "cache"),
+    ("train_attributes", "cache"),
     ("train_shards", "unit"),  # while shards are written
 ]
 
 
 def _pab_run(out: str, overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pab_build.cli", "run", "smoke", "--out", out, "--no-cmp"]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "smoke", "--out", out, "--no-cmp"]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}

@@ -15,8 +15,8 @@ from PIL import Image
 
 from pab_build.hard_negatives import choose_hard_negatives
 from pab_build.manifests import OK, REJECTED, write_manifest
-from pab_build.official import export_official
 from pab_build.oops import clip_key
+from pab_build.release.official import export_official
 from pab_build.store import Store
 
 KIND_CODES = {"n": "n", "a": "a", "a+": "ap"}
@@ -82,7 +82,7 @@ def build_release_tree(root: str) -> dict:
     store.write_text("config.yaml", "profile: tiny-release-test\nrun: {seed: 0}\n")
     rows: dict[str, list[dict]] = {s: [] for s in (
         "frames", "pose", "pairs", "test_captions", "test_attributes", "test_shards",
-        "prompts", "generate", "gen_pose", "train_captions", "attributes", "train_shards")}
+        "prompts", "generate", "gen_pose", "train_captions", "train_attributes", "train_shards")}
 
     # -- test branch: three clips; the anomaly frame of "clip gamma" fails pose, so its pair is dropped
     test_clips = ["clip alpha", "clip beta", "clip gamma"]
@@ -152,7 +152,7 @@ def build_release_tree(root: str) -> dict:
                 behavior = "normal" if kind == "n" else "anomaly"
                 attr = ({"action": ACTIONS[(c_i + index) % 3]} if behavior == "normal"
                         else {"anomaly": ANOMALIES[(c_i + index) % 2]})
-                rows["attributes"].append(_row(key, scene=SCENES[c_i % 3], behavior=behavior,
+                rows["train_attributes"].append(_row(key, scene=SCENES[c_i % 3], behavior=behavior,
                                                prompt_version="attr-v1", model_id="org/qwen2-vl@rev1", **attr))
                 shippable.append({"sample_key": key, "clip_key": ck, "kind": kind, "index": index, "behavior": behavior,
                                   "clip_name": name, "jpg": jpg, "png": png, "caption": caption, "attr": attr,

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pab_build import pose
+from pab_build import openpose
 from pab_build.config import GenPoseConfig
 from pab_build.fixtures.tiny_openpose import build_tiny_openpose
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.models import LOAD_COUNTS
+from pab_build.stages import gen_pose as gen_pose_stage
+from pab_build.stages import pose as pose_stage
 from pab_build.units import Context, execute_unit, run_stage
 
 
@@ -40,7 +42,7 @@ def _write_image(store, rel: str, data: bytes) -> str:
 # -- the tiny model and loading -------------------------------------------------------------------
 def test_tiny_openpose_is_a_plain_float16_state_dict_in_the_annotators_layout(tiny_model):
     folder = tiny_model("openpose")
-    state = torch.load(os.path.join(folder, pose.BODY_FILE), weights_only=True)
+    state = torch.load(os.path.join(folder, openpose.BODY_FILE), weights_only=True)
     from controlnet_aux.open_pose.model import bodypose_model
 
     wanted = {k.split(".", 1)[1] for k in bodypose_model().state_dict()}  # first module name dropped
@@ -50,14 +52,14 @@ def test_tiny_openpose_is_a_plain_float16_state_dict_in_the_annotators_layout(ti
 
 def test_load_pose_detector_is_cached_and_paths_are_checked(tiny_model, tmp_path):
     folder = tiny_model("openpose")
-    first = pose.load_pose_detector(folder, "cpu")
-    assert pose.load_pose_detector(folder, "cpu") is first
+    first = openpose.load_pose_detector(folder, "cpu")
+    assert openpose.load_pose_detector(folder, "cpu") is first
     assert LOAD_COUNTS[("openpose", folder, None, "cpu", False)] == 1
     assert next(first.body_estimation.model.parameters()).dtype == torch.float32
     with pytest.raises(FileNotFoundError, match="has no body_pose_model.pth"):
-        pose.load_pose_detector(str(tmp_path), "cpu")
+        openpose.load_pose_detector(str(tmp_path), "cpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        pose.load_pose_detector(str(tmp_path / "nowhere"), "cpu")
+        openpose.load_pose_detector(str(tmp_path / "nowhere"), "cpu")
 
 
 def test_hand_and_face_checkpoints_load_through_controlnet_aux(tmp_path):
@@ -67,18 +69,18 @@ def test_hand_and_face_checkpoints_load_through_controlnet_aux(tmp_path):
     build_tiny_openpose(folder, seed=0, hand_and_face=True)
     assert sorted(os.listdir(folder)) == ["body_pose_model.pth", "facenet.pth", "hand_pose_model.pth"]
     OpenposeDetector.from_pretrained(folder)  # the library's own loader accepts the layout
-    detector = pose.load_pose_detector(folder, "cpu", hand_and_face=True)
+    detector = openpose.load_pose_detector(folder, "cpu", hand_and_face=True)
     assert detector.hand_estimation is not None and detector.face_estimation is not None
     image = Image.open(io.BytesIO(_jpeg(0, (64, 64))))
-    (result,) = pose.detect_poses([image], detector, 64, 64, hand_and_face=True)
+    (result,) = openpose.detect_poses([image], detector, 64, 64, hand_and_face=True)
     assert result.pose_map.size == (64, 64)
 
 
 # -- detection ------------------------------------------------------------------------------------
 def test_detect_poses_matches_controlnet_aux_output_size_and_finds_nobody(tiny_model):
-    detector = pose.load_pose_detector(tiny_model("openpose"), "cpu")
+    detector = openpose.load_pose_detector(tiny_model("openpose"), "cpu")
     images = [Image.open(io.BytesIO(_jpeg(1, (96, 64)))), Image.open(io.BytesIO(_jpeg(2, (64, 64))))]
-    results = pose.detect_poses(images, detector, detect_resolution=128, image_resolution=64)
+    results = openpose.detect_poses(images, detector, detect_resolution=128, image_resolution=64)
     assert len(results) == 2
     for image, result in zip(images, results):
         reference = detector(image, detect_resolution=128, image_resolution=64)  # controlnet-aux's own map
@@ -106,59 +108,59 @@ def _body(**moves) -> list:
 def test_pose_result_picks_the_largest_person():
     small = [(0.1, 0.1, 0.9), (0.2, 0.3, 0.8)] + [None] * 16  # box 0.1 x 0.2
     big = _body()
-    result = pose.pose_result([small, big], Image.new("RGB", (8, 8)), 1.0)
+    result = openpose.pose_result([small, big], Image.new("RGB", (8, 8)), 1.0)
     assert result.n_people == 2 and result.main_person is big and result.n_keypoints == 18
     assert result.main_person_area == pytest.approx((0.61 - 0.39) * (0.86 - 0.08))
-    assert json.loads(pose.keypoints_json(result.people))[0][:3] == [[0.1, 0.1, 0.9], [0.2, 0.3, 0.8], None]
+    assert json.loads(openpose.keypoints_json(result.people))[0][:3] == [[0.1, 0.1, 0.9], [0.2, 0.3, 0.8], None]
 
 
 # -- rules ----------------------------------------------------------------------------------------
 def test_person_problem_names_the_numbers():
-    nobody = pose.pose_result([], Image.new("RGB", (8, 8)), 1.0)
-    assert pose.person_problem(nobody, require_person=True, min_person_area=0.05) == "no person detected"
-    assert pose.person_problem(nobody, require_person=False, min_person_area=0.05) is None
-    tiny = pose.pose_result([[(0.1, 0.1, 1.0), (0.2, 0.2, 1.0)] + [None] * 16], Image.new("RGB", (8, 8)), 1.0)
-    why = pose.person_problem(tiny, require_person=True, min_person_area=0.05)
+    nobody = openpose.pose_result([], Image.new("RGB", (8, 8)), 1.0)
+    assert openpose.person_problem(nobody, require_person=True, min_person_area=0.05) == "no person detected"
+    assert openpose.person_problem(nobody, require_person=False, min_person_area=0.05) is None
+    tiny = openpose.pose_result([[(0.1, 0.1, 1.0), (0.2, 0.2, 1.0)] + [None] * 16], Image.new("RGB", (8, 8)), 1.0)
+    why = openpose.person_problem(tiny, require_person=True, min_person_area=0.05)
     assert why == "person too small: the largest person covers 0.0100 of the image (below min_person_area=0.05)"
-    assert pose.person_problem(tiny, require_person=True, min_person_area=0.01) is None
+    assert openpose.person_problem(tiny, require_person=True, min_person_area=0.01) is None
 
 
 STRICT = GenPoseConfig(min_keypoints=8, require_neck_and_hips=True, max_limb_ratio=2.5)
 
 
 def test_plausible_body_passes():
-    assert pose.body_structure_problem(_body(), STRICT) is None
-    assert pose.body_structure_problem(_body(k11=None), STRICT) is None  # one hip is enough
+    assert openpose.body_structure_problem(_body(), STRICT) is None
+    assert openpose.body_structure_problem(_body(k11=None), STRICT) is None  # one hip is enough
 
 
 def test_broken_bodies_fail_with_the_right_reason():
-    assert pose.body_structure_problem(_body(k1=None), STRICT) == "broken body: no neck keypoint"
-    assert pose.body_structure_problem(_body(k8=None, k11=None), STRICT) == "broken body: no hip keypoint"
+    assert openpose.body_structure_problem(_body(k1=None), STRICT) == "broken body: no neck keypoint"
+    assert openpose.body_structure_problem(_body(k8=None, k11=None), STRICT) == "broken body: no hip keypoint"
     # right thigh (hip 8 -> knee 9) shortened to 0.036: the left one (0.18) is five times as long
-    why = pose.body_structure_problem(_body(k9=(0.45, 0.536)), STRICT)
+    why = openpose.body_structure_problem(_body(k9=(0.45, 0.536)), STRICT)
     assert why == "broken body: left thigh is 5.00x the other side's (above max_limb_ratio=2.5)"
     few = [k if i in (0, 1, 2, 5, 8) else None for i, k in enumerate(_body())]
-    why = pose.body_structure_problem(few, STRICT)
+    why = openpose.body_structure_problem(few, STRICT)
     assert why == "broken body: 5 body keypoints found (fewer than min_keypoints=8)"
-    assert pose.body_structure_problem(None, STRICT).startswith("broken body: 0 body keypoints")
+    assert openpose.body_structure_problem(None, STRICT).startswith("broken body: 0 body keypoints")
     lenient = GenPoseConfig(min_keypoints=0, require_neck_and_hips=False)
-    assert pose.body_structure_problem(None, lenient) is None
+    assert openpose.body_structure_problem(None, lenient) is None
 
 
 def test_limb_lengths_are_measured_in_pixels():
     # right upper arm 0.1 wide, left upper arm 0.1 tall: equal in a square image, 3:1 in a 3:1 image
     body = _body(k3=(0.32, 0.20), k6=(0.58, 0.30))
-    assert pose.body_structure_problem(body, STRICT, aspect_ratio=1.0) is None
-    assert "right upper arm is 3.00x" in pose.body_structure_problem(body, STRICT, aspect_ratio=3.0)
+    assert openpose.body_structure_problem(body, STRICT, aspect_ratio=1.0) is None
+    assert "right upper arm is 3.00x" in openpose.body_structure_problem(body, STRICT, aspect_ratio=3.0)
 
 
 def test_generated_image_problem_applies_person_rule_first():
     cfg = GenPoseConfig(require_person=True, min_keypoints=8)
-    nobody = pose.pose_result([], Image.new("RGB", (8, 8)), 1.0)
-    assert pose.generated_image_problem(nobody, cfg) == "no person detected"
-    broken = pose.pose_result([_body(k1=None)], Image.new("RGB", (8, 8)), 1.0)
-    assert pose.generated_image_problem(broken, cfg) == "broken body: no neck keypoint"
-    assert pose.generated_image_problem(pose.pose_result([_body()], Image.new("RGB", (8, 8)), 1.0), cfg) is None
+    nobody = openpose.pose_result([], Image.new("RGB", (8, 8)), 1.0)
+    assert openpose.generated_image_problem(nobody, cfg) == "no person detected"
+    broken = openpose.pose_result([_body(k1=None)], Image.new("RGB", (8, 8)), 1.0)
+    assert openpose.generated_image_problem(broken, cfg) == "broken body: no neck keypoint"
+    assert openpose.generated_image_problem(openpose.pose_result([_body()], Image.new("RGB", (8, 8)), 1.0), cfg) is None
 
 
 # -- stage: pose ----------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def _frames_manifest(ctx: Context) -> None:
 def test_pose_stage_keeps_pairs_together_and_reruns_nothing(ctx, tiny_model):
     tiny_model("openpose")
     _frames_manifest(ctx)
-    counts = run_stage(ctx, pose.POSE_STAGE)
+    counts = run_stage(ctx, pose_stage.STAGE)
     assert counts["failed"] == 0
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "pose")}
     assert sorted(rows) == ["ca-anomaly", "ca-normal", "cb-normal", "cc-anomaly", "cc-normal"]
@@ -199,16 +201,16 @@ def test_pose_stage_keeps_pairs_together_and_reruns_nothing(ctx, tiny_model):
     assert rows["cc-normal"]["pose_path"] is None and rows["cc-normal"]["n_people"] == 0
     assert not ctx.store.exists("pose/cc-normal.png") and not ctx.store.exists("pose/cb-normal.png")
 
-    units = pose.POSE_STAGE.plan_units(ctx)
+    units = pose_stage.STAGE.plan_units(ctx)
     assert [sorted({it["clip_key"] for it in u.items}) for u in units] == [["ca", "cb"], ["cc"]]  # 2 clips a unit
-    assert [execute_unit(ctx, pose.POSE_STAGE, u) for u in units] == ["skipped", "skipped"]
+    assert [execute_unit(ctx, pose_stage.STAGE, u) for u in units] == ["skipped", "skipped"]
 
 
 def test_pose_stage_rejects_frames_without_a_person(ctx, tiny_model):
     tiny_model("openpose")
     ctx.cfg.pose.require_person = True
     _frames_manifest(ctx)
-    run_stage(ctx, pose.POSE_STAGE)
+    run_stage(ctx, pose_stage.STAGE)
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "pose")}
     assert rows["ca-normal"]["reason"] == rows["ca-anomaly"]["reason"] == "no person detected"
     assert rows["ca-normal"]["n_people"] == 0 and rows["ca-normal"]["pose_path"] is None
@@ -230,15 +232,15 @@ def _generate_manifest(ctx: Context) -> None:
 def test_gen_pose_stage_writes_maps_per_prompt_and_reruns_nothing(ctx, tiny_model):
     tiny_model("openpose")
     _generate_manifest(ctx)
-    run_stage(ctx, pose.GEN_POSE_STAGE)
+    run_stage(ctx, gen_pose_stage.STAGE)
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "gen_pose")}
     assert sorted(rows) == ["cx-a-000", "cx-n-000", "cx-n-001"]  # the rejected image is not posed
     for key, r in rows.items():
         assert r["status"] == OK and r["pose_path"] == f"gen_pose/{key[:4]}/{key}.png"
         assert hashlib.sha256(ctx.store.read_bytes(r["pose_path"])).hexdigest() == r["pose_sha256"]
         assert r["image_path"] == f"generate/{key[:4]}/{key}.jpg"
-    (unit,) = pose.GEN_POSE_STAGE.plan_units(ctx)
-    assert execute_unit(ctx, pose.GEN_POSE_STAGE, unit) == "skipped"
+    (unit,) = gen_pose_stage.STAGE.plan_units(ctx)
+    assert execute_unit(ctx, gen_pose_stage.STAGE, unit) == "skipped"
 
 
 def test_gen_pose_stage_rejects_bodies_by_the_rule(ctx, tiny_model):
@@ -246,7 +248,7 @@ def test_gen_pose_stage_rejects_bodies_by_the_rule(ctx, tiny_model):
     ctx.cfg.gen_pose.require_person = False
     ctx.cfg.gen_pose.min_keypoints = 8
     _generate_manifest(ctx)
-    run_stage(ctx, pose.GEN_POSE_STAGE)
+    run_stage(ctx, gen_pose_stage.STAGE)
     reasons = {r["reason"] for r in read_manifest(ctx.store, "gen_pose")}
     assert reasons == {"broken body: 0 body keypoints found (fewer than min_keypoints=8)"}
 
@@ -258,15 +260,15 @@ def test_an_image_openpose_fails_on_is_rejected_alone(ctx, tiny_model, monkeypat
     odd = next(r for r in rows if r["sample_key"] == "cx-n-001")
     odd["image_sha256"] = _write_image(ctx.store, odd["image_path"], _jpeg(99, (72, 64)))
     write_manifest(ctx.store, "generate", rows)
-    real = pose._detect_one
+    real = openpose._detect_one
 
     def fails_on_72_px(image, *args):
         if image.width == 72:
             raise ValueError("cannot pose this one")
         return real(image, *args)
 
-    monkeypatch.setattr(pose, "_detect_one", fails_on_72_px)
-    run_stage(ctx, pose.GEN_POSE_STAGE)
+    monkeypatch.setattr(openpose, "_detect_one", fails_on_72_px)
+    run_stage(ctx, gen_pose_stage.STAGE)
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "gen_pose")}
     assert rows["cx-n-001"]["reason"] == "pose detection failed: ValueError: cannot pose this one"
     assert rows["cx-n-000"]["status"] == rows["cx-a-000"]["status"] == OK  # same batch, kept

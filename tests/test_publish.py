@@ -10,12 +10,12 @@ import re
 from collections import Counter
 
 import pytest
-
-from pab_build import publish as publish_mod
-from pab_build.card import write_dataset_card
-from pab_build.publish import PublishError, publish
-from pab_build.store import Store
 from test_official import build_release_tree
+
+from pab_build.release import publish as publish_mod
+from pab_build.release.card import write_dataset_card
+from pab_build.release.publish import PublishError, publish
+from pab_build.store import Store
 
 SECRET = "s3cr3t-Do-Not-Log-7f3a9c"
 BUCKET = "pab-release"

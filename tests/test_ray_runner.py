@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def _build(out: str, runner: str, overrides: list[str]) -> str:
-    cmd = [sys.executable, "-m", "pab_build.cli", "run", "smoke", "--out", out, "--no-cmp", "--runner", runner]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "smoke", "--out", out, "--no-cmp", "--runner", runner]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_DEDUP_LOGS": "0"}

@@ -10,10 +10,16 @@ import re
 import pytest
 from PIL import Image
 
-from pab_build import review
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.oops import clip_key
-from pab_build.review import REVIEW_STAGE, Decision, load_caption_corrections, load_decisions, merge_decisions
+from pab_build.stages import review
+from pab_build.stages.review import STAGE as REVIEW_STAGE
+from pab_build.stages.review import (
+    Decision,
+    load_caption_corrections,
+    load_decisions,
+    merge_decisions,
+)
 from pab_build.units import run_stage
 
 CLIPS = ["Girl falls off trampoline", "Man slips on ice", "Waiter trips"]

@@ -16,7 +16,11 @@ pytestmark = pytest.mark.slow
 
 def test_flow_pauses_for_review_and_resumes_with_decisions(tmp_path, tiny_model, models_dir, sample_oops_root):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
     from prefect.testing.utilities import prefect_test_harness

@@ -13,6 +13,7 @@ from PIL import Image
 from pab_build import similarity
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.models import LOAD_COUNTS
+from pab_build.stages import pairs as pairs_stage
 from pab_build.units import Context, execute_unit, run_stage
 
 
@@ -107,7 +108,7 @@ def test_pairs_stage_rejects_identical_pairs_and_reruns_nothing(ctx, tiny_model)
     ctx.cfg.pairs.max_cosine = 0.9999  # the tiny random ResNet-50 puts different frames at ~0.99
     ctx.cfg.pairs.clips_per_unit = 2
     _pose_manifest(ctx)
-    counts = run_stage(ctx, similarity.PAIRS_STAGE)
+    counts = run_stage(ctx, pairs_stage.STAGE)
     assert counts == {"done": 2, "skipped": 0, "failed": 0}
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "pairs")}
     assert sorted(rows) == ["ca-anomaly", "ca-normal", "cb-anomaly", "cb-normal", "cc-normal", "cd-anomaly",
@@ -125,5 +126,5 @@ def test_pairs_stage_rejects_identical_pairs_and_reruns_nothing(ctx, tiny_model)
     assert rows["cd-normal"]["reason"].startswith("counterpart cd-anomaly image unreadable")
     assert rows["cd-normal"]["cosine"] is None and rows["cd-normal"]["pair_key"] == "cd-anomaly"
 
-    units = similarity.PAIRS_STAGE.plan_units(ctx)
-    assert [execute_unit(ctx, similarity.PAIRS_STAGE, u) for u in units] == ["skipped", "skipped"]
+    units = pairs_stage.STAGE.plan_units(ctx)
+    assert [execute_unit(ctx, pairs_stage.STAGE, u) for u in units] == ["skipped", "skipped"]

@@ -7,11 +7,12 @@ import os
 
 import pytest
 
-from pab_build import subjects
 from pab_build.config import load_config
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.oops import clip_key
-from pab_build.subjects import PROMPTS_STAGE, analyse_subject, find_subject, is_person_subject
+from pab_build.stages import prompts as prompts_stage
+from pab_build.stages.prompts import STAGE as PROMPTS_STAGE
+from pab_build.subjects import analyse_subject, find_subject, is_person_subject
 from pab_build.units import Context, run_stage
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -219,5 +220,5 @@ def test_extra_person_words_from_the_config(prompt_ctx):
 
 
 def test_prompt_keys_follow_the_convention():
-    assert subjects.prompt_key("c0123456789", "a+") == "c0123456789-ap"
-    assert subjects.prompt_key("c0123456789", "n", 1) == "c0123456789-1-n"
+    assert prompts_stage.prompt_key("c0123456789", "a+") == "c0123456789-ap"
+    assert prompts_stage.prompt_key("c0123456789", "n", 1) == "c0123456789-1-n"

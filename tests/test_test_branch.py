@@ -3,9 +3,11 @@ override), the clip whose two frames are identical is rejected by `pairs`, the r
 
 import pytest
 
-from pab_build import frames, pose, similarity
 from pab_build.config import load_config
 from pab_build.manifests import read_manifest
+from pab_build.stages import frames as frames_stage
+from pab_build.stages import pairs as pairs_stage
+from pab_build.stages import pose as pose_stage
 from pab_build.units import Context, run_stage
 
 pytestmark = pytest.mark.slow
@@ -16,7 +18,7 @@ def test_identical_frames_are_rejected_by_pairs_and_the_rest_flows_on(tmp_path, 
     cfg = load_config("smoke", {"fixtures.models_dir": models_dir, "oops.root": sample_oops_root,
                                 "pairs.max_cosine": 0.9999})
     ctx = Context.create(cfg, str(tmp_path / "out"))
-    for stage in (frames.STAGE, pose.POSE_STAGE, similarity.PAIRS_STAGE):
+    for stage in (frames_stage.STAGE, pose_stage.STAGE, pairs_stage.STAGE):
         assert run_stage(ctx, stage)["failed"] == 0
     rows = {(r["sample_key"]): r for r in read_manifest(ctx.store, "pairs")}
     names = {r["sample_key"]: r["clip_name"] for r in read_manifest(ctx.store, "frames")}

@@ -140,3 +140,21 @@ def test_sigkill_mid_unit_leaves_nothing_visible_and_rerun_completes(tmp_path, k
     ref = str(tmp_path / "ref")
     run_stage(Context.create(load_config("smoke"), ref), _toy_stage([]))
     assert Store(out).read_bytes("manifests/frames.parquet") == Store(ref).read_bytes("manifests/frames.parquet")
+
+
+def test_renamed_stage_outputs_are_migrated(tmp_path):
+    """A build made when ``train_attributes`` was called ``attributes`` keeps its finished units."""
+    from pab_build.manifests import manifest_rel
+    from pab_build.prepare import migrate_renamed_stages
+
+    store = Store(str(tmp_path))
+    store.write_json("_markers/attributes/000000.json", {"status": "done"})
+    store.write_bytes("_units/attributes/000000.parquet", b"rows")
+    store.write_bytes(manifest_rel("attributes"), b"manifest")
+    moved = migrate_renamed_stages(store)
+    assert len(moved) == 3
+    assert store.read_json("_markers/train_attributes/000000.json") == {"status": "done"}
+    assert store.read_bytes("_units/train_attributes/000000.parquet") == b"rows"
+    assert store.read_bytes(manifest_rel("train_attributes")) == b"manifest"
+    assert not store.exists("_markers/attributes") and not store.exists(manifest_rel("attributes"))
+    assert migrate_renamed_stages(store) == []  # idempotent

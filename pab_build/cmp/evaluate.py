@@ -20,7 +20,12 @@ import textwrap
 import torch
 import torch.nn.functional as F
 
-from pab_build.cmp.data import EvalSample, image_transform, iter_test_samples, list_shards
+from pab_build.cmp.data import (
+    EvalSample,
+    image_transform,
+    iter_test_samples,
+    list_shards,
+)
 from pab_build.cmp.metrics import retrieval_metrics
 from pab_build.config import PABConfig, model_path
 from pab_build.models import resolve_device

@@ -21,7 +21,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pab_build.cmp.data import TrainData, build_member_index, image_transform, list_shards
+from pab_build.cmp.data import (
+    TrainData,
+    build_member_index,
+    image_transform,
+    list_shards,
+)
 from pab_build.cmp.model import CMPModel, load_cmp
 from pab_build.config import PABConfig, model_path, redact
 from pab_build.store import Store

@@ -18,7 +18,7 @@ index always describes shards that are all there. Remote shards the index no lon
 earlier, larger build) are removed (``prune``). Before uploading, every local shard is checked
 against the local index, so a damaged build is never published.
 
-Verification. :func:`pab_build.shards.verify_shards` re-hashes the remote shards against the
+Verification. :func:`pab_build.shard_index.verify_shards` re-hashes the remote shards against the
 remote index; card files are re-hashed against the local ones. Shards it finds missing or altered
 are uploaded once more and verified again.
 
@@ -42,9 +42,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import redact
-from .shards import INDEX_REL, VerifyReport, index_problems, verify_shards
-from .store import Store
+from ..config import redact
+from ..shard_index import INDEX_REL, VerifyReport, index_problems, verify_shards
+from ..store import Store
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import re
 import numpy as np
 from PIL import Image
 
-from . import oops
-from .config import oops_root
-from .manifests import OK, reject
-from .units import Context, Stage, Unit, chunk_units
+from .. import oops
+from ..config import oops_root
+from ..manifests import OK, reject
+from ..units import Context, Stage, Unit, chunk_units
 
 BEHAVIORS = ("normal", "anomaly")
 

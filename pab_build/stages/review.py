@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .manifests import OK, manifest_rel, read_manifest, reject
-from .units import Context, Stage, Unit, chunk_units
+from ..manifests import OK, manifest_rel, read_manifest, reject
+from ..units import Context, Stage, Unit, chunk_units
 
 REVIEW = "review"
 CLIPS_PER_UNIT = 256
@@ -238,7 +238,7 @@ def write_review_sheet_after(ctx: Context, rows: list[dict]) -> None:
     export_review_sheet(ctx, plan_review_items(ctx))
 
 
-REVIEW_STAGE = Stage(
+STAGE = Stage(
     name=REVIEW,
     plan_units=plan_review_units,
     run_unit=run_review_unit,

@@ -1,9 +1,10 @@
-"""Stages ``pose`` and ``gen_pose``: OpenPose (controlnet-aux) keypoints, person checks, pose maps.
+"""OpenPose (controlnet-aux): keypoints, person checks, body-structure rule, pose maps.
 
-Paper 3.1: test frames "that do not contain people or where people occupy a small proportion of
-the image area" are dropped with OpenPose. Paper 3.2: generated images "with unreasonable human
-structures" are dropped with OpenPose (the rule is :func:`body_structure_problem`). Every kept
-image gets the OpenPose map CMP's pose-aware encoder reads, rendered as controlnet-aux renders it.
+Shared by the stages ``pose`` (test frames) and ``gen_pose`` (generated images). Paper 3.1: test frames
+"that do not contain people or where people occupy a small proportion of the image area" are dropped
+with OpenPose. Paper 3.2: generated images "with unreasonable human structures" are dropped with
+OpenPose (the rule is :func:`body_structure_problem`). Every kept image gets the OpenPose map CMP's
+pose-aware encoder reads, rendered as controlnet-aux renders it.
 
 Keypoints are OpenPose's 18 body parts (:data:`BODY_PARTS`), as ``(x, y, score)`` with x and y in
 [0, 1] of the image OpenPose saw, or None when the part was not found.
@@ -20,22 +21,30 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .config import GenPoseConfig, model_path
-from .frames import sample_key as frame_sample_key
-from .manifests import OK, ok_rows, read_manifest, reject
+from .config import GenPoseConfig
+from .manifests import OK, reject
 from .models import cached_model, is_oom, resolve_device
-from .units import Context, Stage, Unit, chunk_units
+from .units import Context
 
 BODY_FILE = "body_pose_model.pth"  # file names in the lllyasviel/Annotators repository
+
+
 HAND_FILE = "hand_pose_model.pth"
+
+
 FACE_FILE = "facenet.pth"
+
 
 BODY_PARTS = (
     "nose", "neck", "right shoulder", "right elbow", "right wrist", "left shoulder", "left elbow",
     "left wrist", "right hip", "right knee", "right ankle", "left hip", "left knee", "left ankle",
     "right eye", "left eye", "right ear", "left ear",
 )
+
+
 NECK, RIGHT_HIP, LEFT_HIP = 1, 8, 11
+
+
 # limb segments compared left against right: (name, right (from, to), left (from, to))
 LIMB_SEGMENTS = (
     ("upper arm", (2, 3), (5, 6)),
@@ -44,7 +53,10 @@ LIMB_SEGMENTS = (
     ("shin", (9, 10), (12, 13)),
 )
 
+
 Keypoint = tuple[float, float, float]  # x, y in [0, 1]; OpenPose's confidence
+
+
 Person = list[Keypoint | None]  # 18 entries, in BODY_PARTS order
 
 
@@ -131,7 +143,8 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
     import torch
     from controlnet_aux.open_pose import PoseResult as DrawnPose
     from controlnet_aux.open_pose import draw_poses
-    from controlnet_aux.open_pose.body import BodyResult, Keypoint as AuxKeypoint
+    from controlnet_aux.open_pose.body import BodyResult
+    from controlnet_aux.open_pose.body import Keypoint as AuxKeypoint
     from controlnet_aux.util import HWC3, resize_image
 
     rgb = resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
@@ -273,7 +286,7 @@ def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: i
     return out
 
 
-def _pose_row(item: dict, reason: str | None, result: PoseResult | str, pose_rel: str | None,
+def pose_row(item: dict, reason: str | None, result: PoseResult | str, pose_rel: str | None,
               pose_sha: str | None, **extra) -> dict:
     fields = {"image_path": item["image_path"], "image_sha256": item["image_sha256"], **extra}
     if isinstance(result, PoseResult):
@@ -284,106 +297,5 @@ def _pose_row(item: dict, reason: str | None, result: PoseResult | str, pose_rel
             "pose_path": pose_rel, "pose_sha256": pose_sha}
 
 
-def _write_pose_map(ctx: Context, rel: str, result: PoseResult) -> str:
+def write_pose_map(ctx: Context, rel: str, result: PoseResult) -> str:
     return ctx.store.write_bytes(rel, encode_png(result.pose_map))
-
-
-# -- stage: pose (test frames) --------------------------------------------------------------------
-def _counterpart_behavior(behavior: str) -> str:
-    return "anomaly" if behavior == "normal" else "normal"
-
-
-def plan_pose_units(ctx: Context) -> list[Unit]:
-    """Kept frames, a clip's two frames in the same unit. A frame whose counterpart frames did not
-    keep carries that reason, so it is rejected without running OpenPose."""
-    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
-    items = []
-    for key in sorted(k for k, r in frames.items() if r["status"] == OK):
-        r = frames[key]
-        other_key = frame_sample_key(r["clip_key"], _counterpart_behavior(r["behavior"]))
-        other = frames.get(other_key)
-        problem = None
-        if other is None:
-            problem = f"counterpart {other_key} is not in the frames manifest"
-        elif other["status"] != OK:
-            problem = f"counterpart {other_key} was rejected by frames: {other['reason']}"
-        items.append({
-            "sample_key": key, "clip_key": r["clip_key"], "behavior": r["behavior"],
-            "image_path": r["image_path"], "image_sha256": r["image_sha256"],
-            "counterpart_key": other_key, "counterpart_problem": problem,
-        })
-    return chunk_units("pose", items, ctx.cfg.pose.clips_per_unit, group_key="clip_key")
-
-
-def run_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
-    """A pair is kept only when both frames are: a frame whose counterpart fails is rejected too."""
-    sec, cfg = ctx.cfg.pose, ctx.cfg
-    items = list(unit.items)
-    todo = [it for it in items if not it["counterpart_problem"]]
-    results: dict[str, PoseResult | str] = {}
-    if todo:
-        detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, sec.hand_and_face,
-                                      cfg.models.openpose.revision)
-        results = detect_items(ctx, todo, detector, sec.detect_resolution, sec.image_resolution,
-                               sec.batch_size, sec.hand_and_face)
-    own: dict[str, str | None] = {}
-    for it in items:
-        key, res = it["sample_key"], results.get(it["sample_key"], "")
-        if it["counterpart_problem"]:
-            own[key] = it["counterpart_problem"]
-        else:
-            own[key] = res if isinstance(res, str) else person_problem(res, sec.require_person, sec.min_person_area)
-    rows = []
-    for it in items:
-        key, res = it["sample_key"], results.get(it["sample_key"], "")
-        reason = own[key]
-        if reason is None and own.get(it["counterpart_key"]):
-            reason = f"counterpart {it['counterpart_key']} was rejected by pose: {own[it['counterpart_key']]}"
-        pose_rel = pose_sha = None
-        if reason is None:
-            pose_rel = f"pose/{key}.png"
-            pose_sha = _write_pose_map(ctx, pose_rel, res)
-        rows.append(_pose_row(it, reason, res, pose_rel, pose_sha, clip_key=it["clip_key"], behavior=it["behavior"]))
-    return rows
-
-
-# -- stage: gen_pose (generated training images) --------------------------------------------------
-def plan_gen_pose_units(ctx: Context) -> list[Unit]:
-    items = [{"sample_key": r["sample_key"], "prompt_key": r["prompt_key"],
-              "image_path": r["image_path"], "image_sha256": r["image_sha256"]}
-             for r in sorted(ok_rows(ctx.store, "generate"), key=lambda r: r["sample_key"])]
-    return chunk_units("gen_pose", items, ctx.cfg.gen_pose.images_per_unit)
-
-
-def run_gen_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
-    sec, cfg = ctx.cfg.gen_pose, ctx.cfg
-    detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, False, cfg.models.openpose.revision)
-    results = detect_items(ctx, list(unit.items), detector, sec.detect_resolution, sec.image_resolution,
-                           sec.batch_size)
-    rows = []
-    for it in unit.items:
-        res = results[it["sample_key"]]
-        reason = res if isinstance(res, str) else generated_image_problem(res, sec)
-        pose_rel = pose_sha = None
-        if reason is None:
-            pose_rel = f"gen_pose/{it['prompt_key']}/{it['sample_key']}.png"
-            pose_sha = _write_pose_map(ctx, pose_rel, res)
-        rows.append(_pose_row(it, reason, res, pose_rel, pose_sha))
-    return rows
-
-
-POSE_STAGE = Stage(
-    name="pose",
-    plan_units=plan_pose_units,
-    run_unit=run_pose_unit,
-    config_keys=("pose", "models.openpose"),
-    uses_gpu=True,
-)
-
-GEN_POSE_STAGE = Stage(
-    name="gen_pose",
-    plan_units=plan_gen_pose_units,
-    run_unit=run_gen_pose_unit,
-    config_keys=("gen_pose", "models.openpose"),
-    uses_gpu=True,
-)

@@ -36,8 +36,8 @@ from typing import Iterable
 
 from PIL import Image
 
-from .manifests import OK, manifest_rel, read_manifest
-from .store import Store
+from ..manifests import OK, manifest_rel, read_manifest
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def plan_train_export(store: Store, clip_index: dict[str, int]) -> tuple[list[Ex
     """Training images to export and ``{sample_key, split, reason}`` for each ok shard row left out."""
     shipped = {k: r for k, r in _rows(store, "train_shards").items() if r["status"] == OK}
     generate, gen_pose = _rows(store, "generate"), _rows(store, "gen_pose")
-    captions, attributes, prompts = _rows(store, "train_captions"), _rows(store, "attributes"), _rows(store, "prompts")
+    captions, attributes, prompts = _rows(store, "train_captions"), _rows(store, "train_attributes"), _rows(store, "prompts")
     shard_meta = read_shard_metadata(store, (r["shard"] for r in shipped.values()))
 
     skipped: dict[str, str] = {}

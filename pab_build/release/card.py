@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import yaml
 from PIL import Image
 
-from .manifests import OK, STAGE_COLUMNS, read_manifest
-from .shards import ratio_text
-from .store import Store
+from ..manifests import OK, STAGE_COLUMNS, read_manifest
+from ..shard_index import ratio_text
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ LICENSE = {"license": "other", "license_name": "pab-research-only",
            "license_link": "https://github.com/Shuyu-XJTU/CMP#pab"}
 SPLIT_TITLES = {"train": ("Training set", "Synthesis"), "test": ("Test set", "Real-world")}
 SPLIT_CAPTIONS = {"train": "train_captions", "test": "test_captions"}
-SPLIT_ATTRIBUTES = {"train": "attributes", "test": "test_attributes"}
+SPLIT_ATTRIBUTES = {"train": "train_attributes", "test": "test_attributes"}
 ATTRIBUTE_OF_BEHAVIOR = {"action": "normal", "anomaly": "anomaly", "scene": None}  # None: every sample
 
 
@@ -279,7 +279,7 @@ def render_card(*, profile: str, config_sha256: str | None, splits: list[SplitSt
         files = ", ".join(f'"{s}": "shards/{s}/*.tar"' for s in sorted(index["splits"]))
         parts.append("```python\nimport webdataset as wds\n"
                      f'ds = wds.WebDataset("shards/{split}/{split}-{{000000..{last:06d}}}.tar").decode("pil")\n\n'
-                     "from datasets import load_dataset  # typed metadata: features=pab_build.shards.hf_features(split)\n"
+                     "from datasets import load_dataset  # typed metadata: features=pab_build.shard_writer.hf_features(split)\n"
                      f'ds = load_dataset("webdataset", data_files={{{files}}})\n' "```\n")
 
     parts.append("## Build funnel\n\nEvery stage's input rows, the rows kept and the rows rejected, with the most "

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from .config import ConfigError
+from pab_build.config import ConfigError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -20,13 +20,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"oops.root={args.oops_root}")
     if args.runner:
         overrides.append(f"run.task_runner={args.runner}")
-    from .config import load_config
+    from pab_build.config import load_config
 
     load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
-    from .pipeline import stages_until
+    from pab_build.pipeline import stages_until
 
     stages_until(args.until)
-    from flows.build_pab import build_pab  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
+    from flows.build_pab import (
+        build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
+    )
 
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
     summary = build_pab(
@@ -39,14 +41,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .status import build_status, format_status
+    from pab_build.status import build_status, format_status
 
     print(format_status(build_status(args.out)))
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .shards import verify_shards
+    from pab_build.shard_index import verify_shards
 
     report = verify_shards(args.target)
     print(report)
@@ -54,14 +56,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_official(args: argparse.Namespace) -> int:
-    from .official import export_official
+    from pab_build.release.official import export_official
 
     print(json.dumps(export_official(args.out, args.dest), indent=2, default=str))
     return 0
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import publish
+    from pab_build.release.publish import publish
 
     report = publish(args.out, args.url)
     print(report)
@@ -69,15 +71,16 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from .card import write_dataset_card
+    from pab_build.release.card import write_dataset_card
 
     print(write_dataset_card(args.out))
     return 0
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
-    from .fixtures import build_tiny_models
-    from .fixtures.sample_oops import write_sample_oops
+    from pab_build.fixtures import build_tiny_models
+
+    from pab_build.fixtures.sample_oops import write_sample_oops
 
     print(json.dumps(build_tiny_models(os.path.expanduser(args.models_dir)), indent=2))
     print(write_sample_oops(os.path.expanduser(args.sample_oops_dir)))

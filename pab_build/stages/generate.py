@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
-from .manifests import OK, ok_rows, read_manifest, reject
-from .models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
-from .store import Store
-from .units import Context, Stage, Unit
+from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
+from ..manifests import OK, ok_rows, read_manifest, reject
+from ..models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
+from ..store import Store
+from ..units import Context, Stage, Unit
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def regenerate_image(cfg: PABConfig, sample_key_or_row: str | dict, store: Store
     return array_to_image(arrays[slot])
 
 
-GENERATE_STAGE = Stage(
+STAGE = Stage(
     name=GENERATE,
     plan_units=plan_generate_units,
     run_unit=run_generate_unit,

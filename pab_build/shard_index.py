@@ -1,0 +1,230 @@
+"""``shards/index.json`` (every shard's path, samples, bytes and sha256; per-split totals) and verification.
+
+After a split's manifest is written, :func:`finalize_shards` removes shard files no longer referenced
+and rewrites the index; :func:`verify_shards` re-hashes a build or a published copy against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from .config import REPO_ROOT
+from .manifests import OK, manifest_rel, read_manifest
+from .shard_writer import SPLITS
+from .store import Store
+from .units import Context
+
+FORMAT = "pab-webdataset-shards"
+
+
+FORMAT_VERSION = 1
+
+
+from .shard_writer import SHARD_NAME
+
+log = logging.getLogger(__name__)
+_index_lock = threading.Lock()  # the two shard stages may finalize at the same time
+
+INDEX_REL = "shards/index.json"
+
+
+INDEX_SCHEMA_PATH = REPO_ROOT / "manifests" / "shard_index.schema.json"
+
+
+# -- the shard index --------------------------------------------------------------------------
+def ratio_text(normal: int, anomaly: int) -> str:
+    """``normal:anomaly`` in lowest terms ("2:3"); when the terms are large, the closest ratio with
+    small terms, marked ``~`` (the exact counts sit beside it in the index)."""
+    if normal == 0 or anomaly == 0:
+        return f"{1 if normal else 0}:{1 if anomaly else 0}"
+    exact = Fraction(normal, anomaly)
+    if max(exact.numerator, exact.denominator) <= 100:
+        return f"{exact.numerator}:{exact.denominator}"
+    approx = exact.limit_denominator(20)
+    if approx.numerator == 0:  # too lopsided to round: give it exactly
+        return f"{exact.numerator}:{exact.denominator}"
+    return f"~{approx.numerator}:{approx.denominator}"
+
+
+def split_section(split: str, rows: list[dict]) -> dict:
+    """The index entry of one split, from its shard manifest rows."""
+    shards: dict[str, dict] = {}
+    normal = anomaly = 0
+    for r in rows:
+        if r["status"] != OK:
+            continue
+        path = r["shard"].removeprefix("shards/")
+        entry = shards.setdefault(path, {"path": path, "samples": 0, "bytes": r["shard_bytes"],
+                                         "sha256": r["shard_sha256"]})
+        entry["samples"] += 1
+        normal += r["behavior"] == "normal"
+        anomaly += r["behavior"] == "anomaly"
+    listed = [shards[p] for p in sorted(shards)]
+    return {
+        "shards": listed,
+        "totals": {
+            "shards": len(listed),
+            "samples": sum(s["samples"] for s in listed),
+            "bytes": sum(s["bytes"] for s in listed),
+            "normal": normal,
+            "anomaly": anomaly,
+            "normal_anomaly_ratio": ratio_text(normal, anomaly),
+            "normal_anomaly_ratio_float": normal / anomaly if anomaly else None,
+        },
+    }
+
+
+def update_shard_index(store: Store, split: str, rows: list[dict]) -> dict:
+    """Rewrite ``shards/index.json`` with ``split`` from ``rows`` and the other split from its
+    manifest (or, without one, from the index already there)."""
+    with _index_lock:
+        old: dict = {}
+        if store.exists(INDEX_REL):
+            try:
+                old = store.read_json(INDEX_REL).get("splits", {})
+            except (ValueError, AttributeError):
+                old = {}
+        sections = {}
+        for s in SPLITS:
+            if s == split:
+                sections[s] = split_section(s, rows)
+            elif store.exists(manifest_rel(f"{s}_shards")):
+                sections[s] = split_section(s, read_manifest(store, f"{s}_shards"))
+            elif s in old:
+                sections[s] = old[s]
+        index = {"format": FORMAT, "format_version": FORMAT_VERSION, "splits": sections}
+        store.write_json(INDEX_REL, index)
+        return index
+
+
+def remove_stale_shards(store: Store, split: str, rows: list[dict]) -> list[str]:
+    """Delete this split's shard files that no ok row references (left by an earlier, larger
+    build); only names this stage writes are touched."""
+    keep = {r["shard"] for r in rows if r["status"] == OK}
+    removed = []
+    for name in store.listdir(f"shards/{split}"):
+        rel = f"shards/{split}/{name}"
+        if SHARD_NAME[split].fullmatch(name) and rel not in keep:
+            store.remove(rel)
+            removed.append(rel)
+    if removed:
+        log.info("removed %d stale %s shard(s): %s", len(removed), split, ", ".join(removed[:5]))
+    return removed
+
+
+def finalize_shards(ctx: Context, rows: list[dict], split: str) -> None:
+    remove_stale_shards(ctx.store, split, rows)
+    update_shard_index(ctx.store, split, rows)
+
+
+# -- verification -----------------------------------------------------------------------------
+def index_problems(index: Any) -> list[str]:
+    """Schema violations of a loaded index (empty when valid)."""
+    import jsonschema
+
+    schema = json.loads(INDEX_SCHEMA_PATH.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+            for e in sorted(validator.iter_errors(index), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+@dataclass
+class ShardProblem:
+    kind: str  # "missing" | "extra" | "altered"
+    path: str  # relative to the folder holding index.json
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    target: str
+    index_path: str | None = None
+    checked: int = 0  # shards listed in the index and hashed
+    problems: list[ShardProblem] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the index itself is missing or invalid
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.errors
+
+    def paths(self, kind: str) -> list[str]:
+        return [p.path for p in self.problems if p.kind == kind]
+
+    @property
+    def missing(self) -> list[str]:
+        return self.paths("missing")
+
+    @property
+    def extra(self) -> list[str]:
+        return self.paths("extra")
+
+    @property
+    def altered(self) -> list[str]:
+        return self.paths("altered")
+
+    def __str__(self) -> str:
+        head = (f"{self.target}: {'OK' if self.ok else 'FAILED'}: {self.checked} shard(s) in the index, "
+                f"{len(self.missing)} missing, {len(self.extra)} extra, {len(self.altered)} altered")
+        lines = [head] + [f"  error: {e}" for e in self.errors]
+        lines += [f"  {p.kind}: {p.path}: {p.message}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _sha256_of(fs, path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shards(url_or_dir: str, storage_options: dict | None = None) -> VerifyReport:
+    """Re-hash every shard of a build (``OUT`` or ``OUT/shards``, local or any fsspec URL) against
+    its ``index.json``: report missing, extra (a .tar the index does not list) and altered (size
+    or sha256 differs) shards."""
+    store = Store(url_or_dir, **(storage_options or {}))
+    report = VerifyReport(target=url_or_dir)
+    base = next((b for b in ("shards", "") if store.exists(f"{b}/index.json".lstrip("/"))), None)
+    if base is None:
+        report.errors.append("no shards/index.json (or index.json) here: nothing to verify against")
+        return report
+    report.index_path = f"{base}/index.json".lstrip("/")
+    try:
+        index = store.read_json(report.index_path)
+    except ValueError as e:
+        report.errors.append(f"{report.index_path} is not valid JSON: {e}")
+        return report
+    problems = index_problems(index)
+    if problems:
+        report.errors.extend(f"{report.index_path} does not match its schema: {p}" for p in problems[:10])
+        return report
+    listed = {s["path"]: s for sec in index["splits"].values() for s in sec["shards"]}
+    prefix = store.path(base) + "/"
+    present = {}
+    for path, info in store.fs.find(store.path(base), detail=True).items():
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        if rel.endswith(".tar") and not rel.rsplit("/", 1)[-1].startswith("."):
+            present[rel] = int(info["size"])
+    for rel in sorted(listed):
+        want = listed[rel]
+        report.checked += 1
+        if rel not in present:
+            report.problems.append(ShardProblem("missing", rel, "listed in the index but not found"))
+            continue
+        if present[rel] != want["bytes"]:
+            report.problems.append(ShardProblem(
+                "altered", rel, f"size is {present[rel]} bytes, the index says {want['bytes']}"))
+            continue
+        digest = _sha256_of(store.fs, store.path(f"{base}/{rel}".lstrip("/")))
+        if digest != want["sha256"]:
+            report.problems.append(ShardProblem(
+                "altered", rel, f"sha256 is {digest}, the index says {want['sha256']} (same size: content changed)"))
+    for rel in sorted(set(present) - set(listed)):
+        report.problems.append(ShardProblem("extra", rel, f"a .tar of {present[rel]} bytes the index does not list"))
+    return report

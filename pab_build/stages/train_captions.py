@@ -1,0 +1,32 @@
+"""Stage ``train_captions``: Qwen2-VL re-captions of every kept generated image (paper 3.2)."""
+
+from __future__ import annotations
+
+from ..captions import (
+    CAPTION_STAGE_VERSION,
+    TRAIN_CAPTIONS,
+    caption_unit,
+    image_item,
+)
+from ..manifests import ok_rows
+from ..units import Context, Stage, Unit, chunk_units
+
+
+def plan_train_caption_units(ctx: Context) -> list[Unit]:
+    items = sorted((image_item(r["sample_key"], r) for r in ok_rows(ctx.store, "gen_pose")),
+                   key=lambda it: it["sample_key"])
+    return chunk_units(TRAIN_CAPTIONS, items, ctx.cfg.train_captions.images_per_unit)
+
+
+def run_train_caption_unit(ctx: Context, unit: Unit) -> list[dict]:
+    return caption_unit(ctx, unit, ctx.cfg.train_captions, "no image path in the gen_pose manifest")
+
+
+STAGE = Stage(
+    name=TRAIN_CAPTIONS,
+    plan_units=plan_train_caption_units,
+    run_unit=run_train_caption_unit,
+    config_keys=(TRAIN_CAPTIONS, "models.qwen2_vl"),
+    version=CAPTION_STAGE_VERSION,
+    uses_gpu=True,
+)
