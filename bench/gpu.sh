@@ -8,8 +8,8 @@
 # Estimated on one H200 with the defaults (no measurement yet): checks 0.5 min, SDXL 2.5, compile
 # 2.5, Qwen2-VL-7B 2, OpenPose 0.5: about 8 minutes; the timeouts below cap each benchmark.
 #
-# --wheelhouse DIR: pip install --no-index DIR/requirements.txt (made by `make wheelhouse`) into a
-# throw-away folder put first on PYTHONPATH, for a machine that has torch and transformers but not
+# --wheelhouse DIR: pip install --no-index DIR/bench-requirements.txt (made by `make wheelhouse`) into
+# a throw-away folder put first on PYTHONPATH, for a machine that has torch and transformers but not
 # pydantic, diffusers, qwen-vl-utils or controlnet-aux, and no registry.
 # Environment: PYTHON (default .venv/bin/python, else python3); BENCH_DEVICE (cuda; cpu runs the same
 # code paths, for tests); SDXL_IMAGES (8), SDXL_FP32_IMAGES (2), SDXL_STEPS (30), VLM_SIZE (7b, the
@@ -37,9 +37,9 @@ trap 'rm -rf "$TMP"; exec >&- 2>&-; wait $TEE_PID' EXIT  # the log is complete w
 echo "gpu.sh $(date -u +%FT%TZ): results in $RESULTS, device $DEVICE, benchmarks $ONLY"
 
 if [ -n "$WHEELHOUSE" ]; then
-  echo "== installing $WHEELHOUSE/requirements.txt (no index) into a throw-away folder =="
+  echo "== installing $WHEELHOUSE/bench-requirements.txt (no index) into a throw-away folder =="
   "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELHOUSE" --target "$TMP/site" \
-    -r "$WHEELHOUSE/requirements.txt" || { echo "gpu.sh: installing the wheelhouse failed" >&2; exit 3; }
+    -r "$WHEELHOUSE/bench-requirements.txt" || { echo "gpu.sh: installing the wheelhouse failed" >&2; exit 3; }
   export PYTHONPATH="$TMP/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

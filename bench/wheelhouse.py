@@ -8,8 +8,9 @@ superset of what bench/gpu.sh imports). pip resolves them for the target (``--py
 bench/target-base.txt, so only what the image lacks is resolved; those wheels are downloaded with
 ``pip download --no-deps`` into ``--dest``, next to a
 
-``requirements.txt``: those packages, pinned (what ``bench/gpu.sh --wheelhouse`` installs), and a
-``target-assumed.txt`` naming the image's packages of unknown version assumed to fit.
+``requirements.txt``: those packages, pinned; ``bench-requirements.txt``: the part of them that the
+GPU benchmarks need (what ``bench/gpu.sh --wheelhouse`` installs); ``target-assumed.txt``: the
+image's packages of unknown version assumed to fit.
 
 On the target: ``pip install --no-index --no-deps --find-links DIR -r DIR/requirements.txt``
 (into a venv that sees the image's packages, or ``--target`` a folder put on PYTHONPATH).
@@ -35,6 +36,9 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 
 UNKNOWN_VERSION = "999"
 MIN_PIP = 24
+# what bench/gpu.sh imports, by pyproject name (their own dependencies follow): bench-requirements.txt
+BENCH_NEEDS = ("torch", "torchvision", "transformers", "accelerate", "diffusers", "qwen-vl-utils", "controlnet-aux",
+               "pydantic", "pyyaml", "pillow", "numpy", "safetensors")
 
 
 def normalise(name: str) -> str:
@@ -82,15 +86,16 @@ def target_flags(python_version: str, platforms: list[str]) -> list[str]:
     return flags
 
 
-def resolve(requirements: list[str], base: dict[str, str | None], flags: list[str], workdir: str
-            ) -> list[tuple[str, str]]:
-    """(name, version) of every package pip would install on the target for ``requirements``."""
-    req_file, report = os.path.join(workdir, "req.txt"), os.path.join(workdir, "report.json")
+def resolve(requirements: list[str], stub: str, flags: list[str], workdir: str,
+            constraints: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """(name, version) of every package pip would install on the target (``stub``) for ``requirements``."""
+    req_file, con_file, report = (os.path.join(workdir, n) for n in ("req.txt", "con.txt", "report.json"))
     with open(req_file, "w") as f:
         f.write("\n".join(requirements) + "\n")
-    stub = stub_environment(base, os.path.join(workdir, "target"))
+    with open(con_file, "w") as f:
+        f.writelines(f"{n}=={v}\n" for n, v in constraints)
     subprocess.run([sys.executable, "-m", "pip", "--python", stub, "install", "--dry-run", "--quiet",
-                    "--report", report, *flags, "-r", req_file], check=True)
+                    "--report", report, *flags, "-r", req_file, "-c", con_file], check=True)
     with open(report) as f:
         installs = json.load(f)["install"]
     return sorted((normalise(i["metadata"]["name"]), i["metadata"]["version"]) for i in installs)
@@ -116,7 +121,10 @@ def main() -> int:
     flags = target_flags(args.python_version, args.platform or list(PLATFORMS))
     requirements = args.requirement or project_requirements()
     with tempfile.TemporaryDirectory() as tmp:
-        resolved = resolve(requirements, base, flags, tmp)
+        stub = stub_environment(base, os.path.join(tmp, "target"))
+        resolved = resolve(requirements, stub, flags, tmp)
+        bench = [r for r in requirements if normalise(re.split(r"[=<>!~ ;\[]", r, maxsplit=1)[0]) in BENCH_NEEDS]
+        bench_resolved = resolve(bench, stub, flags, tmp, constraints=resolved)  # the same versions
     missing = [(n, v) for n, v in resolved if n not in base]
     conflicts = [f"{n}=={base[n]} (resolved {v})" for n, v in resolved if base.get(n)]
     if conflicts:  # a pinned version of the image that a requirement rejects: no wheel can fix that
@@ -130,9 +138,12 @@ def main() -> int:
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", args.dest, *flags,
                         *(f"{n}=={v}" for n, v in missing)], check=True)
-    with open(os.path.join(args.dest, "requirements.txt"), "w") as f:
-        f.write(f"# bench/wheelhouse.py --python-version {args.python_version}: what the target lacks\n")
-        f.writelines(f"{n}=={v}\n" for n, v in missing)
+    for name, rows, what in (("requirements.txt", missing, "what the target lacks"),
+                             ("bench-requirements.txt", [r for r in bench_resolved if r[0] not in base],
+                              "the part that bench/gpu.sh needs")):
+        with open(os.path.join(args.dest, name), "w") as f:
+            f.write(f"# bench/wheelhouse.py --python-version {args.python_version}: {what}\n")
+            f.writelines(f"{n}=={v}\n" for n, v in rows)
     with open(os.path.join(args.dest, "target-assumed.txt"), "w") as f:
         f.write("# packages of the target image whose version bench/target-base.txt does not pin, assumed\n"
                 "# to satisfy requirements with an upper bound (the version pip chose is shown)\n")
