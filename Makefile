@@ -29,10 +29,10 @@ bench: install
 	$(BIN)/python bench/run_all.py
 
 # wheels an air-gapped GPU machine (Python $(PYTHON_VERSION), bench/target-base.txt) lacks -> wheelhouse/;
-# needs only the venv's current pip, not the install
+# needs only the venv's current pip, not the install. WHEELHOUSE_ARGS=--bench-only: gpu.sh's part only
 PYTHON_VERSION ?= 3.12
 wheelhouse: | $(BIN)/python
-	$(BIN)/python bench/wheelhouse.py --python-version $(PYTHON_VERSION) --dest wheelhouse
+	$(BIN)/python bench/wheelhouse.py --python-version $(PYTHON_VERSION) --dest wheelhouse $(WHEELHOUSE_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

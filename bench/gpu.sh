@@ -5,8 +5,9 @@
 # Results: $OUT when set (the device tool's output folder), else bench/results/<date-time>/; gpu.log
 # there is this console log. Exit status: 0 when every benchmark ran all its phases, 1 when any
 # failed (its measured phases are kept), 2 without CUDA, 3 when the environment check failed.
-# Estimated on one H200 with the defaults (no measurement yet): checks 0.5 min, SDXL 2.5, compile
-# 2.5, Qwen2-VL-7B 2, OpenPose 0.5: about 8 minutes; the timeouts below cap each benchmark.
+# Estimated on one H200 with the defaults (not measured yet): checks 0.5 min, SDXL 2, compile 2.5,
+# Qwen2-VL-7B 2, OpenPose 0.5: about 7.5 minutes; the timeouts below cap each benchmark. The device
+# tool allows 10 minutes a command: run `--only sdxl,openpose`, then `--only sdxl_compile,vlm`.
 #
 # --wheelhouse DIR: pip install --no-index DIR/bench-requirements.txt (made by `make wheelhouse`) into
 # a throw-away folder put first on PYTHONPATH, for a machine that has torch and transformers but not
@@ -14,7 +15,7 @@
 # Environment: PYTHON (default .venv/bin/python, else python3); BENCH_DEVICE (cuda; cpu runs the same
 # code paths, for tests); SDXL_IMAGES (8), SDXL_FP32_IMAGES (2), SDXL_STEPS (30), VLM_SIZE (7b, the
 # full profile's), CAPTIONS (32), ATTRIBUTES (64), POSE_IMAGES (32); SDXL_ARGS, COMPILE_ARGS, VLM_ARGS,
-# POSE_ARGS: extra flags per benchmark; T_SDXL (240), T_COMPILE (300), T_VLM (300), T_POSE (120): timeouts, s.
+# POSE_ARGS: extra flags per benchmark; T_SDXL (180), T_COMPILE (240), T_VLM (240), T_POSE (90): timeouts, s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,6 +26,9 @@ while [ $# -gt 0 ]; do
     --only) ONLY=$2; shift 2 ;;
     *) echo "gpu.sh: unknown argument $1 (see the header of bench/gpu.sh)" >&2; exit 3 ;;
   esac
+done
+for name in ${ONLY//,/ }; do
+  case $name in sdxl|sdxl_compile|vlm|openpose) ;; *) echo "gpu.sh: unknown benchmark $name in --only" >&2; exit 3 ;; esac
 done
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo "$ROOT/.venv/bin/python" || echo python3)}
 DEVICE=${BENCH_DEVICE:-cuda}
@@ -44,9 +48,15 @@ if [ -n "$WHEELHOUSE" ]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-# before any model is built: every import the benchmarks make, and each architecture on the meta device
-"$PYTHON" - <<'EOF' || { echo "gpu.sh: a package the benchmarks import is missing (see above; --wheelhouse DIR?)" >&2; exit 3; }
-import importlib, sys
+selected() { [[ ",$ONLY," == *",$1,"* ]]; }
+SCRIPTS=()
+{ selected sdxl || selected sdxl_compile; } && SCRIPTS+=(bench/bench_sdxl_gpu.py)
+selected vlm && SCRIPTS+=(bench/bench_vlm_gpu.py)
+selected openpose && SCRIPTS+=(bench/bench_openpose_gpu.py)
+# before any model is built: the packages the benchmarks import lazily, then each script's own
+# imports (pab_build's modules among them), in one process
+"$PYTHON" - "${SCRIPTS[@]}" <<'EOF' || { echo "gpu.sh: an import failed (see above; --wheelhouse DIR?)" >&2; exit 3; }
+import importlib, importlib.util, os, sys
 names = ("torch", "transformers", "diffusers", "pydantic", "qwen_vl_utils", "controlnet_aux", "yaml", "cv2")
 versions = {}
 for name in names:
@@ -55,6 +65,11 @@ for name in names:
     except Exception as e:
         sys.exit(f"cannot import {name}: {type(e).__name__}: {e}")
 print("python", sys.version.split()[0], "|", ", ".join(f"{k} {v}" for k, v in versions.items()))
+sys.path.insert(0, "bench")
+for path in sys.argv[1:]:
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports only: main() is not run
+print("imports ok:", " ".join(sys.argv[1:]))
 EOF
 if [ "$DEVICE" = cuda ]; then
   if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 2)'; then
@@ -68,16 +83,6 @@ SDXL=(bench/bench_sdxl_gpu.py --device "$DEVICE" --images "${SDXL_IMAGES:-8}" --
 VLM=(bench/bench_vlm_gpu.py --device "$DEVICE" --size "${VLM_SIZE:-7b}" --captions "${CAPTIONS:-32}"
      --attributes "${ATTRIBUTES:-64}" --workdir "$TMP" --json "$RESULTS/qwen2_vl.json")
 POSE=(bench/bench_openpose_gpu.py --device "$DEVICE" --images "${POSE_IMAGES:-32}" --json "$RESULTS/openpose.json")
-selected() { [[ ",$ONLY," == *",$1,"* ]]; }
-# shellcheck disable=SC2086  # the *_ARGS are lists of flags
-dry_run() { "$PYTHON" "$@" --dry-run | tail -1 || { echo "gpu.sh: dry run of $1 failed" >&2; exit 3; }; }
-# shellcheck disable=SC2086
-{
-selected sdxl || selected sdxl_compile && dry_run "${SDXL[@]}" ${SDXL_ARGS:-}
-selected vlm && dry_run "${VLM[@]}" ${VLM_ARGS:-}
-selected openpose && dry_run "${POSE[@]}" ${POSE_ARGS:-}
-}
-
 FAILED=()
 bench() {  # bench NAME TIMEOUT_S COMMAND...: run one benchmark, remember a failure, go on
   local name=$1 limit=$2; shift 2
@@ -90,11 +95,11 @@ bench() {  # bench NAME TIMEOUT_S COMMAND...: run one benchmark, remember a fail
 }
 # shellcheck disable=SC2086
 {
-selected sdxl && bench sdxl "${T_SDXL:-240}" "$PYTHON" "${SDXL[@]}" --fp32-images "${SDXL_FP32_IMAGES:-2}" ${SDXL_ARGS:-}
-selected sdxl_compile && bench sdxl_compile "${T_COMPILE:-300}" "$PYTHON" "${SDXL[@]}" --phases compile \
+selected sdxl && bench sdxl "${T_SDXL:-180}" "$PYTHON" "${SDXL[@]}" --fp32-images "${SDXL_FP32_IMAGES:-2}" ${SDXL_ARGS:-}
+selected sdxl_compile && bench sdxl_compile "${T_COMPILE:-240}" "$PYTHON" "${SDXL[@]}" --phases compile \
   ${SDXL_ARGS:-} ${COMPILE_ARGS:-}
-selected vlm && bench vlm "${T_VLM:-300}" "$PYTHON" "${VLM[@]}" ${VLM_ARGS:-}
-selected openpose && bench openpose "${T_POSE:-120}" "$PYTHON" "${POSE[@]}" ${POSE_ARGS:-}
+selected vlm && bench vlm "${T_VLM:-240}" "$PYTHON" "${VLM[@]}" ${VLM_ARGS:-}
+selected openpose && bench openpose "${T_POSE:-90}" "$PYTHON" "${POSE[@]}" ${POSE_ARGS:-}
 }
 
 FAILED_LIST=$(IFS=,; echo "${FAILED[*]:-}")

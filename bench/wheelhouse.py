@@ -109,6 +109,8 @@ def main() -> int:
     ap.add_argument("--dest", default=os.path.join(ROOT, "wheelhouse"))
     ap.add_argument("--requirement", action="append", default=None,
                     help="what to make installable (default: pyproject.toml's dependencies)")
+    ap.add_argument("--bench-only", action="store_true",
+                    help="download only bench-requirements.txt's wheels (~45 MB: small enough to carry to a GPU)")
     args = ap.parse_args()
 
     pip_major = int(subprocess.run([sys.executable, "-m", "pip", "--version"], check=True, capture_output=True,
@@ -134,13 +136,14 @@ def main() -> int:
     # an image package of unknown version that the stand-in's 999 did not satisfy (an upper bound):
     # assumed to be a version that does; listed so that a failed import on the target is traced
     assumed = [(n, v) for n, v in resolved if n in base]
+    bench_missing = [r for r in bench_resolved if r[0] not in base]
     os.makedirs(args.dest, exist_ok=True)
-    if missing:
+    wanted = bench_missing if args.bench_only else missing
+    if wanted:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", args.dest, *flags,
-                        *(f"{n}=={v}" for n, v in missing)], check=True)
-    for name, rows, what in (("requirements.txt", missing, "what the target lacks"),
-                             ("bench-requirements.txt", [r for r in bench_resolved if r[0] not in base],
-                              "the part that bench/gpu.sh needs")):
+                        *(f"{n}=={v}" for n, v in wanted)], check=True)
+    for name, rows, what in (("requirements.txt", [] if args.bench_only else missing, "what the target lacks"),
+                             ("bench-requirements.txt", bench_missing, "the part that bench/gpu.sh needs")):
         with open(os.path.join(args.dest, name), "w") as f:
             f.write(f"# bench/wheelhouse.py --python-version {args.python_version}: {what}\n")
             f.writelines(f"{n}=={v}\n" for n, v in rows)
@@ -148,7 +151,8 @@ def main() -> int:
         f.write("# packages of the target image whose version bench/target-base.txt does not pin, assumed\n"
                 "# to satisfy requirements with an upper bound (the version pip chose is shown)\n")
         f.writelines(f"{n}  # resolved {v}\n" for n, v in assumed)
-    print(f"wheelhouse {args.dest}: {len(missing)} packages the target lacks: {' '.join(n for n, _ in missing)}")
+    print(f"wheelhouse {args.dest}: {len(wanted)} wheels{' (gpu.sh part only)' if args.bench_only else ''} "
+          f"of the {len(missing)} packages the target lacks: {' '.join(n for n, _ in wanted)}")
     return 0
 
 
