@@ -57,12 +57,12 @@ def read_base(path: str) -> dict[str, str | None]:
     return base
 
 
-def stub_environment(base: dict[str, str | None], dest: str) -> str:
+def stub_environment(base: dict[str, str | None], dest: str, python: str = sys.executable) -> str:
     """A venv whose installed distributions are the target image's, as empty ``.dist-info``
     folders: pip resolves against it as against the target, without walking torch's (or any
     other installed package's) dependencies. Unpinned names get version 999, which satisfies
     any lower bound. Returns its python."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", dest], check=True)
+    subprocess.run([python, "-m", "venv", "--without-pip", dest], check=True)
     python = os.path.join(dest, "bin", "python")
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
@@ -111,6 +111,9 @@ def main() -> int:
                     help="what to make installable (default: pyproject.toml's dependencies)")
     ap.add_argument("--bench-only", action="store_true",
                     help="download only bench-requirements.txt's wheels (~45 MB: small enough to carry to a GPU)")
+    ap.add_argument("--stub-python", default=sys.executable,
+                    help="interpreter of the target's stand-in (pip evaluates dependency markers such as "
+                         "python_version with it): best one of the target's Python version; default this one")
     args = ap.parse_args()
 
     pip_major = int(subprocess.run([sys.executable, "-m", "pip", "--version"], check=True, capture_output=True,
@@ -119,11 +122,16 @@ def main() -> int:
         print(f"wheelhouse: needs pip >= {MIN_PIP} (this one is {pip_major}); run it with a venv's python "
               "after `python -m pip install -U pip` (make wheelhouse does)", file=sys.stderr)
         return 2
+    stub_version = subprocess.run([args.stub_python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+    if stub_version != args.python_version:
+        print(f"wheelhouse: dependency markers are evaluated for Python {stub_version}, the target has "
+              f"{args.python_version} (--stub-python pythonX.Y makes them exact)", file=sys.stderr)
     base = read_base(args.base)
     flags = target_flags(args.python_version, args.platform or list(PLATFORMS))
     requirements = args.requirement or project_requirements()
     with tempfile.TemporaryDirectory() as tmp:
-        stub = stub_environment(base, os.path.join(tmp, "target"))
+        stub = stub_environment(base, os.path.join(tmp, "target"), args.stub_python)
         resolved = resolve(requirements, stub, flags, tmp)
         bench = [r for r in requirements if normalise(re.split(r"[=<>!~ ;\[]", r, maxsplit=1)[0]) in BENCH_NEEDS]
         bench_resolved = resolve(bench, stub, flags, tmp, constraints=resolved)  # the same versions
