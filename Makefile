@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install smoke test bench clean
+.PHONY: install smoke test bench wheelhouse clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# wheels an air-gapped GPU machine (Python $(PYTHON_VERSION), bench/target-base.txt) lacks -> wheelhouse/;
+# needs only the venv's current pip, not the install. WHEELHOUSE_ARGS=--bench-only: gpu.sh's part only
+PYTHON_VERSION ?= 3.12
+wheelhouse: | $(BIN)/python
+	$(BIN)/python bench/wheelhouse.py --python-version $(PYTHON_VERSION) --dest wheelhouse $(WHEELHOUSE_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,42 +1,47 @@
-"""SDXL images/s at 1024 px: the project's generate path vs. a plain diffusers pipeline (GPU only).
+"""SDXL images/s at 1024 px: two plain baselines, then the project's fast paths one at a time (GPU).
 
-    python bench/bench_sdxl_gpu.py [--images 8] [--steps 30] [--compile] [--json out.json]
+    python bench/bench_sdxl_gpu.py [--images 8] [--fp32-images 2] [--steps 30] [--json out.json]
+    python bench/bench_sdxl_gpu.py --phases compile --json out.json   # the compile variant, own call
     python bench/bench_sdxl_gpu.py --dry-run    # CPU: build on the meta device, print parameter counts
 
 No model hub is reachable, so the full-size SDXL architecture (RealVisXL V4.0 has SDXL base's
 sizes) is built from its published configs with random weights: speed does not depend on them.
-Both runs use the same weights and the same 1024 px, 30-step, classifier-free-guided calls:
+Every phase makes the same 1024 px, 30-step, classifier-free-guided images (configs/full.yaml's
+prompt handling: negative prompt, guidance scale) from the same weights:
 
-* baseline: ``pipe(prompt)`` one image per call, float32, diffusers' default attention;
-* optimised: the weights cast to ``models.sdxl.dtype``, :func:`pab_build.stages.generate.apply_fast_paths`
-  with configs/full.yaml's ``generate`` settings (SDPA, channels-last, VAE tiling, compile if
-  ``--compile``), images made by :func:`pab_build.stages.generate.generate_arrays` in batches of
-  ``generate.batch_size``.
+* ``fp32_default``: ``pipe(...)``, one image per call, float32: diffusers' default pipeline;
+* ``fp16_plain``: the same calls with the weights in ``models.sdxl.dtype`` (float16), nothing else;
+* ``batched``: :func:`generate_arrays` (the generate stage's call) in batches of ``generate.batch_size``;
+* ``channels_last``: + channels-last UNet and VAE: configs/full.yaml's generate path;
+* ``compile``: + ``torch.compile(unet, fullgraph=True)``, as ``generate.compile_unet`` does; run it in
+  its own call (gpu.sh does), since compiling takes minutes; its warm-up time is recorded.
 
-Random weights may produce NaN images in float16; the time per step is the same.
+Image counts are rounded up to whole batches (a partial batch changes shapes in the timed region).
+Left out: SDPA (diffusers' default attention on torch 2: nothing to switch on) and VAE tiling (the
+SDXL VAE tiles only above 1024 px: no effect at this size). Random weights may give NaN images in
+float16; the time per step is the same.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 
+from gpu_common import Results, add_common_args, device_name, device_or_exit, rate, round_up, timed
+
+# the project's code this benchmark measures (imports kept here, in one place)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
 from pab_build.fixtures.tiny_sdxl import _build_tokenizer  # noqa: E402  (offline CLIP BPE tables)
+from pab_build.stages.generate import apply_fast_paths, generate_arrays  # noqa: E402
 from pab_build.models import torch_dtype  # noqa: E402
-from pab_build.stages.generate import (
-    apply_fast_paths,
-    generate_arrays,  # noqa: E402
-)
 
-NO_CUDA_EXIT = 2
 PROMPT = "A man is riding a skateboard down a ramp in a parking lot and falls off, realistic photo"
+PHASES = ("fp32_default", "fp16_plain", "batched", "channels_last", "compile")
+DEFAULT_PHASES = PHASES[:-1]
 
 # SDXL base 1.0 (and RealVisXL V4.0) unet/config.json
 UNET_CONFIG = dict(
@@ -67,14 +72,21 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
                         timestep_spacing="leading", prediction_type="epsilon")
 
 
-def build_sdxl_pipeline(device: str | torch.device):
-    """Full-size SDXL with random weights, created directly on ``device`` ("meta": no memory)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+# --toy: the same pipeline classes at a few million parameters (CPU tests of the code paths)
+TOY_UNET_CONFIG = dict(
+    UNET_CONFIG, sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+)
+TOY_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), sample_size=64)
+TOY_CLIP_CONFIG = dict(CLIP_L_CONFIG, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, projection_dim=32)
+
+
+def build_sdxl_pipeline(device: str | torch.device, toy: bool = False):
+    """Full-size (or ``toy``) SDXL with random weights, created on ``device`` ("meta": no memory)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _build_tokenizer()
@@ -82,12 +94,15 @@ def build_sdxl_pipeline(device: str | torch.device):
                pad_token_id=tokenizer.pad_token_id)
     if len(tokenizer) > CLIP_L_CONFIG["vocab_size"]:
         raise RuntimeError(f"the offline tokenizer has {len(tokenizer)} tokens, more than CLIP's vocabulary")
+    unet_config, vae_config, clip_l, clip_g = (
+        (TOY_UNET_CONFIG, TOY_VAE_CONFIG, TOY_CLIP_CONFIG, TOY_CLIP_CONFIG) if toy
+        else (UNET_CONFIG, VAE_CONFIG, CLIP_L_CONFIG, CLIP_G_CONFIG))
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the target device: no 14 GB detour through host memory
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG, **ids))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG, **ids))
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**clip_l, **ids))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_g, **ids))
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
@@ -102,91 +117,98 @@ def parameter_counts(pipe) -> dict[str, int]:
             for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
 
 
-def time_baseline(pipe, n_images: int, steps: int, size: int) -> float:
-    """Images/s of plain ``pipe(prompt)`` calls, one image each (diffusers' defaults otherwise)."""
-    def one(seed: int) -> None:
-        pipe(PROMPT, num_inference_steps=steps, height=size, width=size,
+def one_image_per_call(pipe, settings, n_images: int, device: torch.device) -> dict:
+    """``n_images`` plain pipeline calls of one image each, after one warm-up call."""
+    def call(seed: int) -> None:
+        pipe(PROMPT, negative_prompt=settings.negative_prompt or None, num_inference_steps=settings.steps,
+             guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
              generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
 
-    one(0)  # warm-up: kernel selection, allocator
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(n_images):
-        one(i + 1)
-    torch.cuda.synchronize()
-    return n_images / (time.perf_counter() - t0)
+    warm_up = timed(device, lambda: call(0))  # kernel selection, allocator
+    seconds = timed(device, lambda: [call(i + 1) for i in range(n_images)])
+    return rate(n_images, seconds, "images/s", batch_size=1, warm_up_s=warm_up)
 
 
-def time_optimised(pipe, settings, n_images: int) -> float:
-    """Images/s of the project's generate path (batches of ``settings.batch_size``, OOM halving)."""
-    generate_arrays(pipe, [PROMPT] * settings.batch_size, list(range(settings.batch_size)), settings)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    generate_arrays(pipe, [PROMPT] * n_images, list(range(1, n_images + 1)), settings)
-    torch.cuda.synchronize()
-    return n_images / (time.perf_counter() - t0)
+def generate_path(pipe, settings, n_images: int, device: torch.device) -> dict:
+    """The generate stage's call (:func:`generate_arrays`), after a warm-up of one full batch."""
+    warm_up = timed(device, lambda: generate_arrays(pipe, [PROMPT] * settings.batch_size,
+                                                    list(range(settings.batch_size)), settings))
+    seconds = timed(device, lambda: generate_arrays(pipe, [PROMPT] * n_images, list(range(1, n_images + 1)),
+                                                    settings))
+    return rate(n_images, seconds, "images/s", batch_size=settings.batch_size, warm_up_s=warm_up)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=8, help="timed images per variant (after a warm-up call)")
+    ap.add_argument("--images", type=int, default=8, help="timed images per phase, rounded up to whole batches")
+    ap.add_argument("--fp32-images", type=int, default=2, help="timed images of the (slow) fp32_default phase")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=None, help="default: configs/full.yaml generate.batch_size")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile the UNet (slow first call)")
-    ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--dry-run", action="store_true", help="CPU check: build on the meta device, count parameters")
+    ap.add_argument("--phases", default=",".join(DEFAULT_PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile phase")
+    ap.add_argument("--toy", action="store_true", help="a few-million-parameter SDXL (CPU tests of the code paths)")
+    add_common_args(ap)
     args = ap.parse_args()
+    phases = [p for p in args.phases.split(",") if p]
+    if unknown := set(phases) - set(PHASES):
+        ap.error(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
 
     overrides = [f"generate.steps={args.steps}", f"generate.height={args.size}", f"generate.width={args.size}",
-                 f"generate.compile_unet={str(args.compile).lower()}"]
+                 "generate.vae_tiling=false", "generate.channels_last=false", "generate.compile_unet=false",
+                 "generate.attention_slicing=false"]
     if args.batch_size:
         overrides.append(f"generate.batch_size={args.batch_size}")
     cfg = load_config("full", overrides)
-    settings, dtype = cfg.generate, cfg.models.sdxl.dtype
+    plain, dtype = cfg.generate, cfg.models.sdxl.dtype
+    channels_last = plain.model_copy(update={"channels_last": True})
+    n_images = round_up(args.images, plain.batch_size)
 
     if args.dry_run:
-        pipe = build_sdxl_pipeline("meta")
-        apply_fast_paths(pipe, settings, torch.device("cpu"))  # the settings apply to this architecture
+        pipe = build_sdxl_pipeline("meta", args.toy)
+        apply_fast_paths(pipe, channels_last, torch.device("cpu"))  # the settings apply to this architecture
         counts = parameter_counts(pipe)
         for name, n in counts.items():
             print(f"{name:15s} {n / 1e6:10.1f} M parameters")
         print(f"{'total':15s} {sum(counts.values()) / 1e9:10.3f} B parameters")
-        print(f"dry run ok: optimised = {dtype}, batch {settings.batch_size}, {settings.steps} steps, "
-              f"{settings.height}x{settings.width}, vae_tiling={settings.vae_tiling}, "
-              f"channels_last={settings.channels_last}, compile_unet={settings.compile_unet}")
+        print(f"dry run ok: {dtype}, batch {plain.batch_size}, {plain.steps} steps, {plain.height}x{plain.width}; "
+              f"phases {', '.join(phases)}; {n_images} images per phase ({args.fp32_images} in fp32_default)")
         return 0
-    if not torch.cuda.is_available():
-        print("bench_sdxl_gpu: no CUDA device; this benchmark needs a GPU (use --dry-run to check it on the CPU)",
-              file=sys.stderr)
-        return NO_CUDA_EXIT
+    device = device_or_exit(args.device, "bench_sdxl_gpu")
+    if device is None:
+        return 2
 
-    device = torch.device("cuda")
-    pipe = build_sdxl_pipeline(device)  # float32, default attention: the plain pipeline
-    result = {"benchmark": "sdxl", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "images": args.images, "steps": args.steps, "size": args.size,
-              "parameters": parameter_counts(pipe),
-              "optimised_settings": {"dtype": dtype, "batch_size": settings.batch_size,
-                                     "vae_tiling": settings.vae_tiling, "channels_last": settings.channels_last,
-                                     "attention_slicing": settings.attention_slicing,
-                                     "compile_unet": settings.compile_unet}}
-    if not args.skip_baseline:
-        result["baseline_images_per_s"] = time_baseline(pipe, args.images, args.steps, args.size)
-        print(f"baseline  (float32, default attention, 1 image/call): {result['baseline_images_per_s']:.3f} images/s")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the fp16 pipeline warns at each call when it upcasts the VAE
+    pipe = build_sdxl_pipeline(device, args.toy)  # float32, diffusers' defaults: the plain pipeline
+    results = Results(args.json, "sdxl", gpu=device_name(device), torch=torch.__version__, toy=args.toy,
+                      steps=plain.steps, size=plain.height, batch_size=plain.batch_size, dtype=dtype,
+                      guidance_scale=plain.guidance_scale, parameters=parameter_counts(pipe))
+    if "fp32_default" in phases:
+        results.phase("fp32_default", "diffusers' default pipeline: float32, one image per call",
+                      lambda: one_image_per_call(pipe, plain, args.fp32_images, device))
     pipe.to(dtype=torch_dtype(dtype))
-    apply_fast_paths(pipe, settings, device)
-    result["optimised_images_per_s"] = time_optimised(pipe, settings, args.images)
-    print(f"optimised ({dtype}, SDPA, channels-last={settings.channels_last}, batch {settings.batch_size}): "
-          f"{result['optimised_images_per_s']:.3f} images/s")
-    if "baseline_images_per_s" in result:
-        result["ratio"] = result["optimised_images_per_s"] / result["baseline_images_per_s"]
-        print(f"ratio optimised/baseline: {result['ratio']:.2f}x")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-    return 0
+    if "fp16_plain" in phases:
+        results.phase("fp16_plain", f"{dtype} weights, one image per call, nothing else changed",
+                      lambda: one_image_per_call(pipe, plain, n_images, device))
+    if "batched" in phases:
+        results.phase("batched", f"{dtype}, generate stage's call, batches of {plain.batch_size}",
+                      lambda: generate_path(pipe, plain, n_images, device))
+    if {"channels_last", "compile"} & set(phases):
+        apply_fast_paths(pipe, channels_last, device)
+    if "channels_last" in phases:
+        results.phase("channels_last", f"{dtype}, batches of {plain.batch_size}, channels-last UNet and VAE "
+                      "(configs/full.yaml's generate path)", lambda: generate_path(pipe, channels_last, n_images, device))
+    if "compile" in phases:
+        def compiled() -> dict:
+            # what generate.compile_unet does (pab_build.stages.generate.apply_fast_paths), backend selectable
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=args.compile_backend)
+            return {**generate_path(pipe, channels_last, n_images, device), "compile_backend": args.compile_backend}
+
+        results.phase("compile", f"channels_last + torch.compile(unet, fullgraph=True, backend={args.compile_backend})"
+                      "; warm_up_s includes compiling", compiled)
+    return results.exit_code()
 
 
 if __name__ == "__main__":

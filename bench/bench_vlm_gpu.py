@@ -1,6 +1,6 @@
-"""Qwen2-VL captions/s and attribute answers/s: the transformers backend, and vLLM if installed (GPU only).
+"""Qwen2-VL captions/s and attribute answers/s: batch 1 vs. the project's batches (GPU).
 
-    python bench/bench_vlm_gpu.py [--size 2b|7b] [--captions 32] [--attributes 64] [--json out.json]
+    python bench/bench_vlm_gpu.py [--size 7b|2b] [--captions 32] [--attributes 64] [--json out.json]
     python bench/bench_vlm_gpu.py --dry-run    # CPU: build on the meta device, print parameter counts
 
 No model hub is reachable, so Qwen2-VL is built from its published config with random weights
@@ -8,43 +8,42 @@ No model hub is reachable, so Qwen2-VL is built from its published config with r
 (the tokenizer of :mod:`pab_build.fixtures.tiny_qwen2vl`; the embedding keeps the published
 vocabulary size, whose extra rows the tokenizer never produces), and loaded back through
 :class:`pab_build.vlm.TransformersBackend`. Requests are 1024x1024 images with the caption prompt
-(and an attribute prompt), sent through :func:`pab_build.vlm.generate_answers` with configs/full.yaml's
-``train_captions`` / ``attributes`` generation settings. Random weights rarely emit an end token,
-so every request generates ``max_new_tokens``: an upper bound on real answers' length.
+(and an attribute prompt), sent through :func:`pab_build.vlm.generate_answer_records` with
+configs/full.yaml's ``train_captions`` / ``attributes`` generation settings. The default size is
+the full profile's (``models.qwen2_vl``: 7B). Phases, for captions and for attributes:
+
+* ``*_batch1``: transformers, one request per ``generate`` call: the baseline;
+* ``*_batched``: transformers in the profile's batches (32 captions, 64 attributes);
+* ``vllm_*``: the vLLM backend, when vLLM is installed (it is not on the target image).
+
+Each timed phase follows a warm-up of one full batch, and counts whole batches. Tokens generated
+are recorded: random weights rarely emit an end token, so most requests run to ``max_new_tokens``,
+an upper bound on real answers' length (finished answers count their re-tokenised text + 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
+from gpu_common import Results, add_common_args, device_name, device_or_exit, rate, round_up, timed
+
+# the project's code this benchmark measures (imports kept here, in one place)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
-from pab_build.fixtures.tiny_qwen2vl import (  # noqa: E402
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    _build_tokenizer,
-)
+from pab_build.fixtures.tiny_qwen2vl import CHAT_TEMPLATE, SPECIAL_TOKENS, _build_tokenizer  # noqa: E402
 from pab_build.vlm import (  # noqa: E402
-    TransformersBackend,
-    VllmBackend,
-    VLMRequest,
-    fill_prompt,
-    generate_answers,
-    image_tokens,
-    load_prompt,
+    TransformersBackend, VLMRequest, VllmBackend, fill_prompt, generate_answer_records, image_tokens, load_prompt,
 )
 
-NO_CUDA_EXIT = 2
 SOURCE_CAPTION = "A man is riding a skateboard down a ramp in a parking lot and falls off."
+DEFAULT_SIZE = "7b"  # configs/full.yaml's models.qwen2_vl: Qwen2-VL-7B-Instruct
 
 # Qwen/Qwen2-VL-{2B,7B}-Instruct config.json
 TEXT_CONFIGS = {
@@ -55,6 +54,11 @@ TEXT_CONFIGS = {
 }
 TEXT_COMMON = dict(max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu",
                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+# --size toy: the same classes at a few million parameters (CPU tests of the code paths)
+TEXT_CONFIGS["toy"] = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+TOY_ROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}  # head_dim 16 = 2 * sum(mrope_section)
+TOY_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2)
 VISION_CONFIG = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, in_channels=3, patch_size=14,
                      spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
 
@@ -67,9 +71,12 @@ def qwen2vl_config(size: str, tokenizer):
         raise RuntimeError(f"the offline tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    toy = size == "toy"
+    text_common = {**TEXT_COMMON, "rope_scaling": TOY_ROPE} if toy else TEXT_COMMON
+    vision = {**VISION_CONFIG, **TOY_VISION} if toy else VISION_CONFIG
     config = Qwen2VLConfig(
-        text_config={**text, **TEXT_COMMON, "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad},
-        vision_config={**VISION_CONFIG, "hidden_size": text["hidden_size"]},  # the merger's output width
+        text_config={**text, **text_common, "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad},
+        vision_config={**vision, "hidden_size": text["hidden_size"]},  # the merger's output width
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=text["tie_word_embeddings"],
@@ -96,12 +103,7 @@ def build_model(size: str, device: str | torch.device, dtype: torch.dtype):
 
 def save_model_folder(model, tokenizer, eos: int, pad: int, dest: str) -> None:
     """A hub-style folder (weights, generation config, processor) that ``from_pretrained`` loads."""
-    from transformers import (
-        GenerationConfig,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
     model.save_pretrained(dest)
@@ -115,19 +117,29 @@ def parameter_counts(model) -> dict[str, int]:
     return {"vision": vision, "language": total - vision, "total": total}
 
 
-def make_requests(n: int, prompt: str, tag: str) -> list[VLMRequest]:
+def make_requests(n: int, prompt: str, tag: str, image_size: int) -> list[VLMRequest]:
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)) for _ in range(min(n, 4))]
+    images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+              for _ in range(min(n, 4))]
     return [VLMRequest(f"{tag}-{i}", images[i % len(images)], prompt, image_sha256=f"{tag}-{i}") for i in range(n)]
 
 
-def time_requests(backend, requests: list[VLMRequest], settings) -> float:
-    generate_answers(backend, requests[: min(2, len(requests))], settings)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    generate_answers(backend, requests, settings)
-    torch.cuda.synchronize()
-    return len(requests) / (time.perf_counter() - t0)
+def tokens_generated(answers, settings, tokenizer) -> int:
+    return sum(len(tokenizer(a.text).input_ids) + 1 if a.finished else settings.max_new_tokens for a in answers)
+
+
+def measure(backend, requests: list[VLMRequest], settings, device: torch.device) -> dict:
+    """Requests/s through the stage's call, after a warm-up of one full batch."""
+    warm_up = timed(device, lambda: generate_answer_records(backend, requests[: settings.batch_size], settings))
+    answers: list = []
+    seconds = timed(device, lambda: answers.extend(generate_answer_records(backend, requests, settings)))
+    tokenizer = getattr(getattr(backend, "processor", None), "tokenizer", None)
+    extra = {"batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens, "warm_up_s": warm_up,
+             "finished_answers": sum(a.finished for a in answers)}
+    if tokenizer is not None:
+        extra["tokens_generated"] = tokens = tokens_generated(answers, settings, tokenizer)
+        extra["tokens_per_s"] = tokens / seconds
+    return rate(len(requests), seconds, "requests/s", **extra)
 
 
 def vllm_available() -> bool:
@@ -140,15 +152,22 @@ def vllm_available() -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=sorted(TEXT_CONFIGS), default="2b")
-    ap.add_argument("--captions", type=int, default=32, help="timed caption requests (after a warm-up)")
-    ap.add_argument("--attributes", type=int, default=64, help="timed attribute requests (0: skip)")
+    ap.add_argument("--size", choices=sorted(TEXT_CONFIGS), default=DEFAULT_SIZE)
+    ap.add_argument("--captions", type=int, default=32, help="timed caption requests, rounded up to whole batches")
+    ap.add_argument("--attributes", type=int, default=64, help="timed attribute requests (0: skip), whole batches")
+    ap.add_argument("--batch1-requests", type=int, default=4, help="timed requests of each batch-1 baseline")
+    ap.add_argument("--image-size", type=int, default=1024, help="side of the square request images")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="override the profile's (CPU tests)")
+    ap.add_argument("--batch-size", type=int, default=None, help="override the profile's batch sizes (CPU tests)")
     ap.add_argument("--workdir", default=None, help="where to save the random-weight model (default: a temp dir)")
-    ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--dry-run", action="store_true", help="CPU check: build on the meta device, count parameters")
+    add_common_args(ap)
     args = ap.parse_args()
 
-    cfg = load_config("full")
+    overrides = []
+    for flag, value in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)):
+        if value:
+            overrides += [f"{stage}.generation.{flag}={value}" for stage in ("train_captions", "attributes")]
+    cfg = load_config("full", overrides)
     caption_settings, attribute_settings = cfg.train_captions.generation, cfg.attributes.generation
     dtype = cfg.models.qwen2_vl.dtype
     caption_prompt = load_prompt("caption_v1")
@@ -159,58 +178,57 @@ def main() -> int:
         counts = parameter_counts(model)
         for name, n in counts.items():
             print(f"{name:10s} {n / 1e6:10.1f} M parameters")
-        tokens = image_tokens(Image.new("RGB", (1024, 1024)), caption_settings)
+        tokens = image_tokens(Image.new("RGB", (args.image_size, args.image_size)), caption_settings)
         print(f"dry run ok: Qwen2-VL-{args.size.upper()}, tokenizer {len(tokenizer)} tokens < vocab "
-              f"{model.config.text_config.vocab_size}; a 1024x1024 image -> {tokens} tokens "
+              f"{model.config.text_config.vocab_size}; a {args.image_size}x{args.image_size} image -> {tokens} tokens "
               f"(max_pixels={caption_settings.max_pixels}); captions: batch {caption_settings.batch_size}, "
               f"{caption_settings.max_new_tokens} new tokens; attributes: batch {attribute_settings.batch_size}, "
               f"{attribute_settings.max_new_tokens} new tokens; vllm installed: {vllm_available()}")
         return 0
-    if not torch.cuda.is_available():
-        print("bench_vlm_gpu: no CUDA device; this benchmark needs a GPU (use --dry-run to check it on the CPU)",
-              file=sys.stderr)
-        return NO_CUDA_EXIT
+    device = device_or_exit(args.device, "bench_vlm_gpu")
+    if device is None:
+        return 2
 
-    result: dict = {"benchmark": "qwen2_vl", "size": args.size, "gpu": torch.cuda.get_device_name(0),
-                    "torch": torch.__version__, "dtype": dtype, "captions": args.captions,
-                    "attributes": args.attributes,
-                    "caption_settings": caption_settings.model_dump(mode="json"),
-                    "attribute_settings": attribute_settings.model_dump(mode="json")}
+    results = Results(args.json, "qwen2_vl", size=args.size, gpu=device_name(device), torch=torch.__version__,
+                      dtype=dtype, image_size=args.image_size,
+                      caption_settings=caption_settings.model_dump(mode="json"),
+                      attribute_settings=attribute_settings.model_dump(mode="json"))
+    kinds = [("caption", caption_prompt, caption_settings, args.captions)]
+    if args.attributes:
+        kinds.append(("attribute", attribute_prompt, attribute_settings, args.attributes))
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
-        model, tokenizer, eos, pad = build_model(args.size, "cuda", torch.bfloat16)
-        result["parameters"] = parameter_counts(model)
+        model, tokenizer, eos, pad = build_model(args.size, device, torch.bfloat16)
+        results.data["parameters"] = parameter_counts(model)
         save_model_folder(model, tokenizer, eos, pad, folder)
         del model
-        torch.cuda.empty_cache()
-
-        kwargs = dict(model_id=f"random-Qwen2-VL-{args.size}", device="cuda", dtype=dtype, trust_remote_code=False)
-        backends = {"transformers": lambda: TransformersBackend(folder, **kwargs)}
-        if vllm_available():
-            backends["vllm"] = lambda: VllmBackend(folder, settings=caption_settings, **kwargs)
-        else:
-            print("vLLM is not installed: reporting the transformers backend only")
-        for name, make in backends.items():
-            backend = make()
-            rate = time_requests(backend, make_requests(args.captions, caption_prompt, "cap"), caption_settings)
-            result[f"{name}_captions_per_s"] = rate
-            print(f"{name:12s} captions:   {rate:8.2f} /s (batch {caption_settings.batch_size}, "
-                  f"{caption_settings.max_new_tokens} new tokens)")
-            if args.attributes:
-                rate = time_requests(backend, make_requests(args.attributes, attribute_prompt, "attr"),
-                                     attribute_settings)
-                result[f"{name}_attributes_per_s"] = rate
-                print(f"{name:12s} attributes: {rate:8.2f} /s (batch {attribute_settings.batch_size}, "
-                      f"{attribute_settings.max_new_tokens} new tokens)")
-            del backend
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-    if "vllm_captions_per_s" in result:
-        result["ratio_vllm_over_transformers"] = result["vllm_captions_per_s"] / result["transformers_captions_per_s"]
-        print(f"ratio vLLM/transformers (captions): {result['ratio_vllm_over_transformers']:.2f}x")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-    return 0
+
+        kwargs = dict(model_id=f"random-Qwen2-VL-{args.size}", device=str(device), dtype=dtype,
+                      trust_remote_code=False)
+        backend = TransformersBackend(folder, **kwargs)
+        for kind, prompt, settings, n in kinds:
+            single = settings.model_copy(update={"batch_size": 1})
+            results.phase(f"{kind}_batch1", f"transformers, 1 request per generate call ({kind}s)",
+                          lambda: measure(backend, make_requests(args.batch1_requests, prompt, kind, args.image_size),
+                                          single, device))
+            batched = make_requests(round_up(n, settings.batch_size), prompt, kind, args.image_size)
+            results.phase(f"{kind}_batched", f"transformers, batches of {settings.batch_size} ({kind}s)",
+                          lambda: measure(backend, batched, settings, device))
+        del backend
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not vllm_available():
+            print("vLLM is not installed: transformers phases only")
+            results.data["vllm"] = "not installed"
+            results.write()
+            return results.exit_code()
+        vllm = VllmBackend(folder, settings=caption_settings, **kwargs)
+        for kind, prompt, settings, n in kinds:
+            batched = make_requests(round_up(n, settings.batch_size), prompt, kind, args.image_size)
+            results.phase(f"vllm_{kind}_batched", f"vLLM, batches of {settings.batch_size} ({kind}s)",
+                          lambda: measure(vllm, batched, settings, device))
+    return results.exit_code()
 
 
 if __name__ == "__main__":
