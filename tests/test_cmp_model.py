@@ -84,9 +84,11 @@ def test_pose_branch_changes_image_features_only_when_on(tiny_paths, tokenizer):
         f_off2 = without.image_feature(without.encode_image(b["images"], other_poses))
         t_on = with_pose.text_feature(with_pose.encode_text(b["ids"], b["mask"]), b["mask"])
         t_off = without.text_feature(without.encode_text(b["ids"], b["mask"]), b["mask"])
-    assert not torch.allclose(f_on, f_on2, atol=1e-5)  # the pose map matters when PE is on
+    # (the official head starts near 0: compare directions, which is what retrieval uses)
+    f_on, f_on2, f_off, f_off2 = (torch.nn.functional.normalize(f, dim=-1) for f in (f_on, f_on2, f_off, f_off2))
+    assert not torch.allclose(f_on, f_on2, atol=1e-3)  # the pose map matters when PE is on
     torch.testing.assert_close(f_off, f_off2)  # and is ignored when it is off
-    assert not torch.allclose(f_on, f_off, atol=1e-5)
+    assert not torch.allclose(f_on, f_off, atol=1e-3)
     torch.testing.assert_close(t_on, t_off)  # text side untouched
 
 
@@ -214,7 +216,7 @@ def test_eda_is_seeded():
 def test_official_checkpoint_names_map_onto_ours(tiny_paths, tmp_path):
     from pab_build.cmp.official import load_init_checkpoint
 
-    model = build(tiny_paths)
+    model = build(tiny_paths, itc_head="paper")  # eq. 4 heads: the official projections cannot load
     ours = model.state_dict()
     blk = "image_encoder.encoder.layers.1.blocks.0."
     qkv_w = torch.cat([ours[blk + f"attention.{p}_proj.weight"] for p in "qkv"]) + 1

@@ -60,8 +60,9 @@ def test_evaluation_writes_both_settings_and_the_figure(make_cfg, shards, tmp_pa
     trained = train_cmp(cfg, shards, str(tmp_path))
     result = evaluate_cmp(cfg, trained["checkpoint"], shards, str(tmp_path))
     written = json.loads((tmp_path / "cmp" / "eval.json").read_text())
-    assert set(written) == {"behavior", "identity"}
-    for setting in written.values():
+    assert (written["num_queries"], written["num_gallery"], written["checkpoint_step"]) == (16, 16, 2)
+    assert written["eval_combination"] == "single" and len(written["config_hash"]) == 64
+    for setting in (written["behavior"], written["identity"]):
         assert set(setting) == {"r1", "r5", "r10", "mAP", "mINP"}
         assert all(0 <= v <= 100 for v in setting.values())
     # identity match counts a superset of behavior matches, so its R@k cannot be lower
