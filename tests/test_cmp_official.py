@@ -1,6 +1,6 @@
 """The official CMP checkpoint layout (github.com/Shuyu-XJTU/CMP) loads into our model completely.
 
-The key names and shapes below are written from the official code, not from our model:
+The key names and shapes of ``official_cmp_state`` (pab_build/fixtures/tiny_cmp.py) are written from the official code, not from our model:
 ``models/swin_transformer.py`` (X-VLM's Swin: ``patch_embed``, ``layers.i.blocks.j.{norm1, attn.qkv,
 attn.proj, attn.relative_position_bias_table, attn.relative_position_index, norm2, mlp.fc1, mlp.fc2}``,
 ``layers.i.downsample.{reduction, norm}``, ``norm``), ``models/bert.py`` (ALBEF's BertForMaskedLM
@@ -19,115 +19,7 @@ import torch.nn.functional as F
 
 from pab_build.cmp.model import CMPArchitecture, CMPModel
 from pab_build.cmp.official import evaluation_gaps, load_official_state, official_name
-from pab_build.fixtures.tiny_cmp import tiny_vocab
-
-# the tiny fixtures' sizes (pab_build/fixtures/tiny_cmp.py)
-SWIN = {"embed": 16, "depths": [1, 1], "heads": [2, 4], "window": 4, "mlp_ratio": 2}
-BERT = {"hidden": 32, "layers": 4, "intermediate": 64, "positions": 128, "types": 2}
-EMBED, POSE_WIDTH = 16, 8
-
-
-def _linear(out_dim, in_dim, bias=True):
-    return {"weight": (out_dim, in_dim), **({"bias": (out_dim,)} if bias else {})}
-
-
-def _norm(dim):
-    return {"weight": (dim,), "bias": (dim,)}
-
-
-def _batchnorm(dim):
-    return {"weight": (dim,), "bias": (dim,), "running_mean": (dim,), "running_var": (dim,), "num_batches_tracked": ()}
-
-
-def official_shapes(fusion_layer: int) -> dict[str, tuple]:
-    """Every tensor of an official ``Search`` model's state dict at the tiny sizes."""
-    shapes: dict[str, tuple] = {}
-
-    def add(prefix, parts):
-        shapes.update({f"{prefix}.{k}": v for k, v in parts.items()})
-
-    # X-VLM Swin
-    e, win = SWIN["embed"], SWIN["window"]
-    add("vision_encoder.patch_embed.proj", {"weight": (e, 3, 4, 4), "bias": (e,)})
-    add("vision_encoder.patch_embed.norm", _norm(e))
-    for i, (depth, heads) in enumerate(zip(SWIN["depths"], SWIN["heads"])):
-        dim = e * 2 ** i
-        for j in range(depth):
-            b = f"vision_encoder.layers.{i}.blocks.{j}"
-            add(f"{b}.norm1", _norm(dim))
-            add(f"{b}.attn.qkv", _linear(3 * dim, dim))
-            add(f"{b}.attn.proj", _linear(dim, dim))
-            shapes[f"{b}.attn.relative_position_bias_table"] = ((2 * win - 1) ** 2, heads)
-            shapes[f"{b}.attn.relative_position_index"] = (win * win, win * win)
-            add(f"{b}.norm2", _norm(dim))
-            add(f"{b}.mlp.fc1", _linear(dim * SWIN["mlp_ratio"], dim))
-            add(f"{b}.mlp.fc2", _linear(dim, dim * SWIN["mlp_ratio"]))
-        if i < len(SWIN["depths"]) - 1:
-            add(f"vision_encoder.layers.{i}.downsample.reduction", _linear(2 * dim, 4 * dim, bias=False))
-            add(f"vision_encoder.layers.{i}.downsample.norm", _norm(4 * dim))
-    dv = e * 2 ** (len(SWIN["depths"]) - 1)
-    add("vision_encoder.norm", _norm(dv))
-    # ALBEF BERT
-    h, vocab = BERT["hidden"], len(tiny_vocab())
-    emb = "text_encoder.bert.embeddings"
-    shapes[f"{emb}.word_embeddings.weight"] = (vocab, h)
-    shapes[f"{emb}.position_embeddings.weight"] = (BERT["positions"], h)
-    shapes[f"{emb}.token_type_embeddings.weight"] = (BERT["types"], h)
-    add(f"{emb}.LayerNorm", _norm(h))
-    shapes[f"{emb}.position_ids"] = (1, BERT["positions"])
-    for i in range(BERT["layers"]):
-        lay = f"text_encoder.bert.encoder.layer.{i}"
-        attentions = ["attention"] + (["crossattention"] if i >= fusion_layer else [])
-        for att in attentions:
-            kv_in = dv if att == "crossattention" else h
-            add(f"{lay}.{att}.self.query", _linear(h, h))
-            add(f"{lay}.{att}.self.key", _linear(h, kv_in))
-            add(f"{lay}.{att}.self.value", _linear(h, kv_in))
-            add(f"{lay}.{att}.output.dense", _linear(h, h))
-            add(f"{lay}.{att}.output.LayerNorm", _norm(h))
-        add(f"{lay}.intermediate.dense", _linear(BERT["intermediate"], h))
-        add(f"{lay}.output.dense", _linear(h, BERT["intermediate"]))
-        add(f"{lay}.output.LayerNorm", _norm(h))
-    shapes["text_encoder.cls.predictions.bias"] = (vocab,)
-    add("text_encoder.cls.predictions.transform.dense", _linear(h, h))
-    add("text_encoder.cls.predictions.transform.LayerNorm", _norm(h))
-    add("text_encoder.cls.predictions.decoder", {"weight": (vocab, h), "bias": (vocab,)})
-    # CMP heads, pose modules
-    add("vision_proj.0", _batchnorm(3 * dv))
-    add("vision_proj.2", _linear(EMBED, 3 * dv))
-    add("text_proj.0", _batchnorm(4 * h))
-    add("text_proj.2", _linear(EMBED, 4 * h))
-    shapes["temp"] = ()
-    add("itm_head.0", _linear(2 * h, h))
-    add("itm_head.1", _norm(2 * h))
-    add("itm_head.3", _linear(2, 2 * h))
-    add("pose_block.norm", _norm(dv))
-    for part in "qkv":
-        add(f"pose_block.attn.{part}", _linear(dv, dv))
-    add("pose_block.attn.proj", _linear(dv, dv))
-    add("pose_conv.expand.0", {"weight": (POSE_WIDTH, 3, 3, 3), "bias": (POSE_WIDTH,)})
-    add("pose_conv.expand.1", _batchnorm(POSE_WIDTH))
-    add("pose_conv.reduce.0", {"weight": (3, POSE_WIDTH, 3, 3), "bias": (3,)})
-    add("pose_conv.reduce.1", _batchnorm(3))
-    return shapes
-
-
-def official_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in official_shapes(fusion_layer=BERT["layers"] // 2).items():
-        if name.endswith(("num_batches_tracked", "relative_position_index", "position_ids")):
-            state[name] = torch.randint(0, 10, shape, generator=g)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[name] = torch.randn(shape, generator=g) * 0.1
-    # tied in the official model, so one tensor in its checkpoint
-    state["text_encoder.cls.predictions.decoder.bias"] = state["text_encoder.cls.predictions.bias"]
-    state["text_encoder.cls.predictions.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"]
-    state["temp"] = torch.tensor(0.05)
-    return state
-
+from pab_build.fixtures.tiny_cmp import TINY_EMBED, TINY_POSE_WIDTH, official_cmp_state
 
 @pytest.fixture(scope="module")
 def tiny_paths(tiny_model):
@@ -136,12 +28,12 @@ def tiny_paths(tiny_model):
 
 def build(tiny_paths, **arch):
     torch.manual_seed(0)
-    return CMPModel.from_pretrained(*tiny_paths, CMPArchitecture(embed_dim=EMBED, pose_heads=4,
-                                                                 pose_stem_width=POSE_WIDTH, **arch))
+    return CMPModel.from_pretrained(*tiny_paths, CMPArchitecture(embed_dim=TINY_EMBED, pose_heads=4,
+                                                                 pose_stem_width=TINY_POSE_WIDTH, **arch))
 
 
 def test_an_official_checkpoint_leaves_only_recomputed_buffers_unmapped(tiny_paths):
-    model, official = build(tiny_paths), official_state()
+    model, official = build(tiny_paths), official_cmp_state()
     report = load_official_state(model, official)
     assert report["missing"] == [] and report["shape_mismatch"] == []
     assert report["unmapped"] and all(n.endswith(("relative_position_index", "position_ids")) for n in report["unmapped"])
@@ -157,7 +49,7 @@ def test_an_official_checkpoint_leaves_only_recomputed_buffers_unmapped(tiny_pat
 
 def test_the_official_itc_heads_compute_what_the_official_code_computes(tiny_paths):
     """get_image_feat / get_text_feat of models/cmp.py, written out with the official tensors."""
-    model, official = build(tiny_paths).eval(), official_state(seed=1)
+    model, official = build(tiny_paths).eval(), official_cmp_state(seed=1)
     load_official_state(model, official)
     g = torch.Generator().manual_seed(2)
     image_tokens, text_tokens = torch.randn(3, 17, 32, generator=g), torch.randn(3, 11, 32, generator=g)
@@ -178,7 +70,7 @@ def test_the_official_itc_heads_compute_what_the_official_code_computes(tiny_pat
 
 def test_the_paper_heads_cannot_take_the_official_projections_and_say_so(tiny_paths):
     model = build(tiny_paths, itc_head="paper")
-    report = load_official_state(model, official_state())
+    report = load_official_state(model, official_cmp_state())
     assert {"vision_proj.0.weight", "vision_proj.2.weight", "text_proj.2.bias"} <= set(report["unmapped"])
     gaps = evaluation_gaps(report)
     assert gaps == ["image_proj.bias", "image_proj.weight", "text_proj.bias", "text_proj.weight"]
