@@ -11,15 +11,12 @@ from safetensors.torch import load_file
 from pab_build.cmp.evaluate import evaluate_cmp
 from pab_build.cmp.train import train_cmp
 from pab_build.config import load_config
-from pab_build.fixtures.tiny_cmp import write_synthetic_cmp_shards
+from pab_build.fixtures.tiny_cmp import write_synthetic_cmp_build
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("cmp-resume-build"))
-    write_synthetic_cmp_shards(root, "train", n_identities=8, image_size=32)
-    write_synthetic_cmp_shards(root, "test", n_identities=4, image_size=32)
-    return root
+    return write_synthetic_cmp_build(str(tmp_path_factory.mktemp("cmp-resume-build")), test_identities=4)
 
 
 @pytest.fixture

@@ -10,16 +10,13 @@ import pytest
 from pab_build.cmp.evaluate import evaluate_cmp
 from pab_build.cmp.train import STATE_FILE, latest_checkpoint, train_cmp
 from pab_build.config import load_config
-from pab_build.fixtures.tiny_cmp import write_synthetic_cmp_shards
+from pab_build.fixtures.tiny_cmp import write_synthetic_cmp_build
 from pab_build.store import Store
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("cmp-build"))
-    write_synthetic_cmp_shards(root, "train", n_identities=8, image_size=32)
-    write_synthetic_cmp_shards(root, "test", n_identities=8, image_size=32)
-    return root
+    return write_synthetic_cmp_build(str(tmp_path_factory.mktemp("cmp-build")), test_identities=8)
 
 
 def cmp_overrides(models_dir: str, **extra) -> dict:
