@@ -220,7 +220,7 @@ class CMPConfig(Section):
     num_workers: int = 2
     seed: int = 0
     train_after_build: bool = True
-    init_checkpoint: str | None = None  # e.g. the official cmp.pth
+    init_checkpoint: str | None = None  # whole-model init: the X-VLM / APTM person-search checkpoint, or a cmp.pth
     text_layers: int | None = Field(None, ge=1)  # BERT layers in the text encoder; None = first half (rest = cross encoder)
     pose_heads: int = Field(16, ge=1)  # heads of the pose-aware cross-attention (official: 16 for Swin-B's 1024)
     pose_stem_width: int = Field(96, ge=1)  # channels of the conv stem before the shared image encoder (official: 96)

@@ -175,7 +175,8 @@ def wordnet_synonyms() -> Callable[[str], list[str]] | None:
         wordnet.ensure_loaded()
     except Exception as e:  # noqa: BLE001 - nltk missing or no database: EDA runs without synonyms
         log.warning("EDA without synonym replacement/insertion: no WordNet available (%s); the official "
-                    "recipe uses WordNet synonyms (docs/CMP.md says how to install it offline)", str(e).splitlines()[0])
+                    "recipe uses WordNet synonyms (docs/CMP.md says how to install it offline)",
+                    next((ln.strip() for ln in str(e).splitlines() if ln.strip().strip("*")), type(e).__name__))
         return None
 
     def synonyms(word: str) -> list[str]:

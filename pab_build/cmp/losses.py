@@ -178,16 +178,18 @@ def cmp_losses(model, batch: dict, mlm_probability: float, special_ids: list[int
         }
     itm, ihnm_pairs = itm_loss(model, image_tokens, text_tokens, batch["mask"], image_feat, text_feat,
                                batch["sample_ids"], hard)
+    mlm = mlm_loss(model, batch["ids"], batch["mask"], image_tokens, mlm_probability, special_ids, mask_id,
+                   recipe.get("max_masks"), recipe.get("continuation"))
     eda_weight = recipe.get("eda_weight", 0.0)
     if eda_weight and batch.get("eda_ids") is not None:  # official: the same image with an EDA-edited caption
+        # after MLM (the official order is ITC, ITM, EDA, MLM) so that switching the stream on
+        # leaves MLM's random masks, and so MLM, unchanged
         eda_tokens = model.encode_text(batch["eda_ids"], batch["eda_mask"])
         eda_feat = model.text_feature(eda_tokens, batch["eda_mask"])
         itc = itc + eda_weight * itc_loss(image_feat, eda_feat, model.temperature(), smoothing)
         eda_itm, _ = itm_loss(model, image_tokens, eda_tokens, batch["eda_mask"], image_feat, eda_feat,
                               batch["sample_ids"])
         itm = itm + eda_weight * eda_itm
-    mlm = mlm_loss(model, batch["ids"], batch["mask"], image_tokens, mlm_probability, special_ids, mask_id,
-                   recipe.get("max_masks"), recipe.get("continuation"))
     return {"loss": itc + itm + mlm, "itc": itc, "itm": itm, "mlm": mlm, "ihnm_pairs": ihnm_pairs}
 
 

@@ -36,6 +36,8 @@ import re
 
 import torch
 
+from pab_build.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 _RECOMPUTED = re.compile(r"(relative_position_index|attn_mask|position_ids)$")
@@ -158,9 +160,13 @@ def load_official_state(model: torch.nn.Module, official: dict[str, torch.Tensor
 
 
 def load_init_checkpoint(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
-    """Load an official ``cmp.pth`` (``{"model": state}`` or a bare state dict), safely."""
+    """Load an official ``cmp.pth`` or the X-VLM / APTM checkpoint the official training starts
+    from (``{"model": state}`` or a bare state dict), safely, through the same name mapping."""
     import fsspec
 
+    fs = fsspec.core.url_to_fs(path)[0]
+    if not fs.exists(path):
+        raise ConfigError(f"cmp checkpoint {path} does not exist (cmp.init_checkpoint or --checkpoint)")
     with fsspec.open(path, "rb") as f:
         try:
             ckpt = torch.load(f, map_location="cpu", weights_only=True)

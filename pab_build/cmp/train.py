@@ -159,10 +159,13 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
     accelerator = Accelerator(cpu=cfg.run.device == "cpu", mixed_precision=c.mixed_precision)
     set_seed(c.seed)
     model, tokenizer = load_cmp(cfg)
-    if c.init_checkpoint:
+    init = None
+    if c.init_checkpoint and not ckpt:  # a resumed run takes every weight from its checkpoint
         from pab_build.cmp.official import load_init_checkpoint
 
-        load_init_checkpoint(model, c.init_checkpoint)
+        report = load_init_checkpoint(model, c.init_checkpoint)
+        init = {"checkpoint": c.init_checkpoint, "loaded": len(report["loaded"]),
+                **{k: report[k] for k in ("unmapped", "shape_mismatch", "missing")}}
 
     urls = list_shards(shards, "train")
     index = build_member_index(urls)
@@ -240,7 +243,7 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
         "steps": step, "total_steps": total, "steps_per_epoch": steps_per_epoch, "epochs": epoch,
         "train_samples": data.num_samples, "losses": losses, "last": last, "train_key": key,
         "checkpoint": f"{store.url_root}/{last_ckpt}" if last_ckpt else None,
-        "resumed_from": ckpt or None, "skipped": False, "seconds": round(time.time() - t0, 3),
+        "resumed_from": ckpt or None, "init": init, "skipped": False, "seconds": round(time.time() - t0, 3),
     }
     if accelerator.is_main_process and step == total:
         store.write_json(SUMMARY_REL, {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
