@@ -154,8 +154,9 @@ def load_official_state(model: torch.nn.Module, official: dict[str, torch.Tensor
     }
     model.load_state_dict(usable, strict=False)
     for what in ("unmapped", "shape_mismatch", "missing"):
-        if report[what]:
-            log.warning("official checkpoint: %d %s keys, e.g. %s", len(report[what]), what, report[what][:5])
+        names = [n for n in report[what] if not _RECOMPUTED.search(n)]  # recomputed buffers are expected
+        if names:
+            log.warning("official checkpoint: %d %s keys, e.g. %s", len(names), what, names[:5])
     return report
 
 
