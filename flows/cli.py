@@ -87,6 +87,15 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cmp_eval(args: argparse.Namespace) -> int:
+    from pab_build.cmp.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.build, args.out, allow_partial=args.allow_partial,
+                                 profile=args.profile, overrides=args.set)
+    print(json.dumps({k: result[k] for k in ("behavior", "identity", "num_queries", "eval_json")}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pab", description="Build the PAB benchmark and train/evaluate CMP.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("card", help="(re)write OUT/README.md, the dataset card")
     c.add_argument("out")
     c.set_defaults(func=_cmd_card)
+
+    ce = sub.add_parser("cmp-eval", help="evaluate a CMP checkpoint (ours or an official cmp.pth) on a build's test shards")
+    ce.add_argument("--checkpoint", required=True, help="a training checkpoint folder or an official .pth")
+    ce.add_argument("--build", required=True, help="the build's output folder (its shards/test)")
+    ce.add_argument("--out", help="where cmp/eval.json goes (default: BUILD/cmp_eval/<checkpoint name>)")
+    ce.add_argument("--allow-partial", action="store_true", help="evaluate even if parameters were not loaded")
+    ce.add_argument("--profile", help="config for a .pth (default full); a checkpoint folder carries its own")
+    ce.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    ce.set_defaults(func=_cmd_cmp_eval)
 
     f = sub.add_parser("fixtures", help="build the tiny models and the sample OOPS! root")
     f.add_argument("--models-dir", default="~/.cache/pab-build/tiny-models")

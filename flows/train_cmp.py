@@ -15,6 +15,7 @@ from pab_build.config import PABConfig, load_config
 
 @task(name="train-cmp-model", cache_policy=NO_CACHE)
 def train_task(cfg: PABConfig, shards: str, out: str, resume: bool | str) -> dict[str, Any]:
+    # the training is its own resumable unit (skipped when finished, resumed when interrupted)
     from pab_build.cmp.train import train_cmp
 
     return train_cmp(cfg, shards, out, resume=resume)
@@ -34,18 +35,20 @@ def train_cmp_flow(
     shards: str | None = None,
     out: str | None = None,
     overrides: list[str] | None = None,
-    resume: bool | str = False,
+    resume: bool | str = "auto",
 ) -> dict[str, Any]:
     """``shards``: a build's OUT dir or a published URL (default ``build_out``); ``out``: where
-    ``cmp/`` goes (default ``build_out``); ``resume``: True = latest checkpoint in ``out``, or a
-    checkpoint folder."""
+    ``cmp/`` goes (default ``build_out``); ``resume``: "auto" = skip a finished training of the same
+    shards and config, resume an interrupted one; False = from step 0; or a checkpoint folder.
+    The evaluation reruns only when its inputs (weights, test shards, config) changed."""
     shards, out = shards or build_out, out or build_out
     if not shards or not out:
         raise ValueError("train-cmp needs build_out, or both shards and out")
     cfg = load_config(profile, overrides or [])
     logger = get_run_logger()
     trained = train_task(cfg, shards, out, resume)
-    logger.info("trained %d steps; checkpoint %s", trained["steps"], trained["checkpoint"])
+    logger.info("%s %d steps; checkpoint %s", "skipped (already trained)" if trained.get("skipped") else "trained",
+                trained["steps"], trained["checkpoint"])
     metrics = evaluate_task(cfg, trained["checkpoint"], shards, out)
     rows = [{"setting": s, **{k: round(v, 2) for k, v in metrics[s].items()}} for s in ("behavior", "identity")]
     create_table_artifact(rows, key="cmp-eval", description="CMP text-to-image retrieval on the PAB test shards (%)")

@@ -189,7 +189,10 @@ class CMPConfig(Section):
 
     image_size: int = 224
     max_text_len: int = 56
-    embed_dim: int = 256
+    embed_dim: int = 2048  # ITC embedding size (official 2048; the paper-head ablations used 256)
+    itc_head: Literal["official", "paper"] = "official"  # official: pooled groups -> BN -> Dropout -> FC; paper: eq. 4
+    itc_dropout: float = Field(0.5, ge=0, lt=1)  # dropout inside the official ITC head (official itc_dp)
+    image_norm: Literal["clip", "processor"] = "clip"  # clip: CLIP mean/std (official); processor: the Swin processor's
     use_pose: bool = True  # PE: pose-aware image encoder
     use_ihnm: bool = True  # identity-based hard negatives in ITM
     batch_size: int = 22
@@ -201,7 +204,15 @@ class CMPConfig(Section):
     epochs: int = 30
     max_steps: int | None = None  # stop after this many steps (smoke)
     temperature: float = 0.07
+    itc_label_smoothing: float = Field(0.2, ge=0, lt=1)  # official label_smooth; 0 = the paper's plain InfoNCE
+    eda_stream_weight: float = Field(0.8, ge=0)  # weight of ITC + ITM on a second, EDA-edited caption; 0 = off (EDA edits the caption itself)
+    lr_schedule: Literal["step", "linear"] = "step"  # step: official scheduler.py; linear: warm-up then linear to lr_end
+    lr_mult: float = Field(2.0, gt=0)  # learning-rate factor of the official init_params groups (1 = one lr)
     mlm_probability: float = 0.25
+    mlm_max_masks: int | None = Field(10, ge=1)  # official: at most 10 whole-word/span masks per caption; None = per-token BERT masking
+    pre_caption: bool = True  # official pre_caption: lower case, punctuation stripped, max_text_words words
+    max_text_words: int = Field(56, ge=1)  # words kept by pre_caption (official max_words)
+    pose_augment: Literal["own", "shared"] = "own"  # own: the pose map gets its own flip and erasing (official); shared: flipped with the image, never erased
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     train_fraction: float = Field(1.0, ge=0, le=1)
     rerank_k: int = 128
@@ -209,15 +220,16 @@ class CMPConfig(Section):
     num_workers: int = 2
     seed: int = 0
     train_after_build: bool = True
-    init_checkpoint: str | None = None  # e.g. the official cmp.pth
+    init_checkpoint: str | None = None  # whole-model init: the X-VLM / APTM person-search checkpoint, or a cmp.pth
     text_layers: int | None = Field(None, ge=1)  # BERT layers in the text encoder; None = first half (rest = cross encoder)
     pose_heads: int = Field(16, ge=1)  # heads of the pose-aware cross-attention (official: 16 for Swin-B's 1024)
     pose_stem_width: int = Field(96, ge=1)  # channels of the conv stem before the shared image encoder (official: 96)
     erasing_probability: float = Field(0.6, ge=0, le=1)  # random erasing on the image (official erasing_p)
-    eda_probability: float = Field(0.5, ge=0, le=1)  # chance a training caption gets one EDA edit
+    eda_probability: float = Field(1.0, ge=0, le=1)  # chance a caption gets one EDA edit (official eda_p 1 on the EDA stream)
     shuffle_buffer: int = Field(1000, ge=1)  # WebDataset sample shuffle buffer
     eval_batch_size: int = Field(64, ge=1)  # images / texts / re-ranked pairs per forward at evaluation
     figure_queries: int = Field(4, ge=0)  # queries drawn in the top-5 figure
+    eval_combination: Literal["single", "official_4gpu"] = "single"  # official_4gpu: the official eval.py's scores on 4 processes
 
 
 class PublishConfig(Section):

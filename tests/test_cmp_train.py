@@ -10,16 +10,13 @@ import pytest
 from pab_build.cmp.evaluate import evaluate_cmp
 from pab_build.cmp.train import STATE_FILE, latest_checkpoint, train_cmp
 from pab_build.config import load_config
-from pab_build.fixtures.tiny_cmp import write_synthetic_cmp_shards
+from pab_build.fixtures.tiny_cmp import write_synthetic_cmp_build
 from pab_build.store import Store
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("cmp-build"))
-    write_synthetic_cmp_shards(root, "train", n_identities=8, image_size=32)
-    write_synthetic_cmp_shards(root, "test", n_identities=8, image_size=32)
-    return root
+    return write_synthetic_cmp_build(str(tmp_path_factory.mktemp("cmp-build")), test_identities=8)
 
 
 def cmp_overrides(models_dir: str, **extra) -> dict:
@@ -60,8 +57,9 @@ def test_evaluation_writes_both_settings_and_the_figure(make_cfg, shards, tmp_pa
     trained = train_cmp(cfg, shards, str(tmp_path))
     result = evaluate_cmp(cfg, trained["checkpoint"], shards, str(tmp_path))
     written = json.loads((tmp_path / "cmp" / "eval.json").read_text())
-    assert set(written) == {"behavior", "identity"}
-    for setting in written.values():
+    assert (written["num_queries"], written["num_gallery"], written["checkpoint_step"]) == (16, 16, 2)
+    assert written["eval_combination"] == "single" and len(written["config_hash"]) == 64
+    for setting in (written["behavior"], written["identity"]):
         assert set(setting) == {"r1", "r5", "r10", "mAP", "mINP"}
         assert all(0 <= v <= 100 for v in setting.values())
     # identity match counts a superset of behavior matches, so its R@k cannot be lower
@@ -99,3 +97,61 @@ def test_train_cmp_flow_trains_evaluates_and_publishes_artifacts(tiny_model, mod
     assert set(result["eval"]) == {"behavior", "identity"}
     assert {"cmp-eval", "cmp-figure"} <= keys
     assert (tmp_path / "cmp" / "eval.json").exists()
+
+
+def test_step_schedule_is_the_official_one():
+    from pab_build.cmp.train import lr_multiplier, step_lr_multiplier
+
+    total = 10_500  # warm-up 500: factor 1 until step 2000, 0.5 until 3500, 0.2 after, times linear decay to 0
+    assert [step_lr_multiplier(s, 500, total) for s in (0, 250, 500)] == [0.0, 0.5, 1.0]
+    assert step_lr_multiplier(1999, 500, total) == pytest.approx(8501 / 10_000)
+    assert step_lr_multiplier(2000, 500, total) == pytest.approx(0.5 * 8500 / 10_000)
+    assert step_lr_multiplier(3500, 500, total) == pytest.approx(0.2 * 7000 / 10_000)
+    assert step_lr_multiplier(total, 500, total) == 0.0
+    assert lr_multiplier(2000, 500, total, 1e-4, 1e-5) == pytest.approx(1 - 0.9 * 1500 / 10_000)  # linear unchanged
+
+
+def test_parameter_groups_follow_the_official_optimiser(make_cfg):
+    from pab_build.cmp.model import load_cmp
+    from pab_build.cmp.train import make_optimizer
+
+    cfg = make_cfg()
+    model, _ = load_cmp(cfg)
+    groups = make_optimizer(model, cfg).param_groups
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+
+    def of(name):
+        return where[id(named[name])]
+
+    assert of("text_encoder.embeddings.word_embeddings.weight") == (1e-4, 0.01)
+    assert of("text_encoder.embeddings.LayerNorm.weight") == (1e-4, 0.0)
+    assert of("cross_encoder.1.crossattention.self.key.weight") == (2e-4, 0.01)  # official layers 10, 11
+    assert of("image_encoder.encoder.layers.1.blocks.0.layernorm_before.weight") == (2e-4, 0.0)  # norm1
+    assert of("image_encoder.encoder.layers.1.blocks.0.attention.relative_position_bias.relative_position_bias_table") \
+        == (2e-4, 0.0)  # its official name contains "bias"
+    assert of("itm_head.1.weight") == (2e-4, 0.01)  # "itm_head.1.weight" matches no official no-decay pattern
+    assert of("image_proj.0.weight") == (2e-4, 0.01)  # nor does the BatchNorm of vision_proj
+    assert of("temp") == (1e-4, 0.01)
+    assert len(where) == sum(p.requires_grad for p in model.parameters())
+    single = make_optimizer(model, make_cfg(lr_mult=1.0)).param_groups
+    assert {g["lr"] for g in single} == {1e-4}
+
+
+def test_training_starts_from_an_official_layout_checkpoint_and_reports_the_mapping(make_cfg, shards, tmp_path):
+    import torch
+
+    from pab_build.fixtures.tiny_cmp import official_cmp_state
+
+    official = official_cmp_state()
+    official["bbox_head.0.weight"] = torch.zeros(4, 4)  # an X-VLM head CMP has no use for
+    torch.save({"model": official}, tmp_path / "xvlm.th")
+    cfg = make_cfg(max_steps=1, init_checkpoint=str(tmp_path / "xvlm.th"), embed_dim=16)
+    out = train_cmp(cfg, shards, str(tmp_path / "out"))
+    init = out["init"]
+    assert init["missing"] == [] and init["shape_mismatch"] == []
+    assert "bbox_head.0.weight" in init["unmapped"] and init["loaded"] > 100
+    assert all(n == "bbox_head.0.weight" or n.endswith(("relative_position_index", "position_ids"))
+               for n in init["unmapped"])
+    with pytest.raises(ValueError, match="does not exist"):  # ConfigError: the CLI prints one line
+        train_cmp(make_cfg(max_steps=1, init_checkpoint=str(tmp_path / "missing.th")), shards, str(tmp_path / "x"))

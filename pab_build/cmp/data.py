@@ -11,14 +11,16 @@ flip / erasing / text edit in an uninterrupted and in a resumed run, whatever th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import random
+import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -129,13 +131,14 @@ class ImageTransform:
 
 
 def random_erase(x: torch.Tensor, rng: random.Random, probability: float) -> torch.Tensor:
-    """Random erasing (Zhong et al.): one rectangle of 2-33% of the area set to 0 (the mean colour)."""
+    """Random erasing (Zhong et al.) with the official parameters (``dataset/random_erasing.py``):
+    one rectangle of 2-40% of the area, aspect 0.3-3.3, set to 0 (the mean after normalisation)."""
     if rng.random() >= probability:
         return x
     _, h, w = x.shape
-    for _ in range(10):
-        area = rng.uniform(0.02, 0.33) * h * w
-        ratio = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    for _ in range(100):
+        area = rng.uniform(0.02, 0.4) * h * w
+        ratio = rng.uniform(0.3, 1 / 0.3)
         eh, ew = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
         if 0 < eh < h and 0 < ew < w:
             top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
@@ -145,14 +148,79 @@ def random_erase(x: torch.Tensor, rng: random.Random, probability: float) -> tor
     return x
 
 
-def eda(text: str, rng: random.Random, probability: float, alpha: float = 0.1) -> str:
-    """One EDA edit (Wei & Zou 2019) with ``probability``: random swap, deletion or insertion of a
-    word from the caption. Synonym replacement needs WordNet, which is not available offline."""
+_PUNCTUATION = re.compile(r"([,.'!?\"()*#:;~])")
+# EDA's stop words are never replaced by synonyms (the list of Wei & Zou's eda.py, abridged to
+# the words captions use)
+_STOP_WORDS = frozenset("""i me my we our you your he him his she her it its they them their what which who this
+that these those am is are was were be been being have has had do does did a an the and but if or because as
+until while of at by for with about against between into through during before after above below to from up
+down in out on off over under again then once here there when where why how all any both each few more most
+other some such no nor not only own same so than too very s t can will just don should now""".split())
+
+
+def pre_caption(caption: str, max_words: int) -> str:
+    """The official ``pre_caption``: lower case, ``,.'!?"()*#:;~`` removed, ``-`` and ``/`` to
+    spaces, ``<person>`` to person, spaces collapsed, at most ``max_words`` words."""
+    text = _PUNCTUATION.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    return " ".join(text.split()[:max_words])
+
+
+@functools.lru_cache(maxsize=1)
+def wordnet_synonyms() -> Callable[[str], list[str]] | None:
+    """WordNet synonyms through nltk (EDA's ``get_synonyms``), or None, with one warning, when no
+    WordNet database is installed (NLTK_DATA/corpora/wordnet; see docs/CMP.md)."""
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+    except Exception as e:  # noqa: BLE001 - nltk missing or no database: EDA runs without synonyms
+        log.warning("EDA without synonym replacement/insertion: no WordNet available (%s); the official "
+                    "recipe uses WordNet synonyms (docs/CMP.md says how to install it offline)",
+                    next((ln.strip() for ln in str(e).splitlines() if ln.strip().strip("*")), type(e).__name__))
+        return None
+
+    def synonyms(word: str) -> list[str]:
+        found = set()
+        for syn in wordnet.synsets(word):
+            for lemma in syn.lemmas():
+                name = lemma.name().replace("_", " ").replace("-", " ").lower()
+                found.add("".join(ch for ch in name if ch in " abcdefghijklmnopqrstuvwxyz"))
+        found.discard(word)
+        return sorted(found)
+
+    return synonyms
+
+
+def eda(text: str, rng: random.Random, probability: float, alpha: float = 0.1,
+        synonyms: Callable[[str], list[str]] | None = None) -> str:
+    """One EDA edit (Wei & Zou 2019) with ``probability``, as the official ``eda(num_aug=1)``: one
+    of synonym replacement, synonym insertion, random swap, random deletion, each on ~``alpha``
+    of the words. Without ``synonyms`` (no WordNet) the first two become the insertion of a copy
+    of a caption word."""
     words = text.split()
     if len(words) < 2 or rng.random() >= probability:
         return text
     n = max(1, int(alpha * len(words)))
-    op = rng.choice(("swap", "delete", "insert"))
+    op = rng.choice(("replace", "insert", "swap", "delete") if synonyms else ("swap", "delete", "insert"))
+    if op == "replace":
+        replaced = 0
+        for word in rng.sample(sorted(set(words) - _STOP_WORDS), len(set(words) - _STOP_WORDS)):
+            options = synonyms(word)
+            if options:
+                new = rng.choice(options)
+                words = [new if w == word else w for w in words]
+                replaced += 1
+            if replaced >= n:
+                break
+        return " ".join(" ".join(words).split())
+    if op == "insert" and synonyms:
+        for _ in range(n):
+            for _ in range(10):
+                options = synonyms(rng.choice(words))
+                if options:
+                    words.insert(rng.randrange(len(words)), options[0])
+                    break
+        return " ".join(" ".join(words).split())
     if op == "swap":
         for _ in range(n):
             i, j = rng.randrange(len(words)), rng.randrange(len(words))
@@ -190,6 +258,10 @@ class TrainData:
     seed: int = 0
     erasing_probability: float = 0.6
     eda_probability: float = 0.5
+    eda_stream: bool = False  # True: keep the caption, put its EDA edit in a second stream ("eda_text")
+    synonyms: Callable[[str], list[str]] | None = None  # WordNet synonyms for EDA
+    caption_words: int | None = None  # official pre_caption with this many words; None = caption as written
+    pose_augment: str = "shared"  # "own": the pose map gets its own flip and erasing (official)
     shuffle_buffer: int = 1000
     num_workers: int = 0
     load_counterparts: bool = True
@@ -244,16 +316,12 @@ class TrainData:
         key = sample["__key__"]
         try:
             meta = json.loads(sample[JSON_EXT])
-            rng = sample_rng(self.seed, epoch, key)
-            flip = rng.random() < 0.5  # image and pose flip together
-            image = self.transform.to_tensor(_decode_image(sample[IMAGE_EXT]), flip)
-            pose = self.transform.to_tensor(_decode_image(sample[POSE_EXT]), flip)
-            out = {
-                "key": key, "position": self.index.position[key],
-                "image": random_erase(image, rng, self.erasing_probability), "pose": pose,
-                "text": eda(sample[TEXT_EXT].decode("utf-8").strip(), rng, self.eda_probability),
-                "hard": None,
-            }
+            image, pose = self._pictures(sample[IMAGE_EXT], sample[POSE_EXT], epoch, key)
+            text = self.caption(sample[TEXT_EXT].decode("utf-8"))
+            edited = eda(text, sample_rng(self.seed, epoch, key, "text"), self.eda_probability, synonyms=self.synonyms)
+            out = {"key": key, "position": self.index.position[key], "image": image, "pose": pose,
+                   "text": text if self.eda_stream else edited, "eda_text": edited if self.eda_stream else None,
+                   "hard": None}
             if self.load_counterparts:
                 out["hard"] = self._counterpart(meta, epoch)
             return out
@@ -262,17 +330,39 @@ class TrainData:
             log.warning("skipping training sample %s: %s", key, e)
             return None
 
+    def caption(self, text: str) -> str:
+        text = text.strip()
+        if self.caption_words is None:
+            return text
+        cleaned = pre_caption(text, self.caption_words)
+        if not cleaned:
+            raise ValueError(f"pre_caption leaves nothing of {text!r}")
+        return cleaned
+
+    def _pictures(self, image_bytes: bytes, pose_bytes: bytes, epoch: int, key: str,
+                  erase: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (flip, erasing unless ``erase`` is False) and pose map: flipped with the image and
+        never erased (``shared``), or, as the official transform, with their own flip and erasing (``own``)."""
+        rng = sample_rng(self.seed, epoch, key, "image")
+        flip = rng.random() < 0.5
+        image = self.transform.to_tensor(_decode_image(image_bytes), flip)
+        image = random_erase(image, rng, self.erasing_probability) if erase else image
+        if self.pose_augment != "own":
+            return image, self.transform.to_tensor(_decode_image(pose_bytes), flip)
+        pose_rng = sample_rng(self.seed, epoch, key, "pose")
+        pose = self.transform.to_tensor(_decode_image(pose_bytes), pose_rng.random() < 0.5)
+        return image, random_erase(pose, pose_rng, self.erasing_probability)
+
     def _counterpart(self, meta: dict, epoch: int) -> dict | None:
         hard_key = meta.get("hard_negative_key")
         if not hard_key or hard_key not in self.index:
             return None
-        rng = sample_rng(self.seed, epoch, hard_key, "counterpart")
-        flip = rng.random() < 0.5
-        return {
-            "image": self.transform.to_tensor(_decode_image(self.index.read(hard_key, IMAGE_EXT)), flip),
-            "pose": self.transform.to_tensor(_decode_image(self.index.read(hard_key, POSE_EXT)), flip),
-            "text": str(meta.get("hard_negative_caption") or ""),
-        }
+        # the official dataset puts counterparts through the training transform; the paper setting
+        # (``shared``) flips them and never erases
+        image, pose = self._pictures(self.index.read(hard_key, IMAGE_EXT), self.index.read(hard_key, POSE_EXT),
+                                     epoch, f"{hard_key}:counterpart", erase=self.pose_augment == "own")
+        caption = str(meta.get("hard_negative_caption") or "")
+        return {"image": image, "pose": pose, "text": self.caption(caption) if caption.strip() else ""}
 
 
 def collate_train(samples: list[dict]) -> dict:
@@ -283,6 +373,7 @@ def collate_train(samples: list[dict]) -> dict:
         "images": torch.stack([s["image"] for s in samples]),
         "poses": torch.stack([s["pose"] for s in samples]),
         "texts": [s["text"] for s in samples],
+        "eda_texts": [s["eda_text"] for s in samples] if samples[0]["eda_text"] is not None else [],
         "hard_rows": torch.tensor(rows, dtype=torch.long),
         "hard_texts": [samples[i]["hard"]["text"] for i in rows],
     }
@@ -305,8 +396,8 @@ class EvalSample:
 
 
 def iter_test_samples(urls: list[str], transform: ImageTransform, storage_options: dict | None = None,
-                      thumb_size: int = 96) -> Iterator[EvalSample]:
-    """Test samples in shard order (no augmentation)."""
+                      thumb_size: int = 96, caption_words: int | None = None) -> Iterator[EvalSample]:
+    """Test samples in shard order (no augmentation); ``caption_words``: official pre_caption."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     for s in group_by_keys(tar_file_expander(_open_streams(urls, storage_options or {}))):
@@ -315,12 +406,24 @@ def iter_test_samples(urls: list[str], transform: ImageTransform, storage_option
         thumb = image.copy()
         thumb.thumbnail((thumb_size, thumb_size))
         yield EvalSample(key=s["__key__"], identity=str(meta.get("identity", "")), behavior=str(meta.get("behavior", "")),
-                         caption=s[TEXT_EXT].decode("utf-8").strip(), image=transform.to_tensor(image),
+                         caption=_test_caption(s[TEXT_EXT].decode("utf-8"), caption_words), image=transform.to_tensor(image),
                          pose=transform.to_tensor(_decode_image(s[POSE_EXT])), thumbnail=thumb)
 
 
+def _test_caption(text: str, caption_words: int | None) -> str:
+    text = text.strip()
+    return (pre_caption(text, caption_words) or text) if caption_words else text
+
+
+# the official code normalises with CLIP's statistics (dataset/__init__.py), not ImageNet's
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
 def image_transform(cfg, swin_path: str) -> ImageTransform:
-    """The Swin image processor's normalisation at ``cfg.cmp.image_size``."""
+    """Resize to ``cfg.cmp.image_size``; CLIP mean/std (``cmp.image_norm: clip``) or the Swin
+    image processor's (``processor``)."""
+    if cfg.cmp.image_norm == "clip":
+        return ImageTransform(cfg.cmp.image_size, CLIP_MEAN, CLIP_STD)
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(swin_path)

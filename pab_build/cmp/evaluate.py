@@ -5,29 +5,37 @@
 3. For each caption, the top-k images (``cmp.rerank_k``, 128 in the paper) are re-scored by the
    ITM head (its "match" logit); the other images get that caption's lowest re-scored value.
 4. Final score = minmax(ITM matrix) + 0.002 * minmax(ITC matrix), each normalised over the whole
-   matrix: the official combination, in which similarity only breaks ties.
+   matrix: the official combination, in which similarity only breaks ties (``cmp.eval_combination:
+   single``). The official ``eval.py`` run on 4 processes (``official_4gpu``) differs: each process
+   fills only its quarter of the rows, the others stay at 1000 before the min-max, and the 4
+   matrices are summed; the ITM scores then span ~1/1000 of [0, 1] while the ITC term counts 4
+   times, so similarity weighs far more than a tie-break. Reproduced exactly, to compare numbers.
 Two settings: **behavior** match (only the exact image counts) and **identity** match (any image
-of the same clip counts). Writes ``OUT/cmp/eval.json`` and ``OUT/cmp/top5.png`` (paper Figure 5).
+of the same clip counts). Writes ``OUT/cmp/eval.json`` (metrics, counts, checkpoint step, config
+hash, and the hash of its inputs: an unchanged evaluation is not rerun) and ``OUT/cmp/top5.png``
+(paper Figure 5). :func:`evaluate_checkpoint` (``pab cmp-eval``) evaluates any checkpoint, ours or
+an official ``cmp.pth``, and refuses when a parameter evaluation uses was not in it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import textwrap
 
+import fsspec
 import torch
 import torch.nn.functional as F
 
-from pab_build.cmp.data import (
-    EvalSample,
-    image_transform,
-    iter_test_samples,
-    list_shards,
-)
+from pab_build.cmp.checkpoints import MODEL_FILE, STATE_FILE, load_model_state, open_checkpoint, shards_fingerprint
+from pab_build.cmp.data import EvalSample, image_transform, iter_test_samples, list_shards
 from pab_build.cmp.metrics import retrieval_metrics
-from pab_build.config import PABConfig, model_path
+from pab_build.cmp.model import CMPModel, load_cmp
+from pab_build.cmp.official import evaluation_gaps, load_init_checkpoint
+from pab_build.config import (ConfigError, PABConfig, apply_override, config_from_dict, load_config, model_id,
+                              model_path, parse_override, stable_hash)
 from pab_build.models import resolve_device
 from pab_build.store import Store
 
@@ -79,11 +87,31 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
 
 
-def combine_scores(sims: torch.Tensor, itm_topk: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-    """Official final scores (Q, G) from ITC similarities and the top-k ITM logits."""
-    itm = itm_topk.min(dim=1, keepdim=True).values.expand(-1, sims.shape[1]).clone()  # row minimum elsewhere
-    itm.scatter_(1, top_idx, itm_topk)
-    return _minmax(itm) + SIM_WEIGHT * _minmax(sims)
+UNSCORED = 1000.0  # the official placeholder of rows another process scores
+COMBINATION_PROCESSES = {"single": 1, "official_4gpu": 4}
+
+
+def combine_scores(sims: torch.Tensor, itm_topk: torch.Tensor, top_idx: torch.Tensor,
+                   combination: str = "single") -> torch.Tensor:
+    """Final scores (Q, G) from ITC similarities and the top-k ITM logits, as the official
+    ``evaluation_itm`` computes them on 1 (``single``) or 4 (``official_4gpu``) processes: process r
+    scores rows [r * s, (r + 1) * s) with s = Q // n + 1, leaves the others at 1000, fills each of
+    its rows' unscored entries with the row minimum, min-max normalises its whole matrix, adds
+    0.002 x the min-max normalised similarities, and the n matrices are summed (all_reduce)."""
+    n = COMBINATION_PROCESSES[combination]
+    Q = sims.shape[0]
+    rows_per_process = Q // n + 1 if n > 1 else Q
+    sim_term = SIM_WEIGHT * _minmax(sims)
+    total = torch.zeros_like(sims)
+    for rank in range(n):
+        start, end = rank * rows_per_process, min(Q, (rank + 1) * rows_per_process)
+        itm = torch.full_like(sims, UNSCORED)
+        if start < end:
+            itm[start:end].scatter_(1, top_idx[start:end], itm_topk[start:end])
+        row_min = itm.min(dim=1, keepdim=True).values.expand_as(itm)
+        itm = torch.where(itm == UNSCORED, row_min, itm)  # rows of other processes stay at 1000
+        total += _minmax(itm) + sim_term
+    return total
 
 
 def evaluate_scores(scores, samples: list[EvalSample]) -> dict[str, dict[str, float]]:
@@ -140,17 +168,60 @@ def draw_top5(samples: list[EvalSample], scores, queries: list[int], thumb: int 
     return buf.getvalue()
 
 
-def evaluate_cmp(cfg: PABConfig, checkpoint: str | None, test_shards: str, out_dir: str) -> dict:
-    """Evaluate ``checkpoint`` (see :func:`pab_build.cmp.train.load_trained`) on the test shards
-    (a build's OUT dir, its shards folder, or a URL); writes eval.json and the top-5 figure."""
-    from pab_build.cmp.train import load_trained
+def load_for_evaluation(cfg: PABConfig, checkpoint: str | None) -> tuple[CMPModel, object, dict]:
+    """CMP for evaluation: the profile's architecture with weights from ``checkpoint`` (a folder
+    written by training, or an official ``.pth``), or the pretrained initialisation. Returns the
+    model, the tokenizer and what was loaded: ``step``, ``identity`` (what the weights are, for the
+    inputs hash) and ``gaps`` (parameters evaluation uses that the checkpoint did not provide)."""
+    model, tokenizer = load_cmp(cfg)
+    if not checkpoint:
+        return model, tokenizer, {"step": 0, "identity": "pretrained-init", "gaps": []}
+    if checkpoint.endswith((".pth", ".pt", ".th")):
+        report = load_init_checkpoint(model, checkpoint)
+        with fsspec.open(checkpoint, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return model, tokenizer, {"step": None, "identity": f"sha256:{digest}", "gaps": evaluation_gaps(report),
+                                  "unmapped": report["unmapped"]}
+    ck_store, name = open_checkpoint(checkpoint)
+    state = ck_store.read_json(f"{name}/{STATE_FILE}")
+    load_model_state(model, ck_store.read_bytes(f"{name}/{MODEL_FILE}"))  # strict: nothing missing
+    identity = f"{state.get('train_key')}:{state['step']}" if state.get("train_key") else \
+        "sha256:" + hashlib.sha256(ck_store.read_bytes(f"{name}/{MODEL_FILE}")).hexdigest()
+    return model, tokenizer, {"step": state["step"], "identity": identity, "gaps": []}
 
+
+def evaluation_inputs_hash(cfg: PABConfig, identity: str, test_shards: str) -> str:
+    """What an evaluation's result depends on: the weights, the test shards, the CMP config."""
+    return stable_hash({"weights": identity, "test_shards": shards_fingerprint(test_shards, "test"),
+                        "cmp": cfg.cmp.model_dump(mode="json"), "models": {n: model_id(cfg, n) for n in ("swin", "bert")}})
+
+
+def evaluate_cmp(cfg: PABConfig, checkpoint: str | None, test_shards: str, out_dir: str,
+                 allow_partial: bool = False, reuse: bool = True) -> dict:
+    """Evaluate ``checkpoint`` (see :func:`load_for_evaluation`) on the test shards (a build's OUT
+    dir, its shards folder, or a URL); writes eval.json and the top-5 figure. An eval.json of the
+    same inputs is reused (``reuse``); a checkpoint that leaves evaluation parameters random is
+    refused unless ``allow_partial``."""
     c = cfg.cmp
+    store = Store(out_dir)
     device = resolve_device(cfg.run.device)
-    model, tokenizer = load_trained(cfg, checkpoint)
+    model, tokenizer, loaded = load_for_evaluation(cfg, checkpoint)
+    if loaded["gaps"] and not allow_partial:
+        raise ConfigError(f"{checkpoint}: {len(loaded['gaps'])} parameters that evaluation uses are not in it "
+                          f"(e.g. {', '.join(loaded['gaps'][:3])}); scores would be random. Check cmp.itc_head / the "
+                          "architecture, or pass --allow-partial")
+    inputs_hash = evaluation_inputs_hash(cfg, loaded["identity"], test_shards)
+    if reuse and store.exists(EVAL_REL):
+        previous = store.read_json(EVAL_REL)
+        if previous.get("inputs_hash") == inputs_hash:
+            log.info("CMP evaluation of these inputs already in %s: reused", EVAL_REL)
+            figure = f"{store.url_root}/{FIGURE_REL}" if store.exists(FIGURE_REL) else None
+            return {**previous, "checkpoint": checkpoint, "eval_json": f"{store.url_root}/{EVAL_REL}",
+                    "figure": figure, "reused": True}
     model.to(device).eval()
     transform = image_transform(cfg, model_path(cfg, "swin"))
-    samples = list(iter_test_samples(list_shards(test_shards, "test"), transform))
+    samples = list(iter_test_samples(list_shards(test_shards, "test"), transform,
+                                     caption_words=c.max_text_words if c.pre_caption else None))
     if not samples:
         raise ValueError(f"no test samples in {test_shards!r}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.mixed_precision == "bf16" and device.type == "cuda")
@@ -158,14 +229,42 @@ def evaluate_cmp(cfg: PABConfig, checkpoint: str | None, test_shards: str, out_d
         emb = embed_test_set(model, tokenizer, samples, c.max_text_len, c.eval_batch_size, device)
         sims = emb["text_feats"] @ emb["image_feats"].t()  # (Q, G): query i is caption of sample i
         itm_topk, top_idx = rerank_topk(model, sims, emb, c.rerank_k, c.eval_batch_size)
-    scores = combine_scores(sims.float(), itm_topk.float(), top_idx).cpu().numpy()
+    scores = combine_scores(sims.float(), itm_topk.float(), top_idx, c.eval_combination).cpu().numpy()
     metrics = evaluate_scores(scores, samples)
-    store = Store(out_dir)
-    store.write_text(EVAL_REL, json.dumps(metrics, indent=2, sort_keys=True))
+    result = {**metrics, "num_queries": len(samples), "num_gallery": len(samples),
+              "rerank_k": min(c.rerank_k, len(samples)), "eval_combination": c.eval_combination,
+              "checkpoint_step": loaded["step"], "config_hash": cfg.section_hash("cmp", "models.swin", "models.bert"),
+              "inputs_hash": inputs_hash}
+    store.write_text(EVAL_REL, json.dumps(result, indent=2, sort_keys=True))
     queries = figure_queries(samples, c.figure_queries)
     if queries:
         store.write_bytes(FIGURE_REL, draw_top5(samples, scores, queries))
     log.info("CMP evaluation on %d test pairs: %s", len(samples), metrics)
-    return {**metrics, "num_queries": len(samples), "rerank_k": min(c.rerank_k, len(samples)),
-            "checkpoint": checkpoint, "eval_json": f"{store.url_root}/{EVAL_REL}",
-            "figure": f"{store.url_root}/{FIGURE_REL}" if queries else None}
+    return {**result, "checkpoint": checkpoint, "eval_json": f"{store.url_root}/{EVAL_REL}",
+            "figure": f"{store.url_root}/{FIGURE_REL}" if queries else None, "reused": False}
+
+
+def evaluate_checkpoint(checkpoint: str, build_out: str, out_dir: str | None = None, allow_partial: bool = False,
+                        profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """``pab cmp-eval``: evaluate a training checkpoint folder (its own config, from state.json)
+    or an official ``cmp.pth`` (``profile``, default ``full``) on ``build_out``'s test shards;
+    eval.json goes to ``out_dir/cmp/`` (default ``build_out/cmp_eval/<checkpoint name>``, so the
+    build's own ``cmp/eval.json`` is never overwritten). ``overrides``
+    (``cmp.eval_combination=official_4gpu``, ...) apply either way."""
+    is_folder = not checkpoint.endswith((".pth", ".pt", ".th"))
+    if is_folder:
+        ck_store, name = open_checkpoint(checkpoint)
+        if not ck_store.exists(f"{name}/{STATE_FILE}"):
+            raise ConfigError(f"{checkpoint}: neither an official .pth nor a complete training checkpoint folder "
+                              f"(no {STATE_FILE})")
+    elif not fsspec.core.url_to_fs(checkpoint)[0].exists(checkpoint):
+        raise ConfigError(f"{checkpoint}: no such checkpoint")
+    if profile or not is_folder:
+        cfg = load_config(profile or "full", overrides or [])
+    else:
+        data = ck_store.read_json(f"{name}/{STATE_FILE}")["config"]
+        for item in overrides or []:
+            apply_override(data, *parse_override(item))
+        cfg = config_from_dict(data)
+    default_out = f"{build_out.rstrip('/')}/cmp_eval/{checkpoint.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
+    return evaluate_cmp(cfg, checkpoint, build_out, out_dir or default_out, allow_partial=allow_partial)

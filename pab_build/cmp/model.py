@@ -4,7 +4,14 @@ Image encoder: a Swin Transformer (transformers ``SwinModel``); its patch tokens
 prepended that is their mean (4.1). Pose-aware block (PE): the pose map goes through a small conv
 stem and the *same* image encoder, then ``f_V = f_I + CA(q=LN(f_P), k=v=LN(f_I))`` (eq. 1-2).
 Text encoder: the first half of BERT's layers; cross encoder: the second half, each layer with a
-cross-attention to the image tokens (4.3). Global features (eq. 4): ``FC([AVG(f_pat), f_cls])``.
+cross-attention to the image tokens (4.3). Global features, two heads (``cmp.itc_head``):
+
+- ``paper`` (eq. 4): ``FC([AVG(f_pat), f_cls])`` on both sides, E = ``cmp.embed_dim``.
+- ``official`` (github.com/Shuyu-XJTU/CMP ``models/cmp.py``, what the released ``cmp.pth`` holds):
+  image = the patch tokens adaptive-average-pooled into 3 groups, concatenated (3 Dv); text =
+  [CLS, 3 pooled groups of the other tokens, padding included] (4 Dt); each through
+  BatchNorm1d -> Dropout(0.5) -> Linear (3072 -> 2048 for Swin-B / BERT-base).
+
 Heads: ITM (MLP -> 2) and BERT's MLM head. Shapes: B batch, L image tokens (1 + patches),
 T text tokens, Dv image width, Dt text width, E embedding size.
 """
@@ -100,6 +107,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
+def feature_mapping(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """The official ITC head: BatchNorm1d -> Dropout -> Linear, the Linear initialised near zero
+    (std 1e-5, as ``models/cmp.py``) so the first steps are driven by the BatchNorm statistics."""
+    head = nn.Sequential(nn.BatchNorm1d(in_dim), nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+    nn.init.normal_(head[2].weight, std=1e-5)
+    nn.init.zeros_(head[2].bias)
+    return head
+
+
+def pool3(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, 3, D): adaptive average pooling of the token axis into 3 groups."""
+    return F.adaptive_avg_pool1d(tokens.transpose(1, 2), 3).transpose(1, 2)
+
+
 @dataclass
 class CMPArchitecture:
     """What the switches and sizes of one CMP model are (everything else comes from the weights)."""
@@ -111,12 +132,15 @@ class CMPArchitecture:
     temperature: float = 0.07
     pose_heads: int = 16
     pose_stem_width: int = 96
+    itc_head: str = "official"  # "official" (pooled groups, BN, 2048-d) | "paper" (eq. 4)
+    itc_dropout: float = 0.5  # dropout of the official head
 
     @classmethod
     def from_config(cls, cfg: PABConfig) -> "CMPArchitecture":
         c = cfg.cmp
         return cls(embed_dim=c.embed_dim, text_layers=c.text_layers, use_pose=c.use_pose, use_ihnm=c.use_ihnm,
-                   temperature=c.temperature, pose_heads=c.pose_heads, pose_stem_width=c.pose_stem_width)
+                   temperature=c.temperature, pose_heads=c.pose_heads, pose_stem_width=c.pose_stem_width,
+                   itc_head=c.itc_head, itc_dropout=c.itc_dropout)
 
 
 class CMPModel(nn.Module):
@@ -140,8 +164,14 @@ class CMPModel(nn.Module):
         self.cross_encoder = nn.ModuleList(
             CrossEncoderLayer(layer, bert.config, image_width) for layer in layers[n_text:])
         self.mlm_head = bert_mlm.cls  # (B, T, Dt) -> (B, T, vocab); decoder tied to the word embeddings
-        self.image_proj = nn.Linear(2 * image_width, arch.embed_dim)  # eq. 4
-        self.text_proj = nn.Linear(2 * text_width, arch.embed_dim)
+        if arch.itc_head == "official":
+            self.image_proj = feature_mapping(3 * image_width, arch.embed_dim, arch.itc_dropout)
+            self.text_proj = feature_mapping(4 * text_width, arch.embed_dim, arch.itc_dropout)
+        elif arch.itc_head == "paper":
+            self.image_proj = nn.Linear(2 * image_width, arch.embed_dim)  # eq. 4
+            self.text_proj = nn.Linear(2 * text_width, arch.embed_dim)
+        else:
+            raise ValueError(f"cmp.itc_head={arch.itc_head!r}: expected 'official' or 'paper'")
         self.itm_head = nn.Sequential(nn.Linear(text_width, 2 * text_width), nn.LayerNorm(2 * text_width),
                                       nn.GELU(), nn.Linear(2 * text_width, 2))
         self.temp = nn.Parameter(torch.tensor(float(arch.temperature)))
@@ -183,13 +213,17 @@ class CMPModel(nn.Module):
             text = layer(text, bias, image)
         return text
 
-    # -- global features (eq. 4) and heads ---------------------------------------------------
+    # -- global features and heads ----------------------------------------------------------
     def image_feature(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.image_proj(torch.cat([tokens[:, 1:].mean(1), tokens[:, 0]], dim=-1))  # (B, E)
+        if self.arch.itc_head == "official":
+            return self.image_proj(pool3(tokens[:, 1:]).flatten(1))  # (B, 3 Dv) -> (B, E)
+        return self.image_proj(torch.cat([tokens[:, 1:].mean(1), tokens[:, 0]], dim=-1))  # eq. 4: (B, E)
 
     def text_feature(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.arch.itc_head == "official":  # the official pooling ignores the mask (padding included)
+            return self.text_proj(torch.cat([tokens[:, :1], pool3(tokens[:, 1:])], dim=1).flatten(1))  # (B, 4 Dt) -> (B, E)
         words = masked_mean(tokens[:, 1:], mask[:, 1:])  # AVG over real tokens after [CLS]
-        return self.text_proj(torch.cat([words, tokens[:, 0]], dim=-1))  # (B, E)
+        return self.text_proj(torch.cat([words, tokens[:, 0]], dim=-1))  # eq. 4: (B, E)
 
     def itm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.itm_head(self.cross(text, text_mask, image)[:, 0])  # (B, 2): [no match, match]
@@ -197,12 +231,14 @@ class CMPModel(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.temp.clamp(min=1e-3, max=0.5)  # keeps a learnable temperature finite
 
-    def forward(self, batch: dict, mlm_probability: float, special_ids: list[int], mask_id: int) -> dict:
+    def forward(self, batch: dict, mlm_probability: float, special_ids: list[int], mask_id: int,
+                recipe: dict | None = None) -> dict:
         """Training losses of one batch (see :func:`pab_build.cmp.losses.cmp_losses`). The losses
         run inside ``forward`` so distributed wrappers see one forward per step."""
         from pab_build.cmp.losses import cmp_losses
 
-        return cmp_losses(self, batch, mlm_probability=mlm_probability, special_ids=special_ids, mask_id=mask_id)
+        return cmp_losses(self, batch, mlm_probability=mlm_probability, special_ids=special_ids, mask_id=mask_id,
+                          recipe=recipe)
 
 
 def load_cmp(cfg: PABConfig) -> tuple[CMPModel, object]:

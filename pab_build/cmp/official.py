@@ -19,14 +19,14 @@ ALBEF-style ``BertForMaskedLM`` whose last layers carry the cross-attention
 ``text_encoder.bert.encoder.layer.i`` (i >= n) ``cross_encoder.(i - n)``
 ``text_encoder.cls.*``                         ``mlm_head.*``
 ``pose_conv.*`` / ``pose_block.*``             ``pose_stem.*`` / ``pose_block.*``
+``vision_proj.*`` / ``text_proj.*``           ``image_proj.*`` / ``text_proj.*`` (``cmp.itc_head: official``)
 ``itm_head.*``, ``temp``                       the same
 =============================================  ==================================================
 
-Left unmapped, and reported: ``vision_proj`` / ``text_proj`` (the official code pools 3 patch
-groups through BatchNorm into a 2048-d space; eq. 4 of the paper, which we implement, is one FC
-over [mean, CLS]), and buffers our libraries recompute (``relative_position_index``,
-``attn_mask``, ``position_ids``). A model loaded from ``cmp.pth`` therefore needs its projections
-fine-tuned before ITC scores mean anything; the ITM re-ranking uses only mapped weights.
+Left unmapped, and reported: buffers our libraries recompute (``relative_position_index``,
+``attn_mask``, ``position_ids``). With ``cmp.itc_head: paper`` the official ``vision_proj`` /
+``text_proj`` (BatchNorm1d + Linear 3072 -> 2048) do not fit our eq. 4 heads and stay unmapped:
+:func:`evaluation_gaps` then names them, and ``pab cmp-eval`` refuses to score with random heads.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import logging
 import re
 
 import torch
+
+from pab_build.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ _PREFIXES = [
     ("pose_conv.", "pose_stem."),
     ("pose_block.", "pose_block."),
     ("itm_head.", "itm_head."),
+    ("vision_proj.", "image_proj."),
+    ("text_proj.", "text_proj."),
 ]
 
 
@@ -103,28 +107,67 @@ def map_official_state(official: dict[str, torch.Tensor], text_layers: int) -> t
     return mapped, unmapped
 
 
+def official_name(ours: str, text_layers: int) -> str:
+    """Our parameter name -> the official one (q/k/v projections -> the fused ``attn.qkv``); the
+    inverse of :func:`map_official_state`, used to apply the official optimiser's name rules."""
+    m = re.match(r"^image_encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", ours)
+    if m:
+        i, j, rest = m.groups()
+        qkv = re.match(r"^attention\.[qkv]_proj\.(weight|bias)$", rest)
+        if qkv:
+            return f"vision_encoder.layers.{i}.blocks.{j}.attn.qkv.{qkv.group(1)}"
+        for old, new in _SWIN_BLOCK_PARTS.items():
+            if rest.startswith(new):
+                return f"vision_encoder.layers.{i}.blocks.{j}.{old}{rest[len(new):]}"
+    m = re.match(r"^image_encoder\.encoder\.layers\.(\d+)\.downsample\.(.+)$", ours)
+    if m:
+        return f"vision_encoder.layers.{m.group(1)}.downsample.{m.group(2)}"
+    m = re.match(r"^text_encoder\.encoder\.layer\.(\d+)\.(.+)$", ours)
+    if m:
+        return f"text_encoder.bert.encoder.layer.{m.group(1)}.{m.group(2)}"
+    m = re.match(r"^cross_encoder\.(\d+)\.(.+)$", ours)
+    if m:
+        return f"text_encoder.bert.encoder.layer.{int(m.group(1)) + text_layers}.{m.group(2)}"
+    for old, new in _PREFIXES:
+        if ours.startswith(new):
+            return old + ours[len(new):]
+    return ours  # temp
+
+
+def evaluation_gaps(report: dict[str, list[str]]) -> list[str]:
+    """Parameters that evaluation uses but the checkpoint did not provide: everything except the
+    MLM head's own layers (its decoder is tied to the word embeddings, which evaluation uses)."""
+    return sorted(k for k in report["missing"] + report["shape_mismatch"] if not k.startswith("mlm_head."))
+
+
 def load_official_state(model: torch.nn.Module, official: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Copy every mapped tensor whose shape matches into ``model``; report the rest."""
-    mapped, unmapped = map_official_state(official, len(model.text_encoder.encoder.layer))
+    n_text = len(model.text_encoder.encoder.layer)
+    mapped, unmapped = map_official_state(official, n_text)
     ours = model.state_dict()
     usable = {k: v for k, v in mapped.items() if k in ours and tuple(ours[k].shape) == tuple(v.shape)}
     report = {
         "loaded": sorted(usable),
-        "unmapped": sorted(unmapped + [k for k in mapped if k not in ours]),
+        "unmapped": sorted(set(unmapped + [official_name(k, n_text) for k in mapped if k not in ours])),
         "shape_mismatch": sorted(k for k in mapped if k in ours and k not in usable),
         "missing": sorted(k for k in ours if k not in usable and not _RECOMPUTED.search(k)),
     }
     model.load_state_dict(usable, strict=False)
     for what in ("unmapped", "shape_mismatch", "missing"):
-        if report[what]:
-            log.warning("official checkpoint: %d %s keys, e.g. %s", len(report[what]), what, report[what][:5])
+        names = [n for n in report[what] if not _RECOMPUTED.search(n)]  # recomputed buffers are expected
+        if names:
+            log.warning("official checkpoint: %d %s keys, e.g. %s", len(names), what, names[:5])
     return report
 
 
 def load_init_checkpoint(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
-    """Load an official ``cmp.pth`` (``{"model": state}`` or a bare state dict), safely."""
+    """Load an official ``cmp.pth`` or the X-VLM / APTM checkpoint the official training starts
+    from (``{"model": state}`` or a bare state dict), safely, through the same name mapping."""
     import fsspec
 
+    fs = fsspec.core.url_to_fs(path)[0]
+    if not fs.exists(path):
+        raise ConfigError(f"cmp checkpoint {path} does not exist (cmp.init_checkpoint or --checkpoint)")
     with fsspec.open(path, "rb") as f:
         try:
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
