@@ -192,5 +192,5 @@ def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
         from prefect.blocks.system import Secret
 
         options.update(Secret.load(cfg.publish.credentials_block).get())
-    report = publish(out, url, storage_options=options)
+    report = publish(out, url, storage_options=options, force=cfg.publish.force, delete=cfg.publish.delete)
     return {"url": url, "ok": bool(getattr(report, "ok", True))}

@@ -65,7 +65,7 @@ def _cmd_export_official(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from pab_build.release.publish import publish
 
-    report = publish(args.out, args.url)
+    report = publish(args.out, args.url, force=args.force, delete=args.delete)
     print(report)
     return 0 if getattr(report, "ok", True) else 1
 
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("publish", help="upload shards, index and card to an fsspec URL, then verify")
     pb.add_argument("out")
     pb.add_argument("url")
+    pb.add_argument("--force", action="store_true",
+                    help="publish even with failed units, an empty split, or fewer samples than the published release")
+    pb.add_argument("--delete", action="store_true",
+                    help="remove remote shards the new index does not list, once the new release verified")
     pb.set_defaults(func=_cmd_publish)
 
     c = sub.add_parser("card", help="(re)write OUT/README.md, the dataset card")

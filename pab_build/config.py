@@ -236,6 +236,8 @@ class PublishConfig(Section):
     url: str | None = None  # fsspec URL; None = do not publish
     storage_options: dict[str, Any] = {}  # never put secrets here: use the environment or blocks
     credentials_block: str | None = None  # name of a Prefect Secret block: JSON fsspec options (key, secret)
+    force: bool = False  # publish even with failed units, an empty split or fewer samples than the release
+    delete: bool = False  # remove remote shards the new index does not list (after it verified)
 
 
 class PABConfig(Section):

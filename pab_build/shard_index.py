@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -124,6 +126,27 @@ def finalize_shards(ctx: Context, rows: list[dict], split: str) -> None:
 
 
 # -- verification -----------------------------------------------------------------------------
+def local_file_problem(store: Store, rel: str) -> str | None:
+    """Why ``OUT/rel`` must not be read as part of the release: not a regular file, or (through a
+    symlink or ``..``) outside OUT. Object stores hold only regular objects: always None there."""
+    local = store.local_path(rel)
+    if local is None:
+        return None
+    root = os.path.realpath(store.local_path(""))
+    real = os.path.realpath(local)
+    if os.path.commonpath([root, real]) != root:
+        return f"resolves to {real}, outside the build folder {root}"
+    try:
+        mode = os.lstat(local).st_mode
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link, not a regular file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    return None
+
+
 def index_problems(index: Any) -> list[str]:
     """Schema violations of a loaded index (empty when valid)."""
     import jsonschema

@@ -14,9 +14,14 @@ remote bytes are re-hashed, and a match is kept. Nothing that was complete is up
 Atomicity. On a local target each file is written under a hidden temporary name and renamed; on
 object stores one PUT (or one completed multipart upload) is all-or-nothing. The index is written
 LAST, and a remote index that differs from the one being published is deleted FIRST, so a remote
-index always describes shards that are all there. Remote shards the index no longer lists (an
-earlier, larger build) are removed (``prune``). Before uploading, every local shard is checked
+index always describes shards that are all there. Before uploading, every local shard is checked
 against the local index, so a damaged build is never published.
+
+Nothing destructive by default. A build with failed units, a split with no samples, or a split
+with fewer samples than the remote release it would replace is refused before anything remote is
+touched (``force`` overrides). Remote shards the new index no longer lists (an earlier, larger
+build) are left in place and reported unless ``delete`` is given, and are then removed only after
+the new release has verified. Only regular files inside OUT are read (no symlink out of OUT).
 
 Verification. :func:`pab_build.shard_index.verify_shards` re-hashes the remote shards against the
 remote index; card files are re-hashed against the local ones. Shards it finds missing or altered
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -43,7 +49,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..config import redact
-from ..shard_index import INDEX_REL, VerifyReport, index_problems, verify_shards
+from ..shard_index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -68,20 +74,29 @@ class PublishReport:
     url: str  # credentials scrubbed
     uploaded: list[str] = field(default_factory=list)  # relative paths, in upload order
     skipped: list[str] = field(default_factory=list)  # already there with the right size and sha256
-    removed: list[str] = field(default_factory=list)  # stale remote shards pruned
+    removed: list[str] = field(default_factory=list)  # stale remote shards removed (delete=True)
+    stale: list[str] = field(default_factory=list)  # stale remote shards left in place (delete=False)
     repaired: list[str] = field(default_factory=list)  # uploaded again after verification found them bad
     verify: VerifyReport | None = None
     card_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.verify is not None and self.verify.ok and not self.card_problems
+        """The published index and every shard it lists verified; extra shards left in place on
+        purpose (no ``delete``) are reported, not counted as a failure."""
+        v = self.verify
+        if v is None or v.errors or v.missing or v.altered or self.card_problems:
+            return False
+        return set(v.extra) <= {rel.removeprefix("shards/") for rel in self.stale}
 
     def __str__(self) -> str:
         head = (f"publish {self.url}: {'OK' if self.ok else 'FAILED'}: {len(self.uploaded)} uploaded, "
                 f"{len(self.skipped)} already there, {len(self.removed)} stale removed, "
                 f"{len(self.repaired)} repaired")
         lines = [head]
+        if self.stale:
+            lines.append(f"  {len(self.stale)} remote shard(s) the new index does not list were left in place "
+                         f"(pass --delete to remove them): {', '.join(self.stale[:5])}")
         if self.verify is not None:
             lines += ["  " + ln for ln in str(self.verify).splitlines()]
         lines += [f"  card: {p}" for p in self.card_problems]
@@ -212,6 +227,10 @@ def release_files(src: Store) -> tuple[dict, list[str], list[str]]:
     shards = sorted(f"shards/{s['path']}" for sec in index["splits"].values() for s in sec["shards"])
     card = [f for f in CARD_FILES if src.exists(f)]
     card += [f"{CARD_DIR}/{n}" for n in src.listdir(CARD_DIR) if n.endswith(".png")]
+    for rel in shards + card + [INDEX_REL]:
+        problem = local_file_problem(src, rel)
+        if problem:
+            raise PublishError(f"refusing to publish {rel}: {problem}")
     if not card:
         log.warning("publish: %s has no dataset card (README.md); publishing the shards without it", src.url_root)
     return index, shards, card
@@ -224,6 +243,44 @@ def _check_local_shards(src: Store, index: dict, digests: dict[str, tuple[str, i
             if digests[rel] != (s["sha256"], s["bytes"]):
                 raise PublishError(f"local {rel} does not match {INDEX_REL} (sha256/size differ): "
                                    f"run `pab verify {src.url_root}` and rebuild the shards")
+
+
+def failed_units(src: Store) -> dict[str, int]:
+    """Stage -> units whose marker says failed (after their retries)."""
+    failed = {}
+    for stage in src.listdir("_markers"):
+        n = 0
+        for name in src.listdir(f"_markers/{stage}"):
+            marker = src.read_marker(stage, name.removesuffix(".json")) if name.endswith(".json") else None
+            n += marker is not None and marker.status == "failed"
+        if n:
+            failed[stage] = n
+    return failed
+
+
+def _split_samples(index: dict | None) -> dict[str, int]:
+    splits = (index or {}).get("splits", {})
+    return {s: int(splits.get(s, {}).get("totals", {}).get("samples", 0)) for s in ("test", "train")}
+
+
+def release_problems(src: Store, index: dict, remote_index: dict | None) -> list[str]:
+    """Why this build must not replace what is published (empty when it may)."""
+    problems = [f"stage {stage} has {n} failed unit(s)" for stage, n in sorted(failed_units(src).items())]
+    local, remote = _split_samples(index), _split_samples(remote_index)
+    problems += [f"split {s} has 0 samples" for s, n in local.items() if n == 0]
+    if remote_index is not None:
+        problems += [f"split {s} has {local[s]} samples, fewer than the {remote[s]} of the published release"
+                     for s in local if local[s] < remote[s]]
+    return problems
+
+
+def _remote_index(pub: "_Publisher") -> dict | None:
+    """The published index when there is a valid one, else None."""
+    try:
+        data = json.loads(pub.fs.cat_file(pub.target(INDEX_REL)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return data if not index_problems(data) else None
 
 
 # -- publish ----------------------------------------------------------------------------------
@@ -299,11 +356,13 @@ class _Publisher:
         return problems
 
 
-def publish(out: str, url: str, storage_options: dict | None = None, *, prune: bool = True,
-            verify: bool = True) -> PublishReport:
+def publish(out: str, url: str, storage_options: dict | None = None, *, force: bool = False,
+            delete: bool = False, verify: bool = True) -> PublishReport:
     """Upload build ``out``'s shards, ``shards/index.json`` (last) and dataset card to ``url``;
-    skip objects already there with the right size and sha256; remove remote shards the index no
-    longer lists (``prune``); then re-hash the remote copy (``verify``).
+    skip objects already there with the right size and sha256; then re-hash the remote copy
+    (``verify``). Refuses (before touching anything remote) a build with failed units, an empty
+    split, or fewer samples than the published release, unless ``force``. Remote shards the index
+    no longer lists are removed only with ``delete``, and only after the new release verified.
 
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``); put no
     secret in a config file: credentials come from the environment or a block the caller loads.
@@ -325,6 +384,14 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, prune: b
             pub.local_digest(rel)
         _check_local_shards(src, index, pub.digests)
 
+        step = f"reading the remote {INDEX_REL}"
+        problems = release_problems(src, index, _remote_index(pub))
+        if problems and not force:
+            raise PublishError(f"refusing to publish {src.url_root} to {safe_url}: {'; '.join(problems)}; "
+                               "nothing remote was changed (pass --force to publish anyway)")
+        for p in problems:
+            log.warning("publish: --force: publishing although %s", p)
+
         step = f"checking the remote {INDEX_REL}"
         if _remote_size(pub.fs, pub.target(INDEX_REL)) is not None and not pub.is_complete(INDEX_REL):
             pub.remove(INDEX_REL)  # it describes another set of shards: never leave it beside new ones
@@ -332,14 +399,10 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, prune: b
         for rel in shards + card:
             step = f"uploading {rel}"
             pub.put(rel, report)
-        if prune:
-            for rel in pub.stale_shards(set(shards)):
-                step = f"removing stale {rel}"
-                pub.remove(rel)
-                report.removed.append(rel)
-                log.info("publish: removed stale remote %s", rel)
         step = f"uploading {INDEX_REL}"
         pub.put(INDEX_REL, report)
+        step = "listing stale remote shards"
+        report.stale = pub.stale_shards(set(shards))
 
         if verify:
             step = "verifying the remote copy"
@@ -354,6 +417,18 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, prune: b
                     report.repaired.append(rel)
                 report.verify = _verify(pub, url, options)
             report.card_problems = pub.card_problems(card)
+        verified = (report.verify is not None and not report.verify.errors and not report.verify.missing
+                    and not report.verify.altered and not report.card_problems)
+        if delete and report.stale and verified:
+            for rel in report.stale:
+                step = f"removing stale {rel}"
+                pub.remove(rel)
+                report.removed.append(rel)
+                log.info("publish: removed stale remote %s", rel)
+            report.stale = []
+            report.verify = _verify(pub, url, options)
+        elif delete and report.stale:
+            log.warning("publish: the new release did not verify: stale remote shards kept")
     except PublishError:
         raise
     except Exception as e:  # noqa: BLE001 - any fsspec/network error: name the step, hide credentials
