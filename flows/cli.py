@@ -31,9 +31,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
+    # anything that may hold a credential reaches the flow through the environment, never as a
+    # flow-run parameter (Prefect stores those in its database)
+    from pab_build.redact import export_secret_overrides, split_secret_overrides
+
+    public, secret = split_secret_overrides(overrides + ([f"publish.url={args.publish}"] if args.publish else []))
+    export_secret_overrides(secret)
     summary = build_pab(
-        profile=args.profile, out=out, overrides=overrides, until=args.until,
-        publish_url=args.publish, train_cmp=False if args.no_cmp else None,
+        profile=args.profile, out=out, overrides=public, until=args.until,
+        train_cmp=False if args.no_cmp else None,
     )
     print(json.dumps(summary, indent=2, default=str))
     print(f"outputs: {out}")
@@ -66,7 +72,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from pab_build.release.publish import publish
 
     report = publish(args.out, args.url, force=args.force, delete=args.delete)
-    print(report)
+    print(report)  # credentials scrubbed by publish()
     return 0 if getattr(report, "ok", True) else 1
 
 

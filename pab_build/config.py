@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+from .redact import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -239,6 +241,12 @@ class PublishConfig(Section):
     force: bool = False  # publish even with failed units, an empty split or fewer samples than the release
     delete: bool = False  # remove remote shards the new index does not list (after it verified)
 
+    # the JSON form (config.yaml, Prefect flow-run parameters, checkpoint metadata) never holds a
+    # credential; the object itself keeps them for the publish step
+    @field_serializer("url", "storage_options", when_used="json")
+    def _redacted(self, value):
+        return redact(value)
+
 
 class PABConfig(Section):
     profile: str
@@ -275,21 +283,7 @@ class PABConfig(Section):
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, with anything that looks like a credential redacted."""
-        data = self.model_dump(mode="json")
-        data["publish"]["storage_options"] = redact(data["publish"]["storage_options"])
-        return yaml.safe_dump(data, sort_keys=False)
-
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-
-
-def redact(obj: Any) -> Any:
-    """Replace the values of credential-like keys (at any depth) with ``"***"``."""
-    if isinstance(obj, dict):
-        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)  # publish is redacted there
 
 
 def stable_hash(obj: Any) -> str:
@@ -340,7 +334,7 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key {loc!r}")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{loc}: {e['msg']} (got {redact(e.get('input'))!r})")
     return "; ".join(lines)
 
 

@@ -86,6 +86,10 @@ def s3(monkeypatch):
     wz.setLevel(logging.INFO)
     server = S3Server()
     server.start()
+    # moto keeps its state per process: start every test from an empty server
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST")).close()
     # the credentials travel in storage_options here, as a flow would pass a Prefect block's
     options = {"key": "AKIDEXAMPLE", "secret": SECRET, "skip_instance_cache": True,
                "client_kwargs": {"endpoint_url": server.endpoint},

@@ -43,12 +43,12 @@ import re
 import shutil
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..config import redact
+from ..redact import redact, scrub as scrub_text, secret_values
 from ..shard_index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
 from ..store import Store
 
@@ -104,38 +104,26 @@ class PublishReport:
 
 
 # -- secrets ----------------------------------------------------------------------------------
-def _leaf_strings(obj: Any) -> list[str]:
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _leaf_strings(v)]
-    if isinstance(obj, (list, tuple)):
-        return [s for v in obj for s in _leaf_strings(v)]
-    return [obj] if isinstance(obj, str) else []
-
-
-def _secret_values(options: Any, redacted: Any) -> list[str]:
-    """The values :func:`config.redact` hides, at any depth."""
-    if redacted == "***" and options != "***":
-        return _leaf_strings(options)
-    if isinstance(options, dict) and isinstance(redacted, dict):
-        return [v for k in options for v in _secret_values(options[k], redacted.get(k))]
-    if isinstance(options, (list, tuple)) and isinstance(redacted, list):
-        return [v for o, r in zip(options, redacted) for v in _secret_values(o, r)]
-    return []
-
-
 class Scrubber:
-    """Removes credentials (from the storage options and the environment) from any text."""
+    """Removes credentials (URL passwords, the storage options' secrets, the environment's) from text."""
 
-    def __init__(self, storage_options: dict):
-        secrets = _secret_values(storage_options, redact(storage_options))
-        secrets += [os.environ[n] for n in _SECRET_ENV if os.environ.get(n)]
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+    def __init__(self, storage_options: dict, url: str = ""):
+        secrets = secret_values(storage_options) + secret_values(url)
+        self.secrets = secrets + [os.environ[n] for n in _SECRET_ENV if os.environ.get(n)]
 
     def __call__(self, text: str) -> str:
-        text = re.sub(r"://[^/@\s]+@", "://***@", str(text))  # user:password@ in a URL
-        for s in self.secrets:
-            text = text.replace(s, "***")
-        return text
+        return scrub_text(text, self.secrets)
+
+
+def url_credentials(url: str, options: dict) -> tuple[str, dict]:
+    """``s3://KEY:SECRET@bucket/x`` -> (``s3://bucket/x``, options with key and secret): s3fs would
+    otherwise take ``KEY:SECRET@bucket`` for a bucket name. Other protocols parse userinfo themselves."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("s3", "s3a") or parts.password is None:
+        return url, options
+    host = parts.netloc.rsplit("@", 1)[1]
+    merged = {**options, "key": unquote(parts.username or ""), "secret": unquote(parts.password)}
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), merged
 
 
 # -- hashing and copying ----------------------------------------------------------------------
@@ -369,8 +357,9 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, force: b
     Raises :class:`PublishError` (credentials scrubbed) when an upload fails; rerun to resume.
     """
     options = dict(storage_options or {})
-    scrub = Scrubber(options)
+    scrub = Scrubber(options, url)
     safe_url = scrub(url)
+    url, options = url_credentials(url, options)
     report = PublishReport(url=safe_url)
     src = Store(out)
     index, shards, card = release_files(src)
