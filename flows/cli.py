@@ -56,7 +56,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pab_build.shard_index import verify_shards
 
-    report = verify_shards(args.target)
+    report = verify_shards(args.target, deep=args.deep)
     print(report)
     return 0 if report.ok else 1
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="re-hash the shards against shards/index.json")
     v.add_argument("target", help="a build's output folder or a published URL")
+    v.add_argument("--deep", action="store_true", help="also read and decode every member of every shard")
     v.set_defaults(func=_cmd_verify)
 
     e = sub.add_parser("export-official", help="write the layout the official CMP code reads")

@@ -84,10 +84,9 @@ class PublishReport:
     def ok(self) -> bool:
         """The published index and every shard it lists verified; extra shards left in place on
         purpose (no ``delete``) are reported, not counted as a failure."""
-        v = self.verify
-        if v is None or v.errors or v.missing or v.altered or self.card_problems:
+        if not release_verified(self.verify) or self.card_problems:
             return False
-        return set(v.extra) <= {rel.removeprefix("shards/") for rel in self.stale}
+        return set(self.verify.extra) <= {rel.removeprefix("shards/") for rel in self.stale}
 
     def __str__(self) -> str:
         head = (f"publish {self.url}: {'OK' if self.ok else 'FAILED'}: {len(self.uploaded)} uploaded, "
@@ -101,6 +100,11 @@ class PublishReport:
             lines += ["  " + ln for ln in str(self.verify).splitlines()]
         lines += [f"  card: {p}" for p in self.card_problems]
         return "\n".join(lines)
+
+
+def release_verified(v: VerifyReport | None) -> bool:
+    """The index and every shard it lists check out (extra shards aside)."""
+    return v is not None and not v.errors and all(p.kind == "extra" for p in v.problems)
 
 
 # -- secrets ----------------------------------------------------------------------------------
@@ -406,8 +410,7 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, force: b
                     report.repaired.append(rel)
                 report.verify = _verify(pub, url, options)
             report.card_problems = pub.card_problems(card)
-        verified = (report.verify is not None and not report.verify.errors and not report.verify.missing
-                    and not report.verify.altered and not report.card_problems)
+        verified = release_verified(report.verify) and not report.card_problems
         if delete and report.stale and verified:
             for rel in report.stale:
                 step = f"removing stale {rel}"
