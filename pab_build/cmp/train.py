@@ -191,12 +191,13 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = Fa
     a path/URL = continue from that checkpoint folder. Returns a summary (steps, losses, checkpoint).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+
+    from pab_build.cmp.determinism import make_deterministic
 
     c = cfg.cmp
     store = Store(out_dir)
     accelerator = Accelerator(cpu=cfg.run.device == "cpu", mixed_precision=c.mixed_precision)
-    set_seed(c.seed)
+    make_deterministic(c.seed, cfg.run.device)  # seeds + deterministic kernels (pab_build/cmp/determinism.py)
     model, tokenizer = load_cmp(cfg)
     if c.init_checkpoint:
         from pab_build.cmp.official import load_init_checkpoint
