@@ -131,3 +131,25 @@ def test_a_decode_that_hangs_is_abandoned_at_its_deadline():
     assert frames.with_deadline(lambda x: x + 1, 5, 1) == 2
     with pytest.raises(KeyError):
         frames.with_deadline(lambda: {}["x"], 5)
+
+
+@pytest.mark.slow  # a Prefect test server and a flow run
+def test_pab_run_until_frames_on_the_hostile_root_exits_0(hostile, models_dir, tmp_path, capsys):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cli import main
+
+    ctx, root = hostile
+    out = tmp_path / "cli-out"
+    with prefect_test_harness(server_startup_timeout=120), pytest.raises(SystemExit) as code:
+        main(["run", "smoke", "--out", str(out), "--until", "frames", "--oops-root", str(root),
+              "--set", "oops.splits=[train,val]", "--set", f"fixtures.models_dir={models_dir}",
+              "--set", "fixtures.build_tiny_models=false", "--set", "fixtures.build_sample_oops=false"])
+    assert code.value.code == 0
+    summary = capsys.readouterr().out
+    assert '"failed": 0' in summary
+    rows = read_manifest(Context.create(ctx.cfg, str(out)).store, "frames")
+    by_clip = {r["clip_name"]: r for r in rows}
+    for name in MALFORMED:
+        assert by_clip[name]["status"] == "rejected" and TT in by_clip[name]["reason"]
+    assert by_clip[GOOD]["status"] == "ok"
