@@ -91,7 +91,7 @@ class RecordError(ValueError):
     """One annotation record is malformed; the message names the file, the clip and the field."""
 
 
-def _number(value, where: str, *, allow_negative_one: bool = False) -> float:
+def _number(value, where: str) -> float:
     # bool is an int in Python but never a time; strings ("2.0") are rejected, not guessed at
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "null" if value is None else type(value).__name__

@@ -50,6 +50,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..redact import redact, scrub as scrub_text, secret_values
 from ..shard_index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
+from .guards import release_problems
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -235,35 +236,6 @@ def _check_local_shards(src: Store, index: dict, digests: dict[str, tuple[str, i
             if digests[rel] != (s["sha256"], s["bytes"]):
                 raise PublishError(f"local {rel} does not match {INDEX_REL} (sha256/size differ): "
                                    f"run `pab verify {src.url_root}` and rebuild the shards")
-
-
-def failed_units(src: Store) -> dict[str, int]:
-    """Stage -> units whose marker says failed (after their retries)."""
-    failed = {}
-    for stage in src.listdir("_markers"):
-        n = 0
-        for name in src.listdir(f"_markers/{stage}"):
-            marker = src.read_marker(stage, name.removesuffix(".json")) if name.endswith(".json") else None
-            n += marker is not None and marker.status == "failed"
-        if n:
-            failed[stage] = n
-    return failed
-
-
-def _split_samples(index: dict | None) -> dict[str, int]:
-    splits = (index or {}).get("splits", {})
-    return {s: int(splits.get(s, {}).get("totals", {}).get("samples", 0)) for s in ("test", "train")}
-
-
-def release_problems(src: Store, index: dict, remote_index: dict | None) -> list[str]:
-    """Why this build must not replace what is published (empty when it may)."""
-    problems = [f"stage {stage} has {n} failed unit(s)" for stage, n in sorted(failed_units(src).items())]
-    local, remote = _split_samples(index), _split_samples(remote_index)
-    problems += [f"split {s} has 0 samples" for s, n in local.items() if n == 0]
-    if remote_index is not None:
-        problems += [f"split {s} has {local[s]} samples, fewer than the {remote[s]} of the published release"
-                     for s in local if local[s] < remote[s]]
-    return problems
 
 
 def _remote_index(pub: "_Publisher") -> dict | None:
