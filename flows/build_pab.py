@@ -20,9 +20,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import unmapped
 
-from pab_build.config import PABConfig, config_from_dict, load_config
+from pab_build.config import PABConfig, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
+from pab_build.redact import redact, redact_url, secret_overrides_from_env
 from pab_build.units import (
     Context,
     Unit,
@@ -132,9 +133,8 @@ def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     get_run_logger().info("review sheet: %s/%s; fill in %s and resume the flow run with the file paths",
                           out, sheet, template)
     given = pause_flow_run(wait_for_input=ReviewDecisions, timeout=cfg.review.wait_timeout_s)
-    data = cfg.model_dump(mode="json")
-    data["review"]["decisions_files"] = given.decisions_files
-    return config_from_dict(data)
+    # model_copy, not a JSON round trip: the JSON form of the config has its credentials redacted
+    return cfg.model_copy(update={"review": cfg.review.model_copy(update={"decisions_files": given.decisions_files})})
 
 
 @flow(name="build-pab", log_prints=True)
@@ -148,9 +148,15 @@ def build_pab(
 ) -> dict[str, Any]:
     """Build PAB: test set, training set, release; optionally publish and train CMP after.
 
-    ``overrides`` are ``dotted.key=value`` strings; ``until`` stops after that stage.
+    ``overrides`` are ``dotted.key=value`` strings; ``until`` stops after that stage. Parameters are
+    stored by Prefect: ``publish_url`` must hold no credential (use the environment or
+    ``publish.credentials_block``; ``pab run --publish`` passes its URL through the environment).
     """
-    cfg = load_config(profile, overrides or [])
+    if publish_url and redact_url(publish_url) != publish_url:
+        raise ValueError("publish_url holds a password: flow-run parameters are stored in Prefect's database; "
+                         "give credentials through the environment or publish.credentials_block")
+    # overrides that may hold credentials come from the environment (`pab run` puts them there)
+    cfg = load_config(profile, (overrides or []) + secret_overrides_from_env())
     logger = get_run_logger()
     prepare_task(cfg, out)
     summary: dict[str, Any] = {}
@@ -171,7 +177,7 @@ def build_pab(
             from flows.train_cmp import train_cmp_flow
 
             summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
-    logger.info("build summary: %s", summary)
+    logger.info("build summary: %s", redact(summary))
     return summary
 
 
@@ -192,5 +198,5 @@ def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
         from prefect.blocks.system import Secret
 
         options.update(Secret.load(cfg.publish.credentials_block).get())
-    report = publish(out, url, storage_options=options)
-    return {"url": url, "ok": bool(getattr(report, "ok", True))}
+    report = publish(out, url, storage_options=options, force=cfg.publish.force, delete=cfg.publish.delete)
+    return {"url": report.url, "ok": bool(getattr(report, "ok", True))}  # report.url: credentials scrubbed

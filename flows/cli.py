@@ -31,9 +31,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
+    # anything that may hold a credential reaches the flow through the environment, never as a
+    # flow-run parameter (Prefect stores those in its database)
+    from pab_build.redact import export_secret_overrides, split_secret_overrides
+
+    public, secret = split_secret_overrides(overrides + ([f"publish.url={args.publish}"] if args.publish else []))
+    export_secret_overrides(secret)
     summary = build_pab(
-        profile=args.profile, out=out, overrides=overrides, until=args.until,
-        publish_url=args.publish, train_cmp=False if args.no_cmp else None,
+        profile=args.profile, out=out, overrides=public, until=args.until,
+        train_cmp=False if args.no_cmp else None,
     )
     print(json.dumps(summary, indent=2, default=str))
     print(f"outputs: {out}")
@@ -50,7 +56,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pab_build.shard_index import verify_shards
 
-    report = verify_shards(args.target)
+    report = verify_shards(args.target, deep=args.deep)
     print(report)
     return 0 if report.ok else 1
 
@@ -65,8 +71,8 @@ def _cmd_export_official(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from pab_build.release.publish import publish
 
-    report = publish(args.out, args.url)
-    print(report)
+    report = publish(args.out, args.url, force=args.force, delete=args.delete)
+    print(report)  # credentials scrubbed by publish()
     return 0 if getattr(report, "ok", True) else 1
 
 
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="re-hash the shards against shards/index.json")
     v.add_argument("target", help="a build's output folder or a published URL")
+    v.add_argument("--deep", action="store_true", help="also read and decode every member of every shard")
     v.set_defaults(func=_cmd_verify)
 
     e = sub.add_parser("export-official", help="write the layout the official CMP code reads")
@@ -127,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("publish", help="upload shards, index and card to an fsspec URL, then verify")
     pb.add_argument("out")
     pb.add_argument("url")
+    pb.add_argument("--force", action="store_true",
+                    help="publish even with failed units, an empty split, or fewer samples than the published release")
+    pb.add_argument("--delete", action="store_true",
+                    help="remove remote shards the new index does not list, once the new release verified")
     pb.set_defaults(func=_cmd_publish)
 
     c = sub.add_parser("card", help="(re)write OUT/README.md, the dataset card")

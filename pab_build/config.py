@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+from .redact import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -25,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is not a number and "2" is not an int; no NaN or infinity in any float
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -72,17 +75,26 @@ class RunConfig(Section):
 class OopsConfig(Section):
     root: str | None = None  # OOPS!-format root; None = the bundled sample root (fixtures.sample_oops_dir)
     splits: list[Literal["train", "val"]] = ["train", "val"]
-    min_rel_t: float = 0.01  # official loader: drop clips whose median rel_t is outside [min, max]
-    max_rel_t: float = 0.99
-    min_len_s: float = 3.2  # official loader: drop clips shorter/longer than this
-    max_len_s: float = 30.0
+    min_rel_t: float = Field(0.01, ge=0, le=1)  # official loader: drop clips whose median rel_t is outside [min, max]
+    max_rel_t: float = Field(0.99, ge=0, le=1)
+    min_len_s: float = Field(3.2, ge=0)  # official loader: drop clips shorter/longer than this
+    max_len_s: float = Field(30.0, gt=0)
     limit: int | None = Field(None, ge=1)  # take the first N clips (sorted by name) after filtering
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self):
+        if self.min_rel_t > self.max_rel_t:
+            raise ValueError(f"min_rel_t ({self.min_rel_t}) is above max_rel_t ({self.max_rel_t})")
+        if self.min_len_s > self.max_len_s:
+            raise ValueError(f"min_len_s ({self.min_len_s}) is above max_len_s ({self.max_len_s})")
+        return self
 
 
 class FramesConfig(Section):
     clips_per_unit: int = Field(16, ge=1)
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_side: int | None = Field(None, ge=16)  # downscale frames whose longer side exceeds this
+    decode_timeout_s: float = Field(60.0, gt=0)  # a video whose probe + decode of one clip takes longer is rejected
 
 
 class PoseConfig(Section):
@@ -187,37 +199,39 @@ class ShardsConfig(Section):
 class CMPConfig(Section):
     """CMP model/training; the paper's and official code's values in `full`."""
 
-    image_size: int = 224
-    max_text_len: int = 56
-    embed_dim: int = 2048  # ITC embedding size (official 2048; the paper-head ablations used 256)
+    image_size: int = Field(224, ge=16)
+    max_text_len: int = Field(56, ge=4)
+    embed_dim: int = Field(2048, ge=1)  # ITC embedding size (official 2048; the paper-head ablations used 256)
     itc_head: Literal["official", "paper"] = "official"  # official: pooled groups -> BN -> Dropout -> FC; paper: eq. 4
     itc_dropout: float = Field(0.5, ge=0, lt=1)  # dropout inside the official ITC head (official itc_dp)
     image_norm: Literal["clip", "processor"] = "clip"  # clip: CLIP mean/std (official); processor: the Swin processor's
     use_pose: bool = True  # PE: pose-aware image encoder
     use_ihnm: bool = True  # identity-based hard negatives in ITM
-    batch_size: int = 22
-    lr: float = 1e-4
-    lr_end: float = 1e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 500
-    epochs: int = 30
-    max_steps: int | None = None  # stop after this many steps (smoke)
-    temperature: float = 0.07
+    batch_size: int = Field(22, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_end: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    # not strict: YAML and the JSON round trip give a list; each element is still a strict float
+    betas: tuple[Annotated[float, Field(strict=True, ge=0, lt=1)], Annotated[float, Field(strict=True, ge=0, lt=1)]] = \
+        Field((0.9, 0.98), strict=False)
+    warmup_steps: int = Field(500, ge=0)
+    epochs: int = Field(30, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many steps (smoke)
+    temperature: float = Field(0.07, gt=0)
     itc_label_smoothing: float = Field(0.2, ge=0, lt=1)  # official label_smooth; 0 = the paper's plain InfoNCE
     eda_stream_weight: float = Field(0.8, ge=0)  # weight of ITC + ITM on a second, EDA-edited caption; 0 = off (EDA edits the caption itself)
     lr_schedule: Literal["step", "linear"] = "step"  # step: official scheduler.py; linear: warm-up then linear to lr_end
     lr_mult: float = Field(2.0, gt=0)  # learning-rate factor of the official init_params groups (1 = one lr)
-    mlm_probability: float = 0.25
+    mlm_probability: float = Field(0.25, ge=0, le=1)
     mlm_max_masks: int | None = Field(10, ge=1)  # official: at most 10 whole-word/span masks per caption; None = per-token BERT masking
     pre_caption: bool = True  # official pre_caption: lower case, punctuation stripped, max_text_words words
     max_text_words: int = Field(56, ge=1)  # words kept by pre_caption (official max_words)
     pose_augment: Literal["own", "shared"] = "own"  # own: the pose map gets its own flip and erasing (official); shared: flipped with the image, never erased
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    train_fraction: float = Field(1.0, ge=0, le=1)
-    rerank_k: int = 128
-    checkpoint_every: int = 1000
-    num_workers: int = 2
+    train_fraction: float = Field(1.0, gt=0, le=1)
+    rerank_k: int = Field(128, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    num_workers: int = Field(2, ge=0)
     seed: int = 0
     train_after_build: bool = True
     init_checkpoint: str | None = None  # whole-model init: the X-VLM / APTM person-search checkpoint, or a cmp.pth
@@ -236,6 +250,14 @@ class PublishConfig(Section):
     url: str | None = None  # fsspec URL; None = do not publish
     storage_options: dict[str, Any] = {}  # never put secrets here: use the environment or blocks
     credentials_block: str | None = None  # name of a Prefect Secret block: JSON fsspec options (key, secret)
+    force: bool = False  # publish even with failed units, an empty split or fewer samples than the release
+    delete: bool = False  # remove remote shards the new index does not list (after it verified)
+
+    # the JSON form (config.yaml, Prefect flow-run parameters, checkpoint metadata) never holds a
+    # credential; the object itself keeps them for the publish step
+    @field_serializer("url", "storage_options", when_used="json")
+    def _redacted(self, value):
+        return redact(value)
 
 
 class PABConfig(Section):
@@ -273,21 +295,7 @@ class PABConfig(Section):
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, with anything that looks like a credential redacted."""
-        data = self.model_dump(mode="json")
-        data["publish"]["storage_options"] = redact(data["publish"]["storage_options"])
-        return yaml.safe_dump(data, sort_keys=False)
-
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-
-
-def redact(obj: Any) -> Any:
-    """Replace the values of credential-like keys (at any depth) with ``"***"``."""
-    if isinstance(obj, dict):
-        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)  # publish is redacted there
 
 
 def stable_hash(obj: Any) -> str:
@@ -338,7 +346,7 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key {loc!r}")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{loc}: {e['msg']} (got {redact(e.get('input'))!r})")
     return "; ".join(lines)
 
 

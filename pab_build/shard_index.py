@@ -7,8 +7,12 @@ and rewrites the index; :func:`verify_shards` re-hashes a build or a published c
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
+import stat
+import tarfile
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -16,7 +20,7 @@ from typing import Any
 
 from .config import REPO_ROOT
 from .manifests import OK, manifest_rel, read_manifest
-from .shard_writer import SPLITS
+from .shard_writer import EXTENSIONS, SPLITS, key_problem
 from .store import Store
 from .units import Context
 
@@ -124,6 +128,27 @@ def finalize_shards(ctx: Context, rows: list[dict], split: str) -> None:
 
 
 # -- verification -----------------------------------------------------------------------------
+def local_file_problem(store: Store, rel: str) -> str | None:
+    """Why ``OUT/rel`` must not be read as part of the release: not a regular file, or (through a
+    symlink or ``..``) outside OUT. Object stores hold only regular objects: always None there."""
+    local = store.local_path(rel)
+    if local is None:
+        return None
+    root = os.path.realpath(store.local_path(""))
+    real = os.path.realpath(local)
+    if os.path.commonpath([root, real]) != root:
+        return f"resolves to {real}, outside the build folder {root}"
+    try:
+        mode = os.lstat(local).st_mode
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link, not a regular file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    return None
+
+
 def index_problems(index: Any) -> list[str]:
     """Schema violations of a loaded index (empty when valid)."""
     import jsonschema
@@ -136,7 +161,7 @@ def index_problems(index: Any) -> list[str]:
 
 @dataclass
 class ShardProblem:
-    kind: str  # "missing" | "extra" | "altered"
+    kind: str  # "missing" | "extra" | "altered" | "unsafe" | "mismatch"
     path: str  # relative to the folder holding index.json
     message: str
 
@@ -170,24 +195,106 @@ class VerifyReport:
 
     def __str__(self) -> str:
         head = (f"{self.target}: {'OK' if self.ok else 'FAILED'}: {self.checked} shard(s) in the index, "
-                f"{len(self.missing)} missing, {len(self.extra)} extra, {len(self.altered)} altered")
+                f"{len(self.missing)} missing, {len(self.extra)} extra, {len(self.altered)} altered, "
+                f"{len(self.paths('unsafe'))} unsafe, {len(self.paths('mismatch'))} mismatched")
         lines = [head] + [f"  error: {e}" for e in self.errors]
         lines += [f"  {p.kind}: {p.path}: {p.message}" for p in self.problems]
         return "\n".join(lines)
 
 
-def _sha256_of(fs, path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
+class _HashingReader:
+    """A read-only file wrapper that hashes what passes through (one pass: hash + tar walk)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def drain(self, chunk: int = 8 << 20) -> str:
+        while self.read(chunk):
+            pass
+        return self.h.hexdigest()
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    if not member.isfile():
+        return f"member {member.name!r} is not a regular file (tar type {member.type!r})"
+    key, _, ext = member.name.partition(".")
+    if key_problem(key) or ext not in EXTENSIONS:
+        return f"member name {member.name!r} is not <safe key>.<{'|'.join(EXTENSIONS)}>"
+    return None
+
+
+def _check_member_content(member: tarfile.TarInfo, data: bytes) -> str | None:
+    """--deep: the member decodes as what its extension says."""
+    ext = member.name.partition(".")[2]
+    try:
+        if ext == "json":
+            json.loads(data)
+        elif ext == "txt":
+            data.decode("utf-8")
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder error is this member's problem
+        return f"member {member.name!r} does not decode as {ext}: {type(e).__name__}: {str(e)[:120]}"
+    return None
+
+
+def read_shard(fs, path: str, deep: bool = False) -> tuple[str, int, list[str]]:
+    """One pass over a shard: (sha256, samples, problems). Checks every member's type and name
+    (and with ``deep`` reads and decodes every member)."""
+    problems: list[str] = []
+    keys: set[str] = set()
     with fs.open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    problem = _member_problem(member)
+                    if problem:
+                        problems.append(problem)
+                        continue
+                    keys.add(member.name.partition(".")[0])
+                    if deep:
+                        problem = _check_member_content(member, tar.extractfile(member).read())
+                        if problem:
+                            problems.append(problem)
+        except tarfile.TarError as e:
+            problems.append(f"not a readable tar: {e}")
+        digest = reader.drain()
+    return digest, len(keys), problems
 
 
-def verify_shards(url_or_dir: str, storage_options: dict | None = None) -> VerifyReport:
-    """Re-hash every shard of a build (``OUT`` or ``OUT/shards``, local or any fsspec URL) against
-    its ``index.json``: report missing, extra (a .tar the index does not list) and altered (size
-    or sha256 differs) shards."""
+def _manifest_shards(store: Store) -> dict[str, dict] | None:
+    """Shard path (relative to ``shards/``) -> {samples, sha256, bytes} from a build's shard
+    manifests, or None where there are none (a published copy)."""
+    if not any(store.exists(manifest_rel(f"{s}_shards")) for s in SPLITS):
+        return None
+    found: dict[str, dict] = {}
+    for split in SPLITS:
+        if not store.exists(manifest_rel(f"{split}_shards")):
+            continue
+        for r in read_manifest(store, f"{split}_shards"):
+            if r["status"] == OK:
+                e = found.setdefault(r["shard"].removeprefix("shards/"), {"samples": 0, "sha256": r["shard_sha256"],
+                                                                          "bytes": r["shard_bytes"]})
+                e["samples"] += 1
+    return found
+
+
+def verify_shards(url_or_dir: str, storage_options: dict | None = None, deep: bool = False) -> VerifyReport:
+    """Check every shard of a build (``OUT`` or ``OUT/shards``, local or any fsspec URL) against
+    its ``index.json`` and, in a build folder, against the shard manifests: missing, extra (a .tar
+    the index does not list), altered (size or sha256 differs), unsafe (not a regular file inside
+    OUT, a member that is not a regular file or has an unsafe name) and mismatched shards (sample
+    counts, sizes or hashes that differ between the tar, the index and the manifests). One pass per
+    shard hashes it and walks its members; ``deep`` also reads and decodes every member."""
     store = Store(url_or_dir, **(storage_options or {}))
     report = VerifyReport(target=url_or_dir)
     base = next((b for b in ("shards", "") if store.exists(f"{b}/index.json".lstrip("/"))), None)
@@ -205,6 +312,22 @@ def verify_shards(url_or_dir: str, storage_options: dict | None = None) -> Verif
         report.errors.extend(f"{report.index_path} does not match its schema: {p}" for p in problems[:10])
         return report
     listed = {s["path"]: s for sec in index["splits"].values() for s in sec["shards"]}
+    for split, sec in index["splits"].items():
+        total = sum(s["samples"] for s in sec["shards"])
+        if sec["totals"]["samples"] != total:
+            report.errors.append(f"{report.index_path}: split {split} totals {sec['totals']['samples']} samples, "
+                                 f"its shards list {total}")
+    manifest = _manifest_shards(store) if base == "shards" else None
+    if manifest is not None:
+        for rel in sorted(set(manifest) | set(listed)):
+            want, got = manifest.get(rel), listed.get(rel)
+            if want is None or got is None:
+                where = "the manifests" if want is None else "the index"
+                report.problems.append(ShardProblem("mismatch", rel, f"not in {where}"))
+            elif (got["samples"], got["sha256"], got["bytes"]) != (want["samples"], want["sha256"], want["bytes"]):
+                report.problems.append(ShardProblem(
+                    "mismatch", rel, f"the index says {got['samples']} samples, {got['bytes']} bytes, sha256 "
+                    f"{got['sha256'][:12]}; the manifests say {want['samples']}, {want['bytes']}, {want['sha256'][:12]}"))
     prefix = store.path(base) + "/"
     present = {}
     for path, info in store.fs.find(store.path(base), detail=True).items():
@@ -217,14 +340,23 @@ def verify_shards(url_or_dir: str, storage_options: dict | None = None) -> Verif
         if rel not in present:
             report.problems.append(ShardProblem("missing", rel, "listed in the index but not found"))
             continue
+        unsafe = local_file_problem(store, f"{base}/{rel}".lstrip("/"))
+        if unsafe:
+            report.problems.append(ShardProblem("unsafe", rel, unsafe))
+            continue
         if present[rel] != want["bytes"]:
             report.problems.append(ShardProblem(
                 "altered", rel, f"size is {present[rel]} bytes, the index says {want['bytes']}"))
             continue
-        digest = _sha256_of(store.fs, store.path(f"{base}/{rel}".lstrip("/")))
+        digest, samples, member_problems = read_shard(store.fs, store.path(f"{base}/{rel}".lstrip("/")), deep)
         if digest != want["sha256"]:
             report.problems.append(ShardProblem(
                 "altered", rel, f"sha256 is {digest}, the index says {want['sha256']} (same size: content changed)"))
+            continue
+        report.problems += [ShardProblem("unsafe", rel, p) for p in member_problems[:5]]
+        if samples != want["samples"]:
+            report.problems.append(ShardProblem(
+                "mismatch", rel, f"holds {samples} samples, the index says {want['samples']}"))
     for rel in sorted(set(present) - set(listed)):
         report.problems.append(ShardProblem("extra", rel, f"a .tar of {present[rel]} bytes the index does not list"))
     return report

@@ -65,3 +65,34 @@ def test_section_hash_changes_only_with_its_section():
     b = load_config("smoke", ["generate.steps=9"])
     assert a.section_hash("pose") == b.section_hash("pose")
     assert a.section_hash("generate") != b.section_hash("generate")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("cmp.batch_size=0", "cmp.batch_size"),
+        ("cmp.lr=-1", "cmp.lr"),
+        ("cmp.epochs=-3", "cmp.epochs"),
+        ("oops.max_len_s=.nan", "oops.max_len_s"),
+        ("generate.images_per_caption=true", "generate.images_per_caption"),
+        ("pose.batch_size=2.5", "pose.batch_size"),
+        ("cmp.betas=[true,0.9]", "cmp.betas.0"),
+        ("run.retry_delay_s=.inf", "run.retry_delay_s"),
+    ],
+)
+def test_pab_run_stops_before_anything_starts_on_a_bad_value(tmp_path, capsys, override, key):
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as code:
+        main(["run", "smoke", "--out", str(out), "--set", override])
+    assert code.value.code == 2
+    assert key in capsys.readouterr().err
+    assert not out.exists()  # nothing started: no output folder, no Prefect run
+
+
+def test_value_ranges_across_sections():
+    with pytest.raises(ConfigError, match="min_len_s"):
+        load_config("smoke", ["oops.min_len_s=40", "oops.max_len_s=30"])
+    cfg = load_config("smoke", ["cmp.lr=0.001", "oops.max_len_s=20"])  # ints where floats are wanted are fine
+    assert cfg.cmp.lr == 0.001 and cfg.oops.max_len_s == 20.0

@@ -86,6 +86,10 @@ def s3(monkeypatch):
     wz.setLevel(logging.INFO)
     server = S3Server()
     server.start()
+    # moto keeps its state per process: start every test from an empty server
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST")).close()
     # the credentials travel in storage_options here, as a flow would pass a Prefect block's
     options = {"key": "AKIDEXAMPLE", "secret": SECRET, "skip_instance_cache": True,
                "client_kwargs": {"endpoint_url": server.endpoint},
@@ -171,7 +175,12 @@ def test_publish_to_a_folder_repairs_tampered_shards_and_prunes_stale_ones(relea
     shard.write_bytes(bytes(data))
     (dest / "shards" / "test" / "test-000000.tar.sha256").unlink()
     (dest / "shards" / "train" / "train-000007.tar").write_bytes(b"\0" * 10240)
-    second = publish(root, str(dest))
+    kept = publish(root, str(dest))  # without delete: the stale shard stays, and is reported
+    assert kept.ok and kept.removed == [] and kept.stale == ["shards/train/train-000007.tar"], str(kept)
+    assert (dest / "shards" / "train" / "train-000007.tar").exists() and "--delete" in str(kept)
+    assert kept.repaired == ["shards/train/train-000000.tar"]
+    shard.write_bytes(bytes(data))  # altered again
+    second = publish(root, str(dest), delete=True)
     assert second.ok, str(second)
     assert second.uploaded == second.repaired == ["shards/train/train-000000.tar"]  # found by verification
     assert second.removed == ["shards/train/train-000007.tar"]
@@ -194,7 +203,7 @@ def test_an_old_remote_index_is_withdrawn_before_anything_is_uploaded(release, t
 
     monkeypatch.setattr(publish_mod, "upload_object", die)
     with pytest.raises(PublishError, match="README.md.*network gone"):
-        publish(root, str(dest))
+        publish(root, str(dest), force=True)  # the test split is gone: refused without force
     assert not (dest / "shards" / "index.json").exists()
 
 

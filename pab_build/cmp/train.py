@@ -154,10 +154,11 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
         ckpt = str(resume)
 
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+
+    from pab_build.cmp.determinism import make_deterministic
 
     accelerator = Accelerator(cpu=cfg.run.device == "cpu", mixed_precision=c.mixed_precision)
-    set_seed(c.seed)
+    make_deterministic(c.seed, cfg.run.device)  # seeds + deterministic kernels (pab_build/cmp/determinism.py)
     model, tokenizer = load_cmp(cfg)
     init = None
     if c.init_checkpoint and not ckpt:  # a resumed run takes every weight from its checkpoint

@@ -14,9 +14,14 @@ remote bytes are re-hashed, and a match is kept. Nothing that was complete is up
 Atomicity. On a local target each file is written under a hidden temporary name and renamed; on
 object stores one PUT (or one completed multipart upload) is all-or-nothing. The index is written
 LAST, and a remote index that differs from the one being published is deleted FIRST, so a remote
-index always describes shards that are all there. Remote shards the index no longer lists (an
-earlier, larger build) are removed (``prune``). Before uploading, every local shard is checked
+index always describes shards that are all there. Before uploading, every local shard is checked
 against the local index, so a damaged build is never published.
+
+Nothing destructive by default. A build with failed units, a split with no samples, or a split
+with fewer samples than the remote release it would replace is refused before anything remote is
+touched (``force`` overrides). Remote shards the new index no longer lists (an earlier, larger
+build) are left in place and reported unless ``delete`` is given, and are then removed only after
+the new release has verified. Only regular files inside OUT are read (no symlink out of OUT).
 
 Verification. :func:`pab_build.shard_index.verify_shards` re-hashes the remote shards against the
 remote index; card files are re-hashed against the local ones. Shards it finds missing or altered
@@ -31,19 +36,21 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
 import shutil
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..config import redact
-from ..shard_index import INDEX_REL, VerifyReport, index_problems, verify_shards
+from ..redact import redact, scrub as scrub_text, secret_values
+from ..shard_index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
+from .guards import release_problems
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -68,59 +75,60 @@ class PublishReport:
     url: str  # credentials scrubbed
     uploaded: list[str] = field(default_factory=list)  # relative paths, in upload order
     skipped: list[str] = field(default_factory=list)  # already there with the right size and sha256
-    removed: list[str] = field(default_factory=list)  # stale remote shards pruned
+    removed: list[str] = field(default_factory=list)  # stale remote shards removed (delete=True)
+    stale: list[str] = field(default_factory=list)  # stale remote shards left in place (delete=False)
     repaired: list[str] = field(default_factory=list)  # uploaded again after verification found them bad
     verify: VerifyReport | None = None
     card_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.verify is not None and self.verify.ok and not self.card_problems
+        """The published index and every shard it lists verified; extra shards left in place on
+        purpose (no ``delete``) are reported, not counted as a failure."""
+        if not release_verified(self.verify) or self.card_problems:
+            return False
+        return set(self.verify.extra) <= {rel.removeprefix("shards/") for rel in self.stale}
 
     def __str__(self) -> str:
         head = (f"publish {self.url}: {'OK' if self.ok else 'FAILED'}: {len(self.uploaded)} uploaded, "
                 f"{len(self.skipped)} already there, {len(self.removed)} stale removed, "
                 f"{len(self.repaired)} repaired")
         lines = [head]
+        if self.stale:
+            lines.append(f"  {len(self.stale)} remote shard(s) the new index does not list were left in place "
+                         f"(pass --delete to remove them): {', '.join(self.stale[:5])}")
         if self.verify is not None:
             lines += ["  " + ln for ln in str(self.verify).splitlines()]
         lines += [f"  card: {p}" for p in self.card_problems]
         return "\n".join(lines)
 
 
+def release_verified(v: VerifyReport | None) -> bool:
+    """The index and every shard it lists check out (extra shards aside)."""
+    return v is not None and not v.errors and all(p.kind == "extra" for p in v.problems)
+
+
 # -- secrets ----------------------------------------------------------------------------------
-def _leaf_strings(obj: Any) -> list[str]:
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _leaf_strings(v)]
-    if isinstance(obj, (list, tuple)):
-        return [s for v in obj for s in _leaf_strings(v)]
-    return [obj] if isinstance(obj, str) else []
-
-
-def _secret_values(options: Any, redacted: Any) -> list[str]:
-    """The values :func:`config.redact` hides, at any depth."""
-    if redacted == "***" and options != "***":
-        return _leaf_strings(options)
-    if isinstance(options, dict) and isinstance(redacted, dict):
-        return [v for k in options for v in _secret_values(options[k], redacted.get(k))]
-    if isinstance(options, (list, tuple)) and isinstance(redacted, list):
-        return [v for o, r in zip(options, redacted) for v in _secret_values(o, r)]
-    return []
-
-
 class Scrubber:
-    """Removes credentials (from the storage options and the environment) from any text."""
+    """Removes credentials (URL passwords, the storage options' secrets, the environment's) from text."""
 
-    def __init__(self, storage_options: dict):
-        secrets = _secret_values(storage_options, redact(storage_options))
-        secrets += [os.environ[n] for n in _SECRET_ENV if os.environ.get(n)]
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+    def __init__(self, storage_options: dict, url: str = ""):
+        secrets = secret_values(storage_options) + secret_values(url)
+        self.secrets = secrets + [os.environ[n] for n in _SECRET_ENV if os.environ.get(n)]
 
     def __call__(self, text: str) -> str:
-        text = re.sub(r"://[^/@\s]+@", "://***@", str(text))  # user:password@ in a URL
-        for s in self.secrets:
-            text = text.replace(s, "***")
-        return text
+        return scrub_text(text, self.secrets)
+
+
+def url_credentials(url: str, options: dict) -> tuple[str, dict]:
+    """``s3://KEY:SECRET@bucket/x`` -> (``s3://bucket/x``, options with key and secret): s3fs would
+    otherwise take ``KEY:SECRET@bucket`` for a bucket name. Other protocols parse userinfo themselves."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("s3", "s3a") or parts.password is None:
+        return url, options
+    host = parts.netloc.rsplit("@", 1)[1]
+    merged = {**options, "key": unquote(parts.username or ""), "secret": unquote(parts.password)}
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), merged
 
 
 # -- hashing and copying ----------------------------------------------------------------------
@@ -212,6 +220,10 @@ def release_files(src: Store) -> tuple[dict, list[str], list[str]]:
     shards = sorted(f"shards/{s['path']}" for sec in index["splits"].values() for s in sec["shards"])
     card = [f for f in CARD_FILES if src.exists(f)]
     card += [f"{CARD_DIR}/{n}" for n in src.listdir(CARD_DIR) if n.endswith(".png")]
+    for rel in shards + card + [INDEX_REL]:
+        problem = local_file_problem(src, rel)
+        if problem:
+            raise PublishError(f"refusing to publish {rel}: {problem}")
     if not card:
         log.warning("publish: %s has no dataset card (README.md); publishing the shards without it", src.url_root)
     return index, shards, card
@@ -224,6 +236,15 @@ def _check_local_shards(src: Store, index: dict, digests: dict[str, tuple[str, i
             if digests[rel] != (s["sha256"], s["bytes"]):
                 raise PublishError(f"local {rel} does not match {INDEX_REL} (sha256/size differ): "
                                    f"run `pab verify {src.url_root}` and rebuild the shards")
+
+
+def _remote_index(pub: "_Publisher") -> dict | None:
+    """The published index when there is a valid one, else None."""
+    try:
+        data = json.loads(pub.fs.cat_file(pub.target(INDEX_REL)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return data if not index_problems(data) else None
 
 
 # -- publish ----------------------------------------------------------------------------------
@@ -299,19 +320,22 @@ class _Publisher:
         return problems
 
 
-def publish(out: str, url: str, storage_options: dict | None = None, *, prune: bool = True,
-            verify: bool = True) -> PublishReport:
+def publish(out: str, url: str, storage_options: dict | None = None, *, force: bool = False,
+            delete: bool = False, verify: bool = True) -> PublishReport:
     """Upload build ``out``'s shards, ``shards/index.json`` (last) and dataset card to ``url``;
-    skip objects already there with the right size and sha256; remove remote shards the index no
-    longer lists (``prune``); then re-hash the remote copy (``verify``).
+    skip objects already there with the right size and sha256; then re-hash the remote copy
+    (``verify``). Refuses (before touching anything remote) a build with failed units, an empty
+    split, or fewer samples than the published release, unless ``force``. Remote shards the index
+    no longer lists are removed only with ``delete``, and only after the new release verified.
 
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``); put no
     secret in a config file: credentials come from the environment or a block the caller loads.
     Raises :class:`PublishError` (credentials scrubbed) when an upload fails; rerun to resume.
     """
     options = dict(storage_options or {})
-    scrub = Scrubber(options)
+    scrub = Scrubber(options, url)
     safe_url = scrub(url)
+    url, options = url_credentials(url, options)
     report = PublishReport(url=safe_url)
     src = Store(out)
     index, shards, card = release_files(src)
@@ -325,6 +349,14 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, prune: b
             pub.local_digest(rel)
         _check_local_shards(src, index, pub.digests)
 
+        step = f"reading the remote {INDEX_REL}"
+        problems = release_problems(src, index, _remote_index(pub))
+        if problems and not force:
+            raise PublishError(f"refusing to publish {src.url_root} to {safe_url}: {'; '.join(problems)}; "
+                               "nothing remote was changed (pass --force to publish anyway)")
+        for p in problems:
+            log.warning("publish: --force: publishing although %s", p)
+
         step = f"checking the remote {INDEX_REL}"
         if _remote_size(pub.fs, pub.target(INDEX_REL)) is not None and not pub.is_complete(INDEX_REL):
             pub.remove(INDEX_REL)  # it describes another set of shards: never leave it beside new ones
@@ -332,14 +364,10 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, prune: b
         for rel in shards + card:
             step = f"uploading {rel}"
             pub.put(rel, report)
-        if prune:
-            for rel in pub.stale_shards(set(shards)):
-                step = f"removing stale {rel}"
-                pub.remove(rel)
-                report.removed.append(rel)
-                log.info("publish: removed stale remote %s", rel)
         step = f"uploading {INDEX_REL}"
         pub.put(INDEX_REL, report)
+        step = "listing stale remote shards"
+        report.stale = pub.stale_shards(set(shards))
 
         if verify:
             step = "verifying the remote copy"
@@ -354,6 +382,17 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, prune: b
                     report.repaired.append(rel)
                 report.verify = _verify(pub, url, options)
             report.card_problems = pub.card_problems(card)
+        verified = release_verified(report.verify) and not report.card_problems
+        if delete and report.stale and verified:
+            for rel in report.stale:
+                step = f"removing stale {rel}"
+                pub.remove(rel)
+                report.removed.append(rel)
+                log.info("publish: removed stale remote %s", rel)
+            report.stale = []
+            report.verify = _verify(pub, url, options)
+        elif delete and report.stale:
+            log.warning("publish: the new release did not verify: stale remote shards kept")
     except PublishError:
         raise
     except Exception as e:  # noqa: BLE001 - any fsspec/network error: name the step, hide credentials

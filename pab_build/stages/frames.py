@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
+import threading
 
 import numpy as np
 from PIL import Image
@@ -53,6 +55,35 @@ def demux_problem(path: str) -> str | None:
     return None
 
 
+def regular_file(path: str) -> bool:
+    """True for a regular file (after symlinks); False for pipes, devices, folders, missing paths."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def with_deadline(fn, timeout_s: float, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a daemon thread; :class:`TimeoutError` after ``timeout_s``. A hung
+    decoder thread is abandoned (it cannot be killed) but never blocks the unit or the exit."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            result["error"] = e
+
+    worker = threading.Thread(target=target, name="frames-decode", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"no result after {timeout_s:g}s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def transition_times(failure_t: float, length_s: float) -> tuple[float, float]:
     """(normal, anomaly) timestamps: the middles of the segments before and after the failure."""
     return failure_t / 2.0, (failure_t + length_s) / 2.0
@@ -74,7 +105,7 @@ def plan_frames_units(ctx: Context) -> list[Unit]:
         clips = clips[: cfg.oops.limit]
     items = []
     for c in clips:
-        stat = os.stat(c.video_path) if c.video_path else None
+        st = os.stat(c.video_path) if c.video_path and os.path.exists(c.video_path) else None
         for b in BEHAVIORS:
             cap = c.captions[0] if c.captions else None
             items.append({
@@ -85,11 +116,13 @@ def plan_frames_units(ctx: Context) -> list[Unit]:
                 "behavior": b,
                 "video_path": c.video_path,
                 # size + mtime stand in for the video's content in the unit's input hash
-                "video_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                "video_stat": [st.st_size, st.st_mtime_ns] if st else None,
                 "times": list(c.times),
                 "length_s": c.length_s,
                 "rel_t": list(c.rel_t) if c.rel_t else None,
                 "source_caption": (cap.goal if b == "normal" else cap.wentwrong) if cap else None,
+                # only when set, so the input hash of a clean clip's unit stays what it was
+                **({"problem": c.problem} if c.problem else {}),
             })
     return chunk_units("frames", items, cfg.frames.clips_per_unit, group_key="clip_key")
 
@@ -118,17 +151,28 @@ def extract_transition_frames(ctx: Context, clip_items: list[dict]) -> list[dict
         return [reject(it, reason, **base, behavior=it["behavior"], source_caption=it["source_caption"], **extra)
                 for it in clip_items]
 
+    if first.get("problem"):
+        return reject_all(first["problem"])
     if not first["video_path"]:
         return reject_all(f"video missing: no oops_video/{first['split']}/{first['clip_name']}.* file")
+    if not regular_file(first["video_path"]):  # a FIFO or device would block the reader forever
+        return reject_all(f"video is not a regular file: oops_video/{first['split']}/"
+                          f"{os.path.basename(first['video_path'])}")
     clip = oops.ClipRecord(first["clip_name"], first["clip_key"], first["split"], first["video_path"],
                            tuple(first["times"]), first["length_s"],
                            tuple(first["rel_t"]) if first["rel_t"] else None, ())
-    problem = demux_problem(first["video_path"])
+    timeout = cfg.frames.decode_timeout_s
+    try:
+        problem = with_deadline(demux_problem, timeout, first["video_path"])
+    except TimeoutError:
+        return reject_all(f"video probe took longer than frames.decode_timeout_s={timeout:g}s")
     if problem:
         return reject_all(f"video {problem}")
     try:
-        vr = decord.VideoReader(first["video_path"], num_threads=1)
+        vr = with_deadline(decord.VideoReader, timeout, first["video_path"], num_threads=1)
         n_frames, fps = len(vr), float(vr.get_avg_fps())
+    except TimeoutError:
+        return reject_all(f"video open took longer than frames.decode_timeout_s={timeout:g}s")
     except Exception as e:  # noqa: BLE001 - decord raises its own error types
         return reject_all(f"video undecodable: {_error_text(e)}")
     if n_frames <= 0 or fps <= 0:
@@ -148,7 +192,9 @@ def extract_transition_frames(ctx: Context, clip_items: list[dict]) -> list[dict
                               **extra)
     idx = {b: frame_index(t, fps, n_frames) for b, t in wanted.items()}
     try:
-        batch = vr.get_batch([idx["normal"], idx["anomaly"]]).asnumpy()
+        batch = with_deadline(lambda: vr.get_batch([idx["normal"], idx["anomaly"]]).asnumpy(), timeout)
+    except TimeoutError:
+        return reject_all(f"video decode took longer than frames.decode_timeout_s={timeout:g}s", **extra)
     except Exception as e:  # noqa: BLE001
         return reject_all(f"video undecodable at frames {idx['normal']}/{idx['anomaly']}: "
                           f"{_error_text(e)}", **extra)
@@ -167,12 +213,22 @@ def extract_transition_frames(ctx: Context, clip_items: list[dict]) -> list[dict
 
 
 def run_frames_unit(ctx: Context, unit: Unit) -> list[dict]:
+    """Every clip on its own: a clip that raises is tried once more, then only its two rows are
+    rejected with the error, so one bad clip never takes the other clips of its unit with it."""
     by_clip: dict[str, list[dict]] = {}
     for it in unit.items:
         by_clip.setdefault(it["clip_key"], []).append(it)
     rows: list[dict] = []
     for items in by_clip.values():
-        rows.extend(extract_transition_frames(ctx, items))
+        for attempt in (1, 2):
+            try:
+                rows.extend(extract_transition_frames(ctx, items))
+                break
+            except Exception as e:  # noqa: BLE001 - any error of this clip is this clip's reason
+                if attempt == 2:
+                    rows.extend(reject(it, f"clip failed twice: {_error_text(e)}", clip_name=it["clip_name"],
+                                       clip_key=it["clip_key"], split=it["split"], behavior=it["behavior"],
+                                       source_caption=it["source_caption"]) for it in items)
     return rows
 
 
