@@ -388,8 +388,9 @@ class _Parser:
                 break
             if cands and (_is_verbish(t) or _is_ly_adverb(t) or (_looks_like_verb(t) and not self.person(t))):
                 nxt = self.at(i + 1)
-                # "the soccer coach falls": a person noun that is also a verb, followed by the verb
-                if not (self.person(t) and (_is_verbish(nxt) or nxt == "")):
+                # "the soccer coach falls": a person noun that is also a verb, followed by the verb;
+                # at the end it is the verb ("the hammock rips": WordNet's "rip" is also a rake)
+                if not (self.person(t) and _is_verbish(nxt)):
                     break
             cands.append(t)
             i += 1

@@ -60,14 +60,18 @@ def install(root: str | None = None) -> str:
     return dest
 
 
+def _load_reader():
+    from nltk.corpus import wordnet as wn
+
+    wn.ensure_loaded()
+    return wn
+
+
 @functools.lru_cache(maxsize=1)
 def _wordnet():
     """nltk's WordNet reader, or None (logged once) when nltk or the corpus is missing."""
     try:
-        from nltk.corpus import wordnet as wn
-
-        wn.ensure_loaded()
-        return wn
+        return _load_reader()
     except (ImportError, LookupError, OSError) as e:
         log.warning("WordNet is not available (%s): the subject filter uses its lexicon file only, "
                     "which knows fewer person nouns; install it with `python -m pab_build.wordnet`",
