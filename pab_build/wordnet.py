@@ -49,7 +49,10 @@ def install(root: str | None = None) -> str:
     if os.path.exists(os.path.join(dest, "data.noun")) and os.path.exists(os.path.join(dest, "index.sense")):
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True, capture_output=True)
+        download = ["apt-get", "download", *DEBIAN_PACKAGES]
+        if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)  # a fresh machine
+            subprocess.run(download, cwd=tmp, check=True, capture_output=True)
         for deb in glob.glob(os.path.join(tmp, "*.deb")):
             subprocess.run(["dpkg-deb", "-x", deb, os.path.join(tmp, "x")], check=True)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -83,6 +86,7 @@ def available() -> bool:
     return _wordnet() is not None
 
 
+@functools.lru_cache(maxsize=1)
 def fingerprint() -> str:
     """Short hash of the WordNet noun data in use ("none" without it): part of the prompts stage's
     hash, since the filter's answers depend on it."""

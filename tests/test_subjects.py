@@ -279,3 +279,22 @@ def test_extra_person_words_from_the_config(prompt_ctx):
 def test_prompt_keys_follow_the_convention():
     assert prompts_stage.prompt_key("c0123456789", "a+") == "c0123456789-ap"
     assert prompts_stage.prompt_key("c0123456789", "n", 1) == "c0123456789-1-n"
+
+
+def test_the_prompts_stage_hash_follows_its_lexicon_file_and_wordnet(tmp_path):
+    import dataclasses
+
+    from pab_build.pipeline import STAGE_ORDER, get_stage
+
+    assert subjects.LEXICON_PATH in PROMPTS_STAGE.data_files and wordnet.fingerprint in PROMPTS_STAGE.data_files
+    cfg = load_config("smoke")
+    copy = tmp_path / "subject_lexicon.txt"
+    copy.write_bytes(subjects.LEXICON_PATH.read_bytes())
+    stage = dataclasses.replace(PROMPTS_STAGE, data_files=(copy, wordnet.fingerprint))
+    before = stage.stage_hash(cfg)
+    assert before == PROMPTS_STAGE.stage_hash(cfg)  # the same content, the same hash
+    copy.write_text(copy.read_text() + "\n[person]\nrobot\n")
+    assert stage.stage_hash(cfg) != before
+    # no other stage reads the lexicon: editing it redoes them only through changed prompt rows
+    readers = [name for name in STAGE_ORDER if subjects.LEXICON_PATH in get_stage(name).data_files]
+    assert readers == ["prompts"]

@@ -12,7 +12,8 @@ import os
 from .. import oops
 from ..config import oops_root
 from ..manifests import OK, manifest_rel, ok_rows, reject
-from ..subjects import analyse_subject
+from .. import wordnet
+from ..subjects import LEXICON_PATH, analyse_subject
 from ..units import Context, Stage, Unit, chunk_units
 
 PROMPTS = "prompts"
@@ -133,4 +134,5 @@ STAGE = Stage(
     run_unit=run_prompt_unit,
     config_keys=("prompts", "oops"),
     version="1",
+    data_files=(LEXICON_PATH, wordnet.fingerprint),
 )
