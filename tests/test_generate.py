@@ -47,9 +47,13 @@ def _jpeg(image, ctx) -> bytes:
 
 
 # -- seeds and pure checks -------------------------------------------------------------------------
+RECORDED_SEED = 3105646067002043811  # image_seed(0, "c0000000001-a", 0) since the first release
+
+
 def test_image_seed_is_a_fixed_function_of_base_seed_prompt_and_index():
     s = image_seed(0, "c0000000001-a", 0)
-    assert s == int.from_bytes(hashlib.sha256(b"pab-generate/0/c0000000001-a/0").digest()[:8], "big") >> 1
+    # a recorded value, not the formula again: any change of the derivation changes every image
+    assert s == RECORDED_SEED
     assert 0 <= s < 2**63
     others = {image_seed(0, "c0000000001-a", 1), image_seed(1, "c0000000001-a", 0), image_seed(0, "c0000000001-n", 0)}
     assert s not in others and len(others) == 3
