@@ -116,15 +116,6 @@ def _parse_captions(entries) -> tuple[Caption, ...]:
     return tuple(out)
 
 
-def find_video(root: str, split: str, clip_name: str) -> str | None:
-    folder = os.path.join(root, "oops_video", split)
-    for ext in VIDEO_EXTENSIONS:
-        p = os.path.join(folder, clip_name + ext)
-        if os.path.exists(p):
-            return p
-    return None
-
-
 def load_clips(root: str, splits: list[str]) -> list[ClipRecord]:
     """Every clip that has transition times or captions in the given splits, sorted by name.
 

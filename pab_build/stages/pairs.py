@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..config import model_path
-from ..manifests import OK, ok_rows, reject
+from ..manifests import keep, ok_rows, reject
 from ..similarity import (
     embed_images,
     load_resnet50,
@@ -34,7 +34,7 @@ def run_pairs_unit(ctx: Context, unit: Unit) -> list[dict]:
         fields = {"clip_key": it["clip_key"], "behavior": it["behavior"], "pair_key": pair_key, "cosine": cosine}
         if reason is not None:
             return reject(it, reason, **fields)
-        return {"sample_key": it["sample_key"], "status": OK, "reason": None, **fields}
+        return keep(it, **fields)
 
     pairs: list[tuple[dict, dict, Image.Image, Image.Image]] = []
     for clip_key, frames in sorted(by_clip.items()):

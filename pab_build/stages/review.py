@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from ..manifests import OK, manifest_rel, read_manifest, reject
+from ..manifests import OK, keep, manifest_rel, read_manifest, reject
 from ..units import Context, Stage, Unit, chunk_units
 
 REVIEW = "review"
@@ -228,8 +228,7 @@ def run_review_unit(ctx: Context, unit: Unit) -> list[dict]:
             verdict = Verdict(False, None, None, problem)
         for it in frames:  # both images of a pair share the pair's fate
             fields = {"clip_key": clip_key, "decision": verdict.decision, "reviewers": verdict.reviewers}
-            rows[it["sample_key"]] = ({"sample_key": it["sample_key"], "status": OK, "reason": None, **fields}
-                                      if verdict.kept else reject(it, verdict.reason, **fields))
+            rows[it["sample_key"]] = keep(it, **fields) if verdict.kept else reject(it, verdict.reason, **fields)
     return [rows[k] for k in unit.sample_keys]
 
 
