@@ -18,9 +18,9 @@ from PIL import Image
 from .. import oops
 from ..config import oops_root
 from ..manifests import keep, reject
+from ..pairing import BEHAVIORS
 from ..units import Context, Stage, Unit, chunk_units
 
-BEHAVIORS = ("normal", "anomaly")
 
 
 # decord prefixes its errors with a wall-clock time and a source location: drop both, so reasons

@@ -6,6 +6,7 @@ from PIL import Image
 
 from ..config import model_path
 from ..manifests import keep, ok_rows, reject
+from ..pairing import pair_problem
 from ..similarity import (
     embed_images,
     load_resnet50,
@@ -39,10 +40,9 @@ def run_pairs_unit(ctx: Context, unit: Unit) -> list[dict]:
     pairs: list[tuple[dict, dict, Image.Image, Image.Image]] = []
     for clip_key, frames in sorted(by_clip.items()):
         normal, anomaly = frames.get("normal"), frames.get("anomaly")
-        if normal is None or anomaly is None or len(frames) != 2:
+        if problem := pair_problem(clip_key, frames, "no counterpart: pose kept only"):
             for it in frames.values():
-                rows[it["sample_key"]] = row(it, f"no counterpart: pose kept only {sorted(frames)} of clip {clip_key}",
-                                             None, None)
+                rows[it["sample_key"]] = row(it, problem, None, None)
             continue
         images, unreadable = {}, {}
         for it in (normal, anomaly):
