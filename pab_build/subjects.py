@@ -6,11 +6,16 @@ people, he, man, etc."
 
 The subject comes from the annotation's subject-verb-object triples (``kgoalsvos`` /
 ``kwentwrongsvos``) when they name one; otherwise from the caption itself: the head noun of the
-first noun phrase before the main verb (see :func:`analyse_subject`). It refers to a person when
-it is in the person lexicon below, or is an agent noun (``-er`` of a known action verb, ``-ist``)
-not in the exception list. A compound subject ("a man and his dog") is a person when any of its
+first noun phrase before the main verb (see :func:`analyse_subject`). Whether it refers to a
+person: see :func:`is_person_word` (config words, lexicon file, WordNet, agent nouns, compounds). A compound subject ("a man and his dog") is a person when any of its
 heads is one; a group word takes its ``of`` complement ("a group of people"). Captions with no
 subject ("trying to jump the fence") and junk ("Don't know") are rejected: nothing to verify.
+
+Names are people: the caption keeps its original case, and a capitalised word that is no common
+noun ("Sarah", "John") counts as one. Person nouns come from WordNet (hyponyms of person.n.01, see
+:mod:`pab_build.wordnet`) and from the versioned lexicon file ``data/subject_lexicon.txt``.
+Over 400 lines on purpose: the closed word classes (determiners, prepositions, ...) and the small
+parser that uses them are one piece; the open word lists live in the lexicon file.
 """
 
 from __future__ import annotations
