@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install smoke test bench wheelhouse clean
+.PHONY: install smoke test test-min bench wheelhouse clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 	$(BIN)/pip install -q -e ".[dev,ray]"
+	$(BIN)/python -m pab_build.wordnet  # the subject filter's WordNet, from Debian's wordnet-base
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +25,19 @@ smoke: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The dependency floors: constraints/minimum.txt (pyproject's floors, pinned) in a second venv that
+# sees the main one's packages underneath (torch and the other heavy wheels are not re-downloaded),
+# then the quick tests that load models, parse configs, write shards and run the subject filter.
+MIN_VENV ?= .venv-min
+MIN_TESTS ?= tests/test_config.py tests/test_units.py tests/test_manifests.py tests/test_subjects.py \
+	tests/test_vlm.py tests/test_generate.py tests/test_shards.py tests/test_cmp_model.py
+test-min: install
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" \
+		> $$($(MIN_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/main_venv.pth
+	$(MIN_VENV)/bin/pip install -q -r constraints/minimum.txt
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -k "not datasets" $(MIN_TESTS)
 
 bench: install
 	$(BIN)/python bench/run_all.py

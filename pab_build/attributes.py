@@ -13,7 +13,7 @@ import re
 
 from .captions import load_unit_images
 from .config import model_id
-from .manifests import OK, reject
+from .manifests import keep, reject
 from .units import Context, Unit
 from .vlm import (
     VLMRequest,
@@ -109,7 +109,7 @@ def attribute_row(item: dict, raw: dict[str, str], max_words: int, model: str) -
     if empty:
         shown = "; ".join(f"{q}={raw[q][:60]!r}" for q in empty)
         return reject(item, f"attribute answer normalises to nothing: {shown}", **row)
-    return {"sample_key": item["sample_key"], "status": OK, "reason": None, **row}
+    return keep(item, **row)
 
 
 def run_attribute_unit(ctx: Context, unit: Unit) -> list[dict]:

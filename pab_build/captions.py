@@ -13,7 +13,7 @@ asks for it, generation stopped at ``max_new_tokens`` without an end token).
 from __future__ import annotations
 
 from .config import CaptionsConfig, model_id
-from .manifests import OK, reject
+from .manifests import keep, reject
 from .units import Context, Unit
 from .vlm import (
     VLMRequest,
@@ -73,16 +73,14 @@ def caption_rows(items: list[dict], answers: dict[str, tuple[str, bool]], sec: C
         base = {"caption_generated": raw, "prompt_version": CAPTION_PROMPT, "model_id": model, "finished": finished}
         correction = normalise_caption(it.get("caption_correction") or "")
         if correction:  # a person's caption wins over the model's, whatever the model wrote
-            rows.append({"sample_key": it["sample_key"], "status": OK, "reason": None, **base,
-                         "caption": correction, "caption_corrected": correction != generated})
+            rows.append(keep(it, **base, caption=correction, caption_corrected=correction != generated))
             continue
         why = caption_problem(generated, finished=finished, min_words=sec.min_words, max_words=sec.max_words,
                               max_new_tokens=gen.max_new_tokens, reject_unfinished=reject_unfinished)
         if why:
             rows.append(reject(it, why, **base, caption=None, caption_corrected=False))
         else:
-            rows.append({"sample_key": it["sample_key"], "status": OK, "reason": None, **base,
-                         "caption": generated, "caption_corrected": False})
+            rows.append(keep(it, **base, caption=generated, caption_corrected=False))
     return rows
 
 

@@ -156,6 +156,16 @@ def reject(item: dict, reason: str, **fields) -> dict:
     return {"sample_key": item["sample_key"], "status": REJECTED, "reason": reason, **fields}
 
 
+def keep(item: dict, **fields) -> dict:
+    """An ok row for ``item``: the counterpart of :func:`reject`."""
+    return {"sample_key": item["sample_key"], "status": OK, "reason": None, **fields}
+
+
+def decide(item: dict, problem: str | None, **fields) -> dict:
+    """``item``'s row: rejected with ``problem`` as the reason, or ok when there is none."""
+    return reject(item, problem, **fields) if problem else keep(item, **fields)
+
+
 # One line per column, for manifests/README.md (`python -m pab_build.manifests > manifests/README.md`).
 COLUMN_DOCS: dict[str, str] = {
     "sample_key": "stable key of the item; the WebDataset `__key__` of the sample it becomes",

@@ -37,11 +37,6 @@ def cached_model(key: Hashable, load: Callable[[], T]) -> T:
     return _CACHE[key]  # type: ignore[return-value]
 
 
-def clear_cache() -> None:
-    with _GUARD:
-        _CACHE.clear()
-
-
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 

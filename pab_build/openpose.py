@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .config import GenPoseConfig
-from .manifests import OK, reject
+from .manifests import keep, reject
 from .models import cached_model, is_oom, resolve_device
 from .units import Context
 
@@ -293,8 +293,7 @@ def pose_row(item: dict, reason: str | None, result: PoseResult | str, pose_rel:
         fields.update(pose_fields(result))
     if reason is not None:
         return reject(item, reason, **fields)
-    return {"sample_key": item["sample_key"], "status": OK, "reason": None, **fields,
-            "pose_path": pose_rel, "pose_sha256": pose_sha}
+    return keep(item, **fields, pose_path=pose_rel, pose_sha256=pose_sha)
 
 
 def write_pose_map(ctx: Context, rel: str, result: PoseResult) -> str:

@@ -12,7 +12,7 @@ import bisect
 from typing import Any, Iterable
 
 from .config import model_id
-from .manifests import OK, manifest_rel, read_manifest, reject
+from .manifests import OK, keep, manifest_rel, read_manifest, reject
 from .shard_writer import (
     ATTRIBUTE_FIELDS,
     FILE_EXTENSIONS,
@@ -188,5 +188,5 @@ def write_shard_unit(ctx: Context, unit: Unit, split: str) -> list[dict]:
     for it in ok:
         extra = {"hard_negative_key": it["json"]["hard_negative_key"]} if split == "train" else {}
         fields = _row(it, split, shard=rel, shard_index=number, shard_bytes=len(data), shard_sha256=digest, **extra)
-        rows.append({"sample_key": it["sample_key"], "status": OK, "reason": None, **fields})
+        rows.append(keep(it, **fields))
     return rows

@@ -6,18 +6,26 @@ people, he, man, etc."
 
 The subject comes from the annotation's subject-verb-object triples (``kgoalsvos`` /
 ``kwentwrongsvos``) when they name one; otherwise from the caption itself: the head noun of the
-first noun phrase before the main verb (see :func:`analyse_subject`). It refers to a person when
-it is in the person lexicon below, or is an agent noun (``-er`` of a known action verb, ``-ist``)
-not in the exception list. A compound subject ("a man and his dog") is a person when any of its
+first noun phrase before the main verb (see :func:`analyse_subject`). Whether it refers to a
+person: see :func:`is_person_word` (config words, lexicon file, WordNet, agent nouns, compounds). A compound subject ("a man and his dog") is a person when any of its
 heads is one; a group word takes its ``of`` complement ("a group of people"). Captions with no
 subject ("trying to jump the fence") and junk ("Don't know") are rejected: nothing to verify.
+
+Names are people: the caption keeps its original case, and a capitalised word that is no common
+noun ("Sarah", "John") counts as one. Person nouns come from WordNet (hyponyms of person.n.01, see
+:mod:`pab_build.wordnet`) and from the versioned lexicon file ``data/subject_lexicon.txt``.
+Over 400 lines on purpose: the closed word classes (determiners, prepositions, ...) and the small
+parser that uses them are one piece; the open word lists live in the lexicon file.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
+
+from . import wordnet
 
 
 def _words(text: str) -> frozenset[str]:
@@ -25,6 +33,29 @@ def _words(text: str) -> frozenset[str]:
 
 
 # -- lexicon --------------------------------------------------------------------------------------
+LEXICON_PATH = Path(__file__).parent / "data" / "subject_lexicon.txt"
+
+
+def load_lexicon(path: Path = LEXICON_PATH) -> dict[str, list[str]]:
+    """``[section]`` -> its words, in file order (a list, so a test can see words listed twice)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        elif line:
+            current.extend(line.split())
+    return sections
+
+
+_LEX = load_lexicon()
+PERSON_NOUNS = frozenset(_LEX["person"])
+NOT_PERSON = frozenset(_LEX["not_person"])
+VERBS = frozenset(_LEX["verbs"])  # base forms: they end the subject phrase and make agent nouns
+IRREGULAR_VERB_FORMS = frozenset(_LEX["irregular_verb_forms"])
+IRREGULAR_PLURALS = dict(zip(_LEX["irregular_plurals"][::2], _LEX["irregular_plurals"][1::2]))
+
 PERSON_PRONOUNS = _words("""
 he she they i we you someone somebody everyone everybody anyone anybody him her them us me
 himself herself themselves myself yourself ourselves yourselves whoever""")
@@ -33,65 +64,10 @@ himself herself themselves myself yourself ourselves yourselves whoever""")
 THING_PRONOUNS = _words("it something everything anything nothing itself what this that these those")
 
 
-PERSON_NOUNS = _words("""
-man woman boy girl kid child baby toddler infant teen teenager adult person guy gal lady gentleman
-dude bro lad lass fellow folk folks youth youngster tween male female human individual
-grandpa grandma grandfather grandmother granny grandparent grandson granddaughter grandkid
-father mother dad mom mum mommy mummy daddy papa mama parent son daughter brother sister sibling
-uncle aunt auntie nephew niece cousin husband wife spouse boyfriend girlfriend fiance fiancee
-bride groom bridesmaid groomsman friend buddy pal mate roommate classmate teammate playmate
-neighbor neighbour stranger twin stepdad stepmom stepson stepdaughter
-couple family crowd team group audience gang crew squad troop class choir band
-owner student teacher coach doctor nurse police cop officer soldier firefighter chef cook waiter
-waitress bartender farmer worker employee boss customer clerk cashier athlete gymnast cheerleader
-acrobat clown magician performer musician singer actor actress host hostess reporter cameraman
-photographer pilot captain sailor fisherman lifeguard referee umpire goalie goalkeeper quarterback
-pitcher catcher batter mechanic driver passenger pedestrian cyclist motorcyclist rider biker skier
-snowboarder skateboarder surfer swimmer diver climber hiker runner jogger walker dancer wrestler
-boxer fighter weightlifter bodybuilder golfer player gamer tourist visitor guest shopper spectator
-fans viewer bystander onlooker contestant participant competitor opponent victim patient prisoner
-thief robber burglar criminal suspect drunk idiot fool moron jerk nerd hero champion winner loser
-rookie beginner amateur pro professional expert trainer instructor guard staff santa nun priest
-monk cowboy cowgirl jockey ballerina model skydiver daredevil stuntman motorist trucker barber
-plumber electrician carpenter builder painter gardener janitor mailman postman toddler preschooler
-schoolboy schoolgirl elderly senior veteran king queen prince princess bride vaulter jumper
-snowboarder kayaker canoeist paraglider parachutist rapper dj musician guitarist drummer
-comedian pedestrian librarian technician magician musician politician guardian civilian
-servant assistant attendant resident president agent client tenant landlord landlady
-sheriff deputy detective ranger trooper marine sergeant lieutenant general private
-grandchild grandchildren newborn newlywed newlyweds bachelor bachelorette hostage
-spectator operator inspector instructor investor survivor editor director mentor tutor
-conductor inventor narrator juror senator governor counselor janitor author warrior donor
-vendor passerby teammate opponent attendee employee trainee refugee escapee nominee
-mermaid fairy witch wizard pirate ninja zombie elf superhero
-""")
 
 
-# singular lemma of irregular plurals
-IRREGULAR_PLURALS = {
-    "men": "man", "women": "woman", "children": "child", "people": "person", "wives": "wife",
-    "folks": "folk", "gentlemen": "gentleman", "grandchildren": "grandchild", "kiddos": "kid",
-    "passersby": "passerby", "teeth": "tooth", "feet": "foot", "geese": "goose", "mice": "mouse",
-}
 
 
-# words the rules below would call people, and are not (animals, machines, things)
-NOT_PERSON = _words("""
-snowman doberman caiman ottoman talisman walkman pacman checkmate stalemate primate
-computer trailer cooler heater printer blender container sticker washer dryer drier mixer cutter
-roller tanker scooter charger lighter sprinkler hanger holder opener burner slider shower flower
-tower timer rocker recorder controller launcher feeder freezer cooker loader bumper starter
-trimmer speaker spinner fryer grinder crusher breaker buzzer dresser planter poster toaster
-roaster shaker stroller cracker skimmer floater glider tumbler mower lawnmower blower sprayer
-wiper booster marker ruler rubber slipper poker cruiser retriever pointer setter carrier flyer
-flier diner digger dumper dozer bulldozer liver sewer scanner stopper clipper zipper dropper
-chopper hopper wrapper layer prayer tracker locker stretcher slicer peeler strainer stinger
-sweater grater counter router blaster coaster duster sweeper damper dipper sneaker choker
-folder header fender tender binder reminder divider sander lander maker trawler filler
-crane drone robot doll dummy mannequin statue puppet scarecrow kite fan star anchor
-lioness tigress mattress fortress
-twist wrist exist assist insist resist persist playlist checklist wishlist waitlist blacklist
-""")
 
 
 # group words whose "of" complement is the real head ("a group of people", "one of them")
@@ -108,50 +84,8 @@ PERSON_SUFFIXES = ("man", "woman", "person", "boy", "girl", "guy", "lady", "moth
                    "brother", "daughter", "parent", "friend")
 
 
-# Action verbs (base forms). They end the subject noun phrase and make agent nouns (ski -> skier).
-VERBS = _words("""
-jump fall ride run walk slip trip slide crash hit kick throw catch try attempt climb swim dive dance
-skate ski snowboard skateboard wakeboard longboard bodyboard surf windsurf kitesurf skydive
-paraglide bike cycle drive fly flip spin swing roll push pull lift carry drop break knock bump land
-lose miss play shoot score dunk pass bounce hop skip fail get go come make take hold grab open close
-cut cook eat drink pour spill sit stand lie lay lean sleep wake step stumble tumble collapse crack
-snap tip tilt flood splash spray film record watch look see stare laugh cry scream yell shout cheer
-celebrate chase follow race compete wrestle box fight punch slap tackle block dodge duck hide
-escape flee bite sting attack charge scare startle hug kiss smile wave point show teach learn
-practice train perform sing paint build fix repair mow dig plant clean wash wipe sweep mop paddle
-row sail float sink drown hang balance juggle shake stir mix fry bake toss launch fire explode burn
-melt freeze blow pop burst shatter smash destroy tear rip crush hurt injure bleed faint vomit
-sneeze cough stop start begin end finish continue keep seem appear become turn twist bend stretch
-kneel crawl somersault cartwheel backflip vault leap sprint jog hike wander march skid swerve veer
-steer reverse park tow accelerate brake overturn capsize wreck dent scratch lick chew swallow
-choke feed pet herd milk hunt fish bowl golf bat pitch serve volley spike rap act pose photograph
-text call talk speak say tell ask answer argue scold read write type work use operate load unload
-stack fold wrap tie untie unlock lock ring enter exit leave arrive return rush hurry wait stay rest
-relax smoke shave comb brush dress wear put set place fill empty sip taste smell hear feel touch
-poke tap stomp stamp sprinkle shovel rake chop saw drill hammer nail glue tape aim hurl fling lob
-snatch steal give hand bring fetch deliver send receive pick choose win beat defeat shove nudge
-ram collide strike want need like love hate decide plan prepare manage help save rescue lead
-guide carry hold pick swing sway wobble teeter topple flop plunge plummet crash splash soak drench
-headbutt buck gallop trot graze bark meow chirp hiss growl pounce grind ollie kickflip wheelie
-mount dismount hurdle clear knock tackle dribble shoot swat flick fly soar glide hover drift
-slam shut cave spread sprout crumble shatter detach deflate inflate fill spill leak drip pour
-bounce roll slip skid tip tow drag haul lug heave hoist raise lower drop lose hurt sprain twist
-sled sledge skate surf hike camp trek tour visit explore travel commute cross approach pass
-enter reach touch grab grip clutch squeeze hug pat rub scrub wash rinse dry iron sew knit weave
-trick treat build dig plow mow rake weed water prune trim harvest pick gather collect back
-""")
 
 
-IRREGULAR_VERB_FORMS = _words("""
-fell fallen ran rode ridden drove driven threw thrown caught took taken made held got gotten went
-gone came flew flown swam swum broke broken slid lost sat stood lay lain laid slept woke woken
-ate eaten drank drunk spun swung hung shook shaken tore torn stuck struck blew blown froze frozen
-began begun became bit bitten hid hidden fought sang sung saw seen knew known gave given brought
-found told said spoke spoken wrote written stole stolen chose chosen won beat beaten led left
-kept dug sent spent built bent felt heard meant met paid put set cut hit let quit shut split
-spread burst cast hurt sped leapt leaped dove wore worn tried did done does doing has had having
-goes going gets getting gonna wanna gotta
-""")
 
 
 AUXILIARIES = _words("""
@@ -227,6 +161,11 @@ PUNCT = _words(", ; : . ! ? ( ) & \" -")
 PRONOUN_PLACEHOLDERS = _words("-pron- pron -PRON-")
 
 
+# capitalised at a sentence start, never a name
+_FUNCTION_WORDS = (DETERMINERS | PREPOSITIONS | AUXILIARIES | CLAUSE_WORDS | DISCOURSE | PERSON_PRONOUNS
+                   | THING_PRONOUNS | SUBORDINATORS | START_PREPOSITIONS | VIDEO_WORDS | GOAL_WORDS)
+
+
 _JUNK_RE = re.compile(
     r"(i )?(do not|don't|dont|didn't|didnt|did not) know.*|(i'?m |i am )?(not sure|unsure).*|no idea.*"
     r"|idk.*|dunno.*|n ?a|none|nothing( .*)?|unknown.*|unclear.*"
@@ -285,31 +224,80 @@ def _is_agent_noun(word: str) -> bool:
         stems.add(word[:-3])  # runner -> run, swimmer -> swim
     if word.endswith("ier"):
         stems.add(word[:-3] + "y")
-    return any(s in VERBS for s in stems)
+    return any(s in VERBS or wordnet.is_verb(s) for s in stems)
+
+
+def _lexicon_says(forms: list[str], person: set[str] | frozenset[str],
+                  not_person: set[str] | frozenset[str]) -> bool | None:
+    if any(f in not_person for f in forms):
+        return False
+    if any(f in person for f in forms):
+        return True
+    return None
+
+
+def _wordnet_says(word: str) -> bool | None:
+    """WordNet's answer for a word it knows as a noun: a person when its most frequent sense or most
+    of its senses are people ("fireman" is first a children's game), and no sense is an animal
+    ("tiger" is first "a fierce person"); None when it does not know the word."""
+    senses = wordnet.noun_senses(word)
+    if not senses:
+        return None
+    mostly = senses[0] == "person" or 2 * senses.count("person") > len(senses)
+    return mostly and "animal" not in senses
+
+
+def _is_compound_person(word: str) -> bool:
+    """A word WordNet lacks that ends in a person noun it has ("zookeeper" = zoo + keeper); not a
+    verb form ("deflates" would end in "ates")."""
+    return not wordnet.is_verb(word) and any(_wordnet_says(word[k:]) for k in range(3, len(word) - 4))
 
 
 def is_person_word(word: str, extra_person: Iterable[str] = (), extra_non_person: Iterable[str] = ()) -> bool:
-    """Whether one (head) word names a person: lexicon, compounds of person words, agent nouns."""
+    """Whether one (head) word names a person. In order: the config's extra words; the lexicon file,
+    the exact form before its lemma ("fans" is listed as people, "fan" as a thing); WordNet; for
+    words WordNet lacks, compounds of person words and agent nouns (kayak -> kayaker)."""
     word = word.strip().strip("'").lower()
     if not word:
         return False
-    extra_person, extra_non_person = set(extra_person), set(extra_non_person)
     if re.fullmatch(r"[a-z0-9]+-years?-olds?", word):  # "a 5-year-old"
         return True
     parts = [word] + ([word.rsplit("-", 1)[1]] if "-" in word else [])
     lemmas = [lem for p in parts for lem in _lemmas(p)]
-    if any(lem in extra_non_person for lem in lemmas):
-        return False
-    if any(lem in extra_person for lem in lemmas):
-        return True
-    if any(lem in NOT_PERSON for lem in lemmas):
-        return False
-    if any(lem in PERSON_NOUNS or lem in PERSON_PRONOUNS for lem in lemmas):
-        return True
+    said = _lexicon_says(lemmas, set(extra_person), set(extra_non_person))
+    for forms in (parts, lemmas):
+        said = said if said is not None else _lexicon_says(forms, PERSON_NOUNS | PERSON_PRONOUNS, NOT_PERSON)
+    for p in parts:
+        said = said if said is not None else _wordnet_says(p)
+    if said is not None:
+        return said
     for lem in lemmas:
         if any(lem.endswith(s) and len(lem) > len(s) for s in PERSON_SUFFIXES) or _is_agent_noun(lem):
             return True
+        if wordnet.available() and _is_compound_person(lem):
+            return True
     return False
+
+
+def caption_names(caption: str) -> set[str]:
+    """Lower-cased words the original-case caption capitalises as names ("Sarah falls", "then Mike
+    jumps"): mid-sentence capitals not after a determiner ("the TV"), and a first word WordNet
+    knows as a person's name or not at all. Names are people (paper 3.2 keeps person subjects)."""
+    names = set()
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*|[.!?]", caption.replace("\u2019", "'"))
+    for i, w in enumerate(words):
+        w = w.split("'")[0]
+        if not w[:1].isupper() or len(w) < 2 or w.isupper() and len(w) <= 3:
+            continue  # "I", "TV", "DJ": pronouns and acronyms are not names
+        low = w.lower()
+        prev = words[i - 1].lower() if i else "."
+        if low in _FUNCTION_WORDS or prev in DETERMINERS:
+            continue
+        if prev in (".", "!", "?"):  # a sentence's first word is capitalised anyway
+            if low in VERB_FORMS or not wordnet.is_person_name(w):
+                continue
+        names.add(low)
+    return names
 
 
 # -- finding the subject --------------------------------------------------------------------------
@@ -405,8 +393,9 @@ class _Parser:
                 break
             if cands and (_is_verbish(t) or _is_ly_adverb(t) or (_looks_like_verb(t) and not self.person(t))):
                 nxt = self.at(i + 1)
-                # "the soccer coach falls": a person noun that is also a verb, followed by the verb
-                if not (self.person(t) and (_is_verbish(nxt) or nxt == "")):
+                # "the soccer coach falls": a person noun that is also a verb, followed by the verb;
+                # at the end it is the verb ("the hammock rips": WordNet's "rip" is also a rake)
+                if not (self.person(t) and _is_verbish(nxt)):
                     break
             cands.append(t)
             i += 1
@@ -495,9 +484,10 @@ def _svo_subject(svos: list | None) -> str | None:
 
 def analyse_subject(caption: str, svos: list | None = None, extra_person: Iterable[str] = (),
                     extra_non_person: Iterable[str] = ()) -> SubjectResult:
-    """The caption's subject and whether it refers to a person, with the reason when it is not kept."""
-    lex = (set(w.lower() for w in extra_person), set(w.lower() for w in extra_non_person))
+    """The caption's subject and whether it refers to a person, with the reason when it is not kept.
+    ``caption`` in its original case: capitalised names are people."""
     caption = caption or ""
+    lex = (set(w.lower() for w in extra_person) | caption_names(caption), set(w.lower() for w in extra_non_person))
     if not caption.strip():
         return SubjectResult(None, False, "empty caption")
     if is_junk(caption):

@@ -15,7 +15,10 @@ This module knows nothing about Prefect: ``flows/`` calls :func:`execute_unit` f
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -78,9 +81,27 @@ class Stage:
     uses_gpu: bool = False
     finalize: Callable[[Context, list[dict]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # data the stage reads besides its config: file paths (their content is hashed) or functions
+    # returning a fingerprint (e.g. of WordNet); editing one redoes this stage, not source comments
+    data_files: tuple[str | os.PathLike | Callable[[], str], ...] = ()
 
     def stage_hash(self, cfg: PABConfig) -> str:
-        return stable_hash({"v": self.version, "cfg": cfg.section_hash(*self.config_keys)})
+        h = {"v": self.version, "cfg": cfg.section_hash(*self.config_keys)}
+        if self.data_files:
+            h["data"] = [d() if callable(d) else file_fingerprint(os.fspath(d)) for d in self.data_files]
+        return stable_hash(h)
+
+
+def file_fingerprint(path: str) -> str:
+    """sha256 of a file's content, cached per (path, size, mtime): stage_hash runs once per unit."""
+    st = os.stat(path)
+    return _file_sha256(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def chunk_units(stage: str, items: list[dict], size: int, group_key: str | None = None) -> list[Unit]:

@@ -86,3 +86,26 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_STATUS["code"])
+
+
+@pytest.fixture(scope="session")
+def real_build(tmp_path_factory, tiny_models_dir, sample_oops_root) -> str:
+    """A whole smoke build made by the real stages (run_stage in a plain loop, no Prefect) on the
+    tiny models and the bundled sample, plus its dataset card: what the release, card, publish
+    and golden tests read. Built once per session; tests must not modify it (copy it first)."""
+    from pab_build.config import load_config
+    from pab_build.pipeline import STAGE_ORDER, get_stage
+    from pab_build.prepare import prepare_build
+    from pab_build.release.card import write_dataset_card
+    from pab_build.units import Context, run_stage
+
+    cfg = load_config("smoke", {"fixtures.models_dir": tiny_models_dir, "fixtures.build_tiny_models": False,
+                                "fixtures.build_sample_oops": False, "oops.root": sample_oops_root})
+    out = str(tmp_path_factory.mktemp("real-build"))
+    prepare_build(cfg, out)
+    ctx = Context.create(cfg, out)
+    for name in STAGE_ORDER:
+        counts = run_stage(ctx, get_stage(name))
+        assert counts["failed"] == 0, (name, counts)
+    write_dataset_card(out)
+    return out

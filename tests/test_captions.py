@@ -126,21 +126,16 @@ def test_short_captions_are_rejected_as_empty(cap_ctx):
         assert r["caption"] is None and r["caption_generated"] is not None  # kept for people to see
 
 
-def test_qc_corrections_replace_the_generated_caption(cap_ctx, monkeypatch):
+def test_qc_corrections_replace_the_generated_caption(cap_ctx, tmp_path):
     ctx = cap_ctx
     keys = _test_inputs(ctx, n_clips=2)
-    seen = {}
-
-    def fake_corrections(paths, known_keys):
-        seen["paths"], seen["known"] = paths, known_keys
-        return {keys[0]: "A man in a red  shirt\nfalls off a bike."}
-
-    monkeypatch.setattr(test_captions_stage, "load_caption_corrections", fake_corrections)
+    qc = tmp_path / "alice.csv"
+    qc.write_text(f'sample_key,caption_corrected\n{keys[0]},"A man in a red  shirt\nfalls off a bike."\n'
+                  f"{keys[1]},\n", encoding="utf-8")  # an empty correction keeps the generated caption
     ctx.cfg.test_captions.qc_policy = "decisions_file"
-    ctx.cfg.test_captions.qc_files = ["qc/alice.csv"]
+    ctx.cfg.test_captions.qc_files = [str(qc)]
     ctx.cfg.test_captions.min_words = 1000  # every generated caption fails; the correction still wins
     run_stage(ctx, test_captions_stage.STAGE)
-    assert seen == {"paths": ["qc/alice.csv"], "known": set(keys)}
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "test_captions")}
     fixed = rows[keys[0]]
     assert fixed["status"] == OK and fixed["caption_corrected"] is True
@@ -149,16 +144,14 @@ def test_qc_corrections_replace_the_generated_caption(cap_ctx, monkeypatch):
     assert all(rows[k]["status"] == REJECTED for k in keys[1:])
 
 
-def test_qc_corrections_for_unknown_keys_stop_the_stage(cap_ctx, monkeypatch):
+def test_qc_corrections_for_unknown_keys_stop_the_stage(cap_ctx, tmp_path):
     ctx = cap_ctx
     _test_inputs(ctx, n_clips=1)
-
-    def strict(paths, known_keys):
-        raise ValueError("qc/alice.csv: unknown sample_key 'cXXX-normal'")
-
-    monkeypatch.setattr(test_captions_stage, "load_caption_corrections", strict)
+    qc = tmp_path / "alice.csv"
+    qc.write_text("sample_key,caption_corrected\ncXXX-normal,a man falls\n", encoding="utf-8")
     ctx.cfg.test_captions.qc_policy = "decisions_file"
-    with pytest.raises(ValueError, match="unknown sample_key"):
+    ctx.cfg.test_captions.qc_files = [str(qc)]
+    with pytest.raises(ValueError, match="cXXX-normal"):  # the real loader, on a real file
         test_captions_stage.STAGE.plan_units(ctx)
 
 

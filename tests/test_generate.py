@@ -47,9 +47,13 @@ def _jpeg(image, ctx) -> bytes:
 
 
 # -- seeds and pure checks -------------------------------------------------------------------------
+RECORDED_SEED = 3105646067002043811  # image_seed(0, "c0000000001-a", 0) since the first release
+
+
 def test_image_seed_is_a_fixed_function_of_base_seed_prompt_and_index():
     s = image_seed(0, "c0000000001-a", 0)
-    assert s == int.from_bytes(hashlib.sha256(b"pab-generate/0/c0000000001-a/0").digest()[:8], "big") >> 1
+    # a recorded value, not the formula again: any change of the derivation changes every image
+    assert s == RECORDED_SEED
     assert 0 <= s < 2**63
     others = {image_seed(0, "c0000000001-a", 1), image_seed(1, "c0000000001-a", 0), image_seed(0, "c0000000001-n", 0)}
     assert s not in others and len(others) == 3
@@ -80,8 +84,8 @@ def test_image_problem_finds_nan_inf_and_black_images():
 def test_same_seed_same_bytes_and_another_index_another_image(gen_ctx):
     pipe, sec = _pipe(gen_ctx), gen_ctx.cfg.generate
     seeds = [image_seed(0, "c0000000001-a", i) for i in (0, 1)]
-    first = generate.generate_images(pipe, [PROMPTS["c0000000001-a"][1]] * 2, seeds, sec)
-    again = generate.generate_images(pipe, [PROMPTS["c0000000001-a"][1]] * 2, seeds, sec)
+    first, again = ([generate.array_to_image(a) for a in generate.generate_arrays(
+        pipe, [PROMPTS["c0000000001-a"][1]] * 2, seeds, sec)[0]] for _ in range(2))
     assert [im.size for im in first] == [(sec.width, sec.height)] * 2
     assert [_jpeg(im, gen_ctx) for im in first] == [_jpeg(im, gen_ctx) for im in again]
     assert seeds[0] != seeds[1]

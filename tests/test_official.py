@@ -1,5 +1,7 @@
 """Export to the official CMP layout; also home of ``build_release_tree``, the small hand-built
-output tree (manifests, images, shards, index) that test_card and test_publish use too."""
+output tree (manifests, images, shards, index) that test_card and test_publish use too, for the
+edge cases a real build does not show (a hard negative whose file is gone, one split only). The
+same steps on a build made by the real stages: tests/test_release_real_build.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from pab_build.hard_negatives import choose_hard_negatives
 from pab_build.manifests import OK, REJECTED, write_manifest
 from pab_build.oops import clip_key
 from pab_build.release.official import export_official
+from pab_build.shard_writer import build_shard
 from pab_build.store import Store
 
 KIND_CODES = {"n": "n", "a": "a", "a+": "ap"}
@@ -44,15 +46,8 @@ def _row(key, status=OK, reason=None, **fields):
 
 
 def _tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """A WebDataset shard as docs/ARCHITECTURE.md describes it (members ``<key>.<ext>``)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in sorted(samples):
-            for ext in ("jpg", "json", "pose.png", "txt"):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(members[ext]), 0, 0o644
-                tar.addfile(info, io.BytesIO(members[ext]))
-    return buf.getvalue()
+    """A WebDataset shard, written by the shard stages' own writer."""
+    return build_shard(samples)
 
 
 def _write_shards(store: Store, split: str, samples: list[tuple[str, dict[str, bytes], str]], per_shard: int):

@@ -12,6 +12,7 @@ from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.oops import clip_key
 from pab_build.stages import prompts as prompts_stage
 from pab_build.stages.prompts import STAGE as PROMPTS_STAGE
+from pab_build import subjects, wordnet
 from pab_build.subjects import analyse_subject, find_subject, is_person_subject
 from pab_build.units import Context, run_stage
 
@@ -35,13 +36,24 @@ def _accuracy(name: str) -> tuple[float, list[str]]:
     return 1 - len(wrong) / len(rows), wrong
 
 
-@pytest.mark.parametrize("name", ["subject_captions_heldout.tsv", "subject_captions_tune.tsv"])
+def _require_wordnet():
+    if not wordnet.available():
+        message = "WordNet is not installed: python -m pab_build.wordnet (make install does it)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
+# heldout2 was written and committed (0834c74) before the filter using WordNet first ran on it: 97.4 %
+# on that first run (one label fixed since, one parser bug), 190/194 now; the misses are words WordNet
+# 3.0 lacks (barista, streamer, YouTuber) and a name that is also a common word ("Mike")
+@pytest.mark.parametrize("name", ["subject_captions_heldout.tsv", "subject_captions_tune.tsv",
+                                  "subject_captions_heldout2.tsv"])
 def test_subject_filter_accuracy_on_labelled_captions(name):
+    _require_wordnet()
     rows = _labelled(name)
     assert len(rows) >= 150 and 0.3 < sum(g for g, _, _ in rows) / len(rows) < 0.7  # both classes well represented
     accuracy, wrong = _accuracy(name)
     print(f"\nsubject filter accuracy on {name}: {accuracy:.3f} ({len(rows) - len(wrong)}/{len(rows)})")
-    assert accuracy >= 0.95, wrong
+    assert accuracy >= 0.97, wrong
 
 
 def test_held_out_captions_differ_from_the_tuning_captions():
@@ -96,6 +108,51 @@ def test_extra_words_extend_the_lexicon():
     assert not analyse_subject("the man falls", extra_non_person=["man"]).is_person
     assert not analyse_subject("the boxer runs", extra_non_person=["boxer"]).is_person
     assert analyse_subject("the boxer runs").is_person
+
+
+def test_lexicon_file_lists_each_word_once_and_never_on_both_sides():
+    lex = subjects.load_lexicon()
+    for section, words in lex.items():
+        assert len(words) == len(set(words)), (section, sorted({w for w in words if words.count(w) > 1}))
+    assert not set(lex["person"]) & set(lex["not_person"])
+
+
+@pytest.mark.parametrize("caption, person", [
+    ("Sarah falls off the paddle board", True),  # names are people, at the start or not
+    ("John tries to jump across the creek", True),
+    ("then Kevin slips on the ice", True),
+    ("The TV falls off the wall", False),  # capitalised after a determiner: no name
+    ("Dog jumps into the pool", False),  # a capitalised first word that is a common noun
+    ("the fans run onto the field", True),  # the exact plural wins over "fan" (a machine)
+    ("a fan falls off the ceiling", False),
+    ("the paramedic trips over the stretcher", True),  # WordNet's person.n.01 hyponyms
+    ("a lumberjack cuts down a tree", True),
+    ("the commentator falls out of his chair", True),
+    ("the tiger jumps at the glass", False),  # WordNet's first sense is a person; an animal sense vetoes
+    ("two firemen fall off the truck", True),  # plural
+    ("the hammock rips", False),
+])
+def test_names_wordnet_and_plurals(caption, person):
+    _require_wordnet()
+    assert is_person_subject(caption) is person, analyse_subject(caption)
+
+
+def test_without_wordnet_the_lexicon_still_decides_and_a_warning_says_so(monkeypatch, caplog):
+    wordnet._wordnet.cache_clear()
+    wordnet.noun_senses.cache_clear()
+
+    def missing():
+        raise LookupError("Resource wordnet not found.")
+
+    monkeypatch.setattr(wordnet, "_load_reader", missing)
+    try:
+        with caplog.at_level("WARNING"):
+            assert not wordnet.available() and wordnet.fingerprint() == "none"
+        assert "WordNet is not available" in caplog.text
+        assert is_person_subject("a man rides a bike") and not is_person_subject("the dog barks")
+    finally:
+        wordnet._wordnet.cache_clear()
+        wordnet.noun_senses.cache_clear()
 
 
 @pytest.mark.parametrize("caption", ["'", "'s", "the", "and and or", "of of of", "the man's", "there is",
@@ -222,3 +279,22 @@ def test_extra_person_words_from_the_config(prompt_ctx):
 def test_prompt_keys_follow_the_convention():
     assert prompts_stage.prompt_key("c0123456789", "a+") == "c0123456789-ap"
     assert prompts_stage.prompt_key("c0123456789", "n", 1) == "c0123456789-1-n"
+
+
+def test_the_prompts_stage_hash_follows_its_lexicon_file_and_wordnet(tmp_path):
+    import dataclasses
+
+    from pab_build.pipeline import STAGE_ORDER, get_stage
+
+    assert subjects.LEXICON_PATH in PROMPTS_STAGE.data_files and wordnet.fingerprint in PROMPTS_STAGE.data_files
+    cfg = load_config("smoke")
+    copy = tmp_path / "subject_lexicon.txt"
+    copy.write_bytes(subjects.LEXICON_PATH.read_bytes())
+    stage = dataclasses.replace(PROMPTS_STAGE, data_files=(copy, wordnet.fingerprint))
+    before = stage.stage_hash(cfg)
+    assert before == PROMPTS_STAGE.stage_hash(cfg)  # the same content, the same hash
+    copy.write_text(copy.read_text() + "\n[person]\nrobot\n")
+    assert stage.stage_hash(cfg) != before
+    # no other stage reads the lexicon: editing it redoes them only through changed prompt rows
+    readers = [name for name in STAGE_ORDER if subjects.LEXICON_PATH in get_stage(name).data_files]
+    assert readers == ["prompts"]

@@ -158,3 +158,59 @@ def test_renamed_stage_outputs_are_migrated(tmp_path):
     assert store.read_bytes(manifest_rel("train_attributes")) == b"manifest"
     assert not store.exists("_markers/attributes") and not store.exists(manifest_rel("attributes"))
     assert migrate_renamed_stages(store) == []  # idempotent
+
+
+def _data_stages(data, calls):
+    """frames reads a data file (which keys to reject); pose plans from frames' ok rows; pairs
+    depends on neither: the cascade a data-file edit must follow."""
+    def plan_frames(ctx):
+        return chunk_units("frames", [{"sample_key": f"k{i}"} for i in range(4)], 2)
+
+    def run_frames(ctx, unit):
+        calls.append(("frames", unit.unit_id))
+        bad = data.read_text().split()
+        return [reject(it, "listed in the data file") if it["sample_key"] in bad else
+                {"sample_key": it["sample_key"], "status": "ok", "reason": None} for it in unit.items]
+
+    def plan_pose(ctx):
+        keys = [r["sample_key"] for r in read_manifest(ctx.store, "frames") if r["status"] == "ok"]
+        return chunk_units("pose", [{"sample_key": k} for k in keys], 1)
+
+    def plan_pairs(ctx):
+        return chunk_units("pairs", [{"sample_key": "p0"}], 1)
+
+    def run_other(ctx, unit):
+        calls.append((unit.stage, unit.unit_id))
+        return [{"sample_key": it["sample_key"], "status": "ok", "reason": None} for it in unit.items]
+
+    return [Stage("frames", plan_frames, run_frames, config_keys=("frames",), data_files=(data,)),
+            Stage("pose", plan_pose, run_other, config_keys=("pose",)),
+            Stage("pairs", plan_pairs, run_other, config_keys=("pairs",))]
+
+
+def test_editing_a_data_file_redoes_its_stage_and_only_the_outputs_it_changed(tmp_path):
+    data = tmp_path / "lexicon.txt"
+    data.write_text("k9\n")
+    calls: list = []
+    stages = _data_stages(data, calls)
+    ctx = Context.create(load_config("smoke"), str(tmp_path / "out"))
+    for st in stages:
+        run_stage(ctx, st)
+    assert len(calls) == 2 + 4 + 1
+    calls.clear()
+    for st in stages:
+        run_stage(ctx, st)
+    assert calls == []  # nothing changed: all skipped
+
+    data.write_text("k9\n# a comment, same decisions\n")
+    for st in stages:
+        run_stage(ctx, st)
+    assert calls == [("frames", "000000"), ("frames", "000001")]  # outputs equal: pose's inputs too
+
+    calls.clear()
+    data.write_text("k2\n")  # k2 is now rejected: pose loses one item, its later units shift
+    for st in stages:
+        run_stage(ctx, st)
+    assert ("frames", "000000") in calls and not [c for c in calls if c[0] == "pairs"]
+    assert ("pose", "000000") not in calls and ("pose", "000001") not in calls  # k0, k1: unchanged
+    assert ("pose", "000002") in calls  # was k2, is now k3

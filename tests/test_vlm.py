@@ -116,9 +116,13 @@ def test_attribute_prompts_put_the_caption_where_the_paper_writes_c():
         vlm.load_prompt("caption_v0")
 
 
-def test_prompts_fingerprint_changes_with_the_text():
+def test_prompts_fingerprint_changes_with_the_text(tmp_path, monkeypatch):
     assert vlm.prompts_fingerprint("caption_v1") != vlm.prompts_fingerprint("attr_scene_v1")
-    assert vlm.prompts_fingerprint("caption_v1") == vlm.prompts_fingerprint("caption_v1")
+    (tmp_path / "caption_v1.txt").write_text(vlm.load_prompt("caption_v1"), encoding="utf-8")
+    monkeypatch.setattr(vlm, "PROMPTS_DIR", tmp_path)
+    before = vlm.prompts_fingerprint("caption_v1")
+    (tmp_path / "caption_v1.txt").write_text(vlm.load_prompt("caption_v1") + " Be brief.", encoding="utf-8")
+    assert vlm.prompts_fingerprint("caption_v1") != before  # an edit in place changes the stage version
 
 
 # -- transformers backend --------------------------------------------------------------------------

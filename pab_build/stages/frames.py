@@ -19,10 +19,10 @@ from PIL import Image
 
 from .. import oops
 from ..config import oops_root
-from ..manifests import OK, reject
+from ..manifests import keep, reject
+from ..pairing import BEHAVIORS
 from ..units import Context, Stage, Unit, chunk_units
 
-BEHAVIORS = ("normal", "anomaly")
 
 
 # decord prefixes its errors with a wall-clock time and a source location: drop both, so reasons
@@ -204,11 +204,11 @@ def extract_transition_frames(ctx: Context, clip_items: list[dict]) -> list[dict
         data, w, h = _encode_jpeg(frame, cfg.frames.jpeg_quality, cfg.frames.max_side)
         rel = f"frames/{it['sample_key']}.jpg"
         digest = ctx.store.write_bytes(rel, data)
-        rows.append({
-            "sample_key": it["sample_key"], "status": OK, "reason": None, **base, "behavior": b, **extra,
+        rows.append(keep(it, **{
+            **base, "behavior": b, **extra,
             "time_s": idx[b] / fps, "frame_index": idx[b], "source_caption": it["source_caption"],
             "image_path": rel, "image_sha256": digest, "width": w, "height": h,
-        })
+        }))
     return rows
 
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
-from ..manifests import OK, ok_rows, read_manifest, reject
+from ..manifests import keep, ok_rows, read_manifest, reject
 from ..models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
 from ..units import Context, Stage, Unit
@@ -185,12 +185,6 @@ def image_problem(image_array: np.ndarray, black_threshold: float = 2.0) -> str 
     return None
 
 
-def generate_images(pipe, prompts: list[str], seeds: list[int], settings: GenerateConfig) -> list[Image.Image | None]:
-    """One image per (prompt, seed); None where :func:`image_problem` finds the image unusable."""
-    arrays, _ = generate_arrays(pipe, prompts, seeds, settings)
-    return [None if image_problem(a, settings.black_threshold) else array_to_image(a) for a in arrays]
-
-
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
@@ -255,8 +249,7 @@ def run_generate_unit(ctx: Context, unit: Unit) -> list[dict]:
             data = encode_jpeg(array_to_image(array), sec.jpeg_quality)
             rel = image_rel(it["prompt_key"], it["sample_key"])
             digest = ctx.store.write_bytes(rel, data)
-            rows[it["sample_key"]] = {"sample_key": it["sample_key"], "status": OK, "reason": None, **fields,
-                                      "image_path": rel, "image_sha256": digest}
+            rows[it["sample_key"]] = keep(it, **fields, image_path=rel, image_sha256=digest)
     return [rows[k] for k in unit.sample_keys]
 
 

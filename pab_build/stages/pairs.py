@@ -5,7 +5,8 @@ from __future__ import annotations
 from PIL import Image
 
 from ..config import model_path
-from ..manifests import OK, ok_rows, reject
+from ..manifests import keep, ok_rows, reject
+from ..pairing import pair_problem
 from ..similarity import (
     embed_images,
     load_resnet50,
@@ -34,15 +35,14 @@ def run_pairs_unit(ctx: Context, unit: Unit) -> list[dict]:
         fields = {"clip_key": it["clip_key"], "behavior": it["behavior"], "pair_key": pair_key, "cosine": cosine}
         if reason is not None:
             return reject(it, reason, **fields)
-        return {"sample_key": it["sample_key"], "status": OK, "reason": None, **fields}
+        return keep(it, **fields)
 
     pairs: list[tuple[dict, dict, Image.Image, Image.Image]] = []
     for clip_key, frames in sorted(by_clip.items()):
         normal, anomaly = frames.get("normal"), frames.get("anomaly")
-        if normal is None or anomaly is None or len(frames) != 2:
+        if problem := pair_problem(clip_key, frames, "no counterpart: pose kept only"):
             for it in frames.values():
-                rows[it["sample_key"]] = row(it, f"no counterpart: pose kept only {sorted(frames)} of clip {clip_key}",
-                                             None, None)
+                rows[it["sample_key"]] = row(it, problem, None, None)
             continue
         images, unreadable = {}, {}
         for it in (normal, anomaly):

@@ -11,8 +11,9 @@ import os
 
 from .. import oops
 from ..config import oops_root
-from ..manifests import OK, manifest_rel, ok_rows, reject
-from ..subjects import analyse_subject
+from ..manifests import decide, manifest_rel, ok_rows
+from .. import wordnet
+from ..subjects import LEXICON_PATH, analyse_subject
 from ..units import Context, Stage, Unit, chunk_units
 
 PROMPTS = "prompts"
@@ -122,8 +123,7 @@ def run_prompt_unit(ctx: Context, unit: Unit) -> list[dict]:
         other = "anomaly" if it["kind"] == "n" else "normal"
         row = {k: it[k] for k in ("clip_name", "clip_key", "split", "kind", "annotation_index")}
         row |= fields | {"counterpart_keys": json.dumps(ok_by_clip.get((it["clip_key"], other), []))}
-        rows.append(reject(it, problem, **row) if problem else {"sample_key": it["sample_key"], "status": OK,
-                                                               "reason": None, **row})
+        rows.append(decide(it, problem, **row))
     return rows
 
 
@@ -133,4 +133,5 @@ STAGE = Stage(
     run_unit=run_prompt_unit,
     config_keys=("prompts", "oops"),
     version="1",
+    data_files=(LEXICON_PATH, wordnet.fingerprint),
 )

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from ..manifests import OK, manifest_rel, read_manifest, reject
+from ..manifests import OK, keep, manifest_rel, read_manifest, reject
+from ..pairing import pair_problem
 from ..units import Context, Stage, Unit, chunk_units
 
 REVIEW = "review"
@@ -204,9 +205,8 @@ def plan_review_units(ctx: Context) -> list[Unit]:
 
 
 def _pair_problem(frames: list[dict]) -> str | None:
-    behaviors = sorted(it["behavior"] for it in frames)
-    if behaviors != ["anomaly", "normal"]:
-        return f"pair incomplete: pairs kept {behaviors} of clip {frames[0]['clip_key']}"
+    if problem := pair_problem(frames[0]["clip_key"], (it["behavior"] for it in frames), "pair incomplete: pairs kept"):
+        return problem
     for it in frames:
         if not it.get("image_path"):
             return f"no frame image for {it['sample_key']} in the frames manifest"
@@ -228,8 +228,7 @@ def run_review_unit(ctx: Context, unit: Unit) -> list[dict]:
             verdict = Verdict(False, None, None, problem)
         for it in frames:  # both images of a pair share the pair's fate
             fields = {"clip_key": clip_key, "decision": verdict.decision, "reviewers": verdict.reviewers}
-            rows[it["sample_key"]] = ({"sample_key": it["sample_key"], "status": OK, "reason": None, **fields}
-                                      if verdict.kept else reject(it, verdict.reason, **fields))
+            rows[it["sample_key"]] = keep(it, **fields) if verdict.kept else reject(it, verdict.reason, **fields)
     return [rows[k] for k in unit.sample_keys]
 
 

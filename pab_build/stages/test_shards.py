@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..manifests import OK, manifest_rel
+from ..pairing import other_behavior
 from ..shard_index import finalize_shards
 from ..shard_packing import (
     attach_file_sizes,
@@ -16,7 +17,6 @@ from ..shard_packing import (
 )
 from ..shard_writer import SPLIT_MODELS, key_problem
 from ..units import Context, Stage, Unit
-from .frames import BEHAVIORS
 from .frames import sample_key as frame_sample_key
 
 # the test branch in order; review may key its rows by image or by clip (and may be absent)
@@ -70,7 +70,7 @@ def plan_test_shards(ctx: Context) -> list[Unit]:
     complete = []
     for identity, group in sorted(groups.items()):
         for it in group:
-            other = frame_sample_key(identity, next(b for b in BEHAVIORS if b != it["behavior"]))
+            other = frame_sample_key(identity, other_behavior(it["behavior"]))
             if other not in ok:
                 why = why_dropped(other, identity, manifests, stage, planned_rejects)
                 it["reject"] = f"counterpart {other} {why}"
