@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pab_build.cli import main
+from flows.cli import main
 from pab_build.cmp.evaluate import SIM_WEIGHT, combine_scores
 from pab_build.fixtures.tiny_cmp import official_cmp_state, write_synthetic_cmp_shards
 
