@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import stat
 import statistics
 from dataclasses import dataclass, field
 
@@ -179,6 +180,8 @@ def load_annotation_file(root: str, rel: str) -> AnnotationFile:
     if not os.path.exists(path):
         return out
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the build forever
+            raise OSError(0, "not a regular file")
         with open(path, "rb") as f:
             raw = f.read()
         data = json.loads(raw.decode("utf-8"))
@@ -187,7 +190,7 @@ def load_annotation_file(root: str, rel: str) -> AnnotationFile:
     except json.JSONDecodeError as e:
         out.error = f"{rel} is unreadable: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
     except OSError as e:
-        out.error = f"{rel} is unreadable: {type(e).__name__}: {e.strerror}"
+        out.error = f"{rel} is unreadable: {e.strerror}"
     else:
         if not isinstance(data, dict):
             out.error = f"{rel} is unreadable: top level is a {type(data).__name__}, expected an object of clips"

@@ -54,3 +54,12 @@ def test_load_clips_reads_real_schemas(tmp_path):
     assert c.failure_time_s == 2.0 and c.length_s == 6.0 and c.median_rel_t == 0.3
     assert c.captions[0].goal == "a man walks" and c.captions[0].goal_svos == [["man", "walks", ""]]
     assert clips["no video"].video_path is None
+
+
+def test_an_annotation_file_that_is_a_pipe_is_named_not_opened(tmp_path):
+    import os
+
+    (tmp_path / "annotations").mkdir()
+    os.mkfifo(tmp_path / "annotations" / "transition_times.json")
+    f = oops.load_annotation_file(str(tmp_path), "annotations/transition_times.json")
+    assert f.records == {} and f.error == "annotations/transition_times.json is unreadable: not a regular file"
