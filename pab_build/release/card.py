@@ -237,8 +237,55 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
+def union_features(split_names: list[str]):
+    """One ``datasets.Features`` holding every field of the given splits (``hf_features`` of each,
+    merged): a Hugging Face config has one schema for all its splits, so a field one split lacks
+    loads as null there rather than being dropped from the other."""
+    from datasets import Features
+
+    from ..shard_writer import hf_features
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for name, feature in b.items():
+            out[name] = merge(out[name], feature) if isinstance(out.get(name), dict) and isinstance(feature, dict) \
+                else out.get(name, feature)
+        return out
+
+    merged: dict = {}
+    for split in split_names:
+        merged = merge(merged, dict(hf_features(split)))
+    return Features(merged)
+
+
+def dataset_info(index: dict) -> tuple[list[dict], list[dict]]:
+    """The card's ``configs`` and ``dataset_info``: ``default`` with both splits (every field of
+    either, typed), and one config per split with exactly that split's fields. Typed features
+    keep ``datasets`` from guessing a schema from each split's first samples."""
+    from datasets import DatasetInfo
+
+    from ..shard_writer import hf_features
+
     shard_splits = [s for s in ("train", "test") if s in index.get("splits", {})]
+    sizes = {s: {"name": s, "num_bytes": index["splits"][s]["totals"]["bytes"],
+                 "num_examples": index["splits"][s]["totals"]["samples"]} for s in shard_splits}
+
+    def entry(name: str, features, names: list[str]) -> dict:
+        yaml_info = DatasetInfo(features=features)._to_yaml_dict()
+        return {"config_name": name, "features": yaml_info["features"], "splits": [sizes[s] for s in names]}
+
+    configs = [{"config_name": "default",
+                "data_files": [{"split": s, "path": f"shards/{s}/*.tar"} for s in shard_splits]}]
+    infos = [entry("default", union_features(shard_splits), shard_splits)] if shard_splits else []
+    if len(shard_splits) > 1:
+        for s in shard_splits:
+            configs.append({"config_name": s, "data_files": [{"split": s, "path": f"shards/{s}/*.tar"}]})
+            infos.append(entry(s, hf_features(s), [s]))
+    return configs, infos
+
+
+def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
+    configs, infos = dataset_info(index)
     meta = {
         **LICENSE,
         "task_categories": ["text-retrieval", "image-to-text", "image-classification"],
@@ -246,9 +293,10 @@ def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
         "size_categories": [size_category(sum(s.images for s in splits))],
         "tags": ["webdataset", "text-based-person-search", "anomaly", "synthetic"],
         "pretty_name": f"PAB (Pedestrian Anomaly Behavior), build {profile}",
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"shards/{s}/*.tar"} for s in shard_splits]}],
+        "configs": configs,
     }
+    if infos:
+        meta["dataset_info"] = infos
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -276,11 +324,17 @@ def render_card(*, profile: str, config_sha256: str | None, splits: list[SplitSt
             for s, sec in sorted(index["splits"].items())]) + "\n")
         split = next(s for s in ("train", "test") if s in index["splits"])
         last = max(index["splits"][split]["totals"]["shards"] - 1, 0)
-        files = ", ".join(f'"{s}": "shards/{s}/*.tar"' for s in sorted(index["splits"]))
-        parts.append("```python\nimport webdataset as wds\n"
-                     f'ds = wds.WebDataset("shards/{split}/{split}-{{000000..{last:06d}}}.tar").decode("pil")\n\n'
-                     "from datasets import load_dataset  # typed metadata: features=pab_build.shard_writer.hf_features(split)\n"
-                     f'ds = load_dataset("webdataset", data_files={{{files}}})\n' "```\n")
+        parts.append("Load it with `datasets` (run in this folder, or set `where` to the hub repo id; "
+                     '`datasets` cannot name a dataset `"."`). The `default` config has both splits and every field of either (a field a split '
+                     "does not have is null there); the configs named after the splits have exactly their "
+                     "split's fields.\n")
+        parts.append("```python\nimport os\n\nfrom datasets import load_dataset\n\n"
+                     "where = os.getcwd()\n"
+                     "pab = load_dataset(where)\n"
+                     f'{split} = load_dataset(where, "{split}", split="{split}")\n\n'
+                     "import webdataset as wds\n"
+                     f'shards = wds.WebDataset("shards/{split}/{split}-{{000000..{last:06d}}}.tar", '
+                     'shardshuffle=False).decode("pil")\n```\n')
 
     parts.append("## Build funnel\n\nEvery stage's input rows, the rows kept and the rows rejected, with the most "
                  "frequent reasons (particulars such as numbers and keys are blanked as `#`, `<key>`, `'…'`).\n")
