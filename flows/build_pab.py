@@ -129,8 +129,8 @@ def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     if review.decisions_ready(cfg.review.decisions_files):
         return cfg
     sheet, template = review.export_review_sheet(ctx, review.plan_review_items(ctx))
-    get_run_logger().info("review sheet: %s/%s; fill in %s and resume the flow run with the file paths",
-                          out, sheet, template)
+    get_run_logger().info("review page: open %s/%s in a browser and download the decisions (or fill in %s); "
+                          "resume the flow run with the file paths", out, sheet, template)
     given = pause_flow_run(wait_for_input=ReviewDecisions, timeout=cfg.review.wait_timeout_s)
     data = cfg.model_dump(mode="json")
     data["review"]["decisions_files"] = given.decisions_files
