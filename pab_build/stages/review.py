@@ -46,6 +46,10 @@ DECISION_COLUMNS = ("pair_key", "clip_name", "decision", "reason", "reviewer")
 CAPTION_COLUMNS = ("sample_key", "caption_generated", "caption_corrected", "reviewer")
 
 
+class ReviewFileError(ValueError):
+    """A reviewer's file that cannot be used as it is; the message names the file and line."""
+
+
 @dataclass(frozen=True)
 class Decision:
     pair_key: str  # the clip_key of the pair
@@ -68,7 +72,10 @@ def _read_text(path: str) -> str:
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         raise FileNotFoundError(f"review file {path} does not exist")
-    return fs.cat_file(p).decode("utf-8-sig")  # spreadsheet programs often write a BOM
+    try:
+        return fs.cat_file(p).decode("utf-8-sig")  # spreadsheet programs often write a BOM
+    except UnicodeDecodeError as e:
+        raise ReviewFileError(f"review file {path} is not UTF-8 text (byte {e.start}): save it as CSV UTF-8") from None
 
 
 def read_records(path: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -82,15 +89,15 @@ def read_records(path: str, required: tuple[str, ...]) -> list[tuple[int, dict]]
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise ReviewFileError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object with {', '.join(required)}")
+                raise ReviewFileError(f"{path}:{n}: expected a JSON object with {', '.join(required)}")
             out.append((n, {k: "" if v is None else str(v) for k, v in rec.items()}))
         return out
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the header must include {', '.join(required)}")
+        raise ReviewFileError(f"{path}: missing column(s) {missing}; the header must include {', '.join(required)}")
     for rec in reader:
         out.append((reader.line_num, {k: (v or "") for k, v in rec.items() if k is not None}))
     return out
@@ -101,7 +108,7 @@ def _check_key(key: str, known: set[str], where: str, what: str) -> None:
         return
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{where}: unknown {what} {key!r} (not in this build){hint}")
+    raise ReviewFileError(f"{where}: unknown {what} {key!r} (not in this build){hint}")
 
 
 def load_decisions(paths: list[str], known_pair_keys: set[str]) -> dict[str, list[Decision]]:
@@ -117,12 +124,12 @@ def load_decisions(paths: list[str], known_pair_keys: set[str]) -> dict[str, lis
                 continue
             where = f"{path}:{line}"
             if not key:
-                raise ValueError(f"{where}: decision {raw!r} has no pair_key")
+                raise ReviewFileError(f"{where}: decision {raw!r} has no pair_key")
             _check_key(key, known, where, "pair_key")
             if not raw:
                 continue
             if raw.lower() not in DECISIONS:
-                raise ValueError(f"{where}: decision {raw!r} for {key} must be 'accept' or 'reject'")
+                raise ReviewFileError(f"{where}: decision {raw!r} for {key} must be 'accept' or 'reject'")
             reviewer = rec.get("reviewer", "").strip() or default_reviewer
             out.setdefault(key, []).append(
                 Decision(key, raw.lower(), " ".join(rec.get("reason", "").split()), reviewer, where))
@@ -164,13 +171,13 @@ def load_caption_corrections(paths: list[str], known_keys: set[str]) -> dict[str
             where = f"{path}:{line}"
             if not key:
                 if text:
-                    raise ValueError(f"{where}: correction {text[:40]!r} has no sample_key")
+                    raise ReviewFileError(f"{where}: correction {text[:40]!r} has no sample_key")
                 continue
             _check_key(key, known, where, "sample_key")
             if not text:
                 continue
             if key in out and out[key][0] != text:
-                raise ValueError(f"{where}: caption of {key} corrected differently at {out[key][1]}; keep one")
+                raise ReviewFileError(f"{where}: caption of {key} corrected differently at {out[key][1]}; keep one")
             out.setdefault(key, (text, where))
     return {k: v[0] for k, v in sorted(out.items())}
 
