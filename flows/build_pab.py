@@ -23,6 +23,7 @@ from prefect.utilities.annotations import unmapped
 from pab_build.config import PABConfig, config_from_dict, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
+from pab_build.progress import StageReporter
 from pab_build.units import (
     Context,
     Unit,
@@ -82,6 +83,7 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     units = stage.plan_units(ctx)
     logger.info("%s: %d units", stage_name, len(units))
     progress = create_progress_artifact(0.0, description=f"{stage_name}: units finished (%)")
+    reporter = StageReporter(ctx.store, stage_name, len(units))  # the CLI's live display listens
     unit_task = run_unit_task.with_options(
         name=f"{stage_name}-unit",
         retries=cfg.run.unit_retries,
@@ -94,16 +96,19 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     for i, (unit, fut) in enumerate(zip(units, futures), 1):
         state = fut.wait() or fut.state
         if state.is_completed():
-            counts[fut.result()] += 1
+            outcome = fut.result()
         else:
             err = fut.result(raise_on_failure=False)
             logger.warning("%s unit %s failed after retries: %s", stage_name, unit.unit_id, err)
             record_failed_unit(ctx, stage, unit, err if isinstance(err, BaseException) else str(err))
-            counts["failed"] += 1
+            outcome = "failed"
+        counts[outcome] += 1
+        reporter.unit_finished(unit.unit_id, outcome)
         if i % max(1, len(units) // 20) == 0 or i == len(units):
             update_progress_artifact(progress, 100.0 * i / len(units))
             logger.info("%s: %d/%d units (%s)", stage_name, i, len(units), counts)
     rows = finalize_stage(ctx, stage, units)
+    reporter.stage_finished()
     result = {**counts, **status_counts(rows)}
     logger.info("%s finished: %s", stage_name, result)
     return result

@@ -48,11 +48,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
     )
 
+    from flows.progress import ProgressDisplay
+
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
-    summary = build_pab(
-        profile=args.profile, out=out, overrides=overrides, until=args.until,
-        publish_url=args.publish, train_cmp=False if args.no_cmp else None,
-    )
+    with ProgressDisplay(verbose=args.verbose):
+        summary = build_pab(
+            profile=args.profile, out=out, overrides=overrides, until=args.until,
+            publish_url=args.publish, train_cmp=False if args.no_cmp else None,
+        )
     print(json.dumps(summary, indent=2, default=str))
     print(f"outputs: {out}")
     return 0
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runner", choices=["threads", "ray"], help="task runner (run.task_runner)")
     r.add_argument("--publish", metavar="URL", help="publish the release to this fsspec URL at the end")
     r.add_argument("--no-cmp", action="store_true", help="do not train CMP after the build")
+    r.add_argument("--verbose", action="store_true", help="also print Prefect's line for every task run")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("status", help="per stage: units done/failed/pending, rows ok/rejected")

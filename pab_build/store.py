@@ -37,6 +37,7 @@ class Marker:
     rows: int
     reason: str | None = None
     # where and how long (absent in markers of earlier versions): for `pab status` and ETAs
+    ok: int | None = None  # rows with status ok (rows - ok were rejected)
     wall_s: float | None = None  # the unit's run time (the successful attempt)
     finished_at: float | None = None  # unix time the marker was written
     host: str | None = None

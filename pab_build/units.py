@@ -145,7 +145,7 @@ def execute_unit(ctx: Context, stage: Stage, unit: Unit) -> str:
     ctx.store.write_marker(
         stage.name,
         unit.unit_id,
-        Marker("done", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows),
+        Marker("done", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows), ok=status_counts(rows)["ok"],
                **marker_timing(time.monotonic() - started)),
     )
     return "done"
