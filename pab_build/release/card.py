@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import yaml
 from PIL import Image
 
+from ..figure_text import FONT, wrap_to_width
 from ..manifests import OK, STAGE_COLUMNS, read_manifest
 from ..shard_index import ratio_text
 from ..store import Store
@@ -179,21 +180,37 @@ def class_chart_png(title: str, classes: list[tuple[str, int]], total: int) -> b
     return _png(fig)
 
 
+GRID_LABEL_WIDTH_IN, GRID_FONT_SIZE, GRID_MAX_LINES = 2.8, 8, 6
+
+
 def example_grid_png(title: str, pairs: list[tuple[bytes, str, bytes, str]]) -> bytes:
     """Rows of (normal image, its label, anomaly image, its label): normal left, anomaly right."""
+    return _png(example_grid_figure(title, pairs))
+
+
+def example_grid_figure(title: str, pairs: list[tuple[bytes, str, bytes, str]]):
+    """The grid's ``Figure``. Labels are wrapped under their image as axis labels, so the
+    constrained layout makes room for them whatever their length: nothing overlaps a title or the
+    next row."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3 * len(pairs) + 0.6))
+    labels = [[wrap_to_width(t, GRID_LABEL_WIDTH_IN, GRID_FONT_SIZE, GRID_MAX_LINES) for t in (a, b)]
+              for _, a, _, b in pairs]
+    lines = max((lab.count("\n") + 1 for row in labels for lab in row), default=1)
+    fig = Figure(figsize=(6.4, (2.9 + 0.16 * lines) * len(pairs) + 0.5), layout="constrained")
     axes = fig.subplots(len(pairs), 2, squeeze=False)
-    for row, (left, left_label, right, right_label) in zip(axes, pairs):
-        for ax, data, label in ((row[0], left, left_label), (row[1], right, right_label)):
+    for row, (left, _, right, _), texts in zip(axes, pairs, labels):
+        for ax, data, label in ((row[0], left, texts[0]), (row[1], right, texts[1])):
             with Image.open(io.BytesIO(data)) as im:
                 ax.imshow(im.convert("RGB"))
-            ax.set_title(label, fontsize=8, wrap=True)
-            ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _png(fig)
+            ax.set_anchor("NW")  # image and label start at the column's left: the label fits the column
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            ax.set_xlabel(label, fontsize=GRID_FONT_SIZE, family=FONT, loc="left", multialignment="left")
+    fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def _short(text: str | None, words: int = 8) -> str:
@@ -225,8 +242,8 @@ def example_pairs(split: str, store: Store, manifests: dict[str, list[dict]]) ->
             left, right = store.read_bytes(images[normal]), store.read_bytes(images[anomaly])
         except (KeyError, TypeError, FileNotFoundError, ValueError):
             continue  # an image gone since the build: show another pair
-        pairs.append((left, f"normal: {_short(captions.get(normal))}",
-                      right, f"anomaly: {_short(captions.get(anomaly))}"))
+        pairs.append((left, f"normal: {_short(captions.get(normal), 40)}",
+                      right, f"anomaly: {_short(captions.get(anomaly), 40)}"))
     return pairs
 
 
