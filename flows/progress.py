@@ -9,6 +9,7 @@ in state Completed()``) are kept off the console; they still reach the API and t
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import time
@@ -31,6 +32,27 @@ def stage_line(p: StageProgress, started: float) -> str:
             f"{p.failed} failed, {'-' if rate is None else f'{rate:.2f}'} units/s, ETA {eta}")
 
 
+class _LinesTo(io.TextIOBase):
+    """A file whose complete lines are printed on a live ``console`` (above its bars)."""
+
+    def __init__(self, console, original):
+        self.console, self.original, self.pending = console, original, ""
+
+    def isatty(self) -> bool:  # Prefect's console keeps its colours when the real stream has them
+        return bool(getattr(self.original, "isatty", lambda: False)())
+
+    def write(self, text: str) -> int:
+        from rich.text import Text
+
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.console.print(Text.from_ansi(line), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 class _HideTaskRunLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
@@ -44,13 +66,12 @@ class ProgressDisplay(logging.Handler):
         self.verbose = verbose
         self.console_handler = next((h for h in logging.getLogger().handlers
                                      if type(h).__name__ == "PrefectConsoleHandler"), None)
-        if console is None and self.console_handler is not None:
-            console = getattr(self.console_handler, "console", None)
-        if console is None:
+        if console is None:  # not Prefect's console: its theme lacks the progress bar's styles
             from rich.console import Console
 
             console = Console(file=sys.stderr)
         self.console = console
+        self._prefect_file = None
         self.live = console.is_terminal if live is None else live
         self.started: dict[str, float] = {}
         self.last_line: dict[str, float] = {}
@@ -65,23 +86,41 @@ class ProgressDisplay(logging.Handler):
         if not self.verbose and self.console_handler is not None:
             self.console_handler.addFilter(self._hide)
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(),
-                                 TextColumn("{task.completed:>6.0f}/{task.total:<6.0f} units"),
-                                 TextColumn("{task.fields[rows]}"), TextColumn("{task.fields[rate]}"),
-                                 TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
-                                 console=self.console, transient=False)
-            self.bars.start()
+            try:
+                self._start_bars()
+            except Exception:  # noqa: BLE001 - a display problem must never stop a build: print lines
+                logging.getLogger(__name__).warning("no live progress display; printing lines", exc_info=True)
+                self._stop_bars()
+                self.live = False
         logging.getLogger(PROGRESS_LOGGER).addHandler(self)
         return self
 
     def __exit__(self, *exc) -> None:
         logging.getLogger(PROGRESS_LOGGER).removeHandler(self)
-        if self.bars is not None:
-            self.bars.stop()
+        self._stop_bars()
         if self.console_handler is not None:
             self.console_handler.removeFilter(self._hide)
+
+    def _start_bars(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(),
+                             TextColumn("{task.completed:>6.0f}/{task.total:<6.0f} units"),
+                             TextColumn("{task.fields[rows]}"), TextColumn("{task.fields[rate]}"),
+                             TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
+                             console=self.console, transient=False)
+        self.bars.start()  # from here sys.stderr is the display's proxy: lines print above the bars
+        prefect_console = getattr(self.console_handler, "console", None)
+        if prefect_console is not None:  # Prefect's log lines go through the display, not across the bars
+            self._prefect_file = prefect_console.file
+            prefect_console.file = _LinesTo(self.console, self._prefect_file)
+
+    def _stop_bars(self) -> None:
+        if self._prefect_file is not None:
+            self.console_handler.console.file, self._prefect_file = self._prefect_file, None
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars = None
 
     # -- events ----------------------------------------------------------------------------------
     def emit(self, record: logging.LogRecord) -> None:

@@ -104,3 +104,27 @@ def test_pab_run_prints_stage_progress_and_no_task_lines(tiny_model, sample_oops
     verbose = subprocess.run(cmd + ["--verbose"], capture_output=True, text=True, env=env, timeout=600)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Task run 'frames-unit" in verbose.stdout + verbose.stderr
+
+
+def test_on_a_terminal_prefect_log_lines_scroll_above_the_bars():
+    """Prefect's console has a theme of its own (no progress-bar styles): the bars use another
+    console, and Prefect's lines are routed through the display while it runs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    original = io.StringIO()
+    handler = PrefectConsoleHandler(stream=original)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    line = logging.makeLogRecord({"name": "prefect.flow_runs", "levelno": logging.INFO, "levelname": "INFO",
+                                  "msg": "Beginning subflow run 'x' for flow 'stage-frames'"})
+    console, buf = _console(terminal=True)
+    try:
+        with ProgressDisplay(console=console, live=True) as display:
+            display.update(StageProgress("frames", total=5, done=2, ok=3, rejected=1, at=1.0))
+            handler.handle(line)
+        assert "Beginning subflow run" in buf.getvalue() and "2/5" in buf.getvalue()
+        assert original.getvalue() == ""
+        handler.handle(line)  # after the display: back to its own stream
+        assert "Beginning subflow run" in original.getvalue()
+    finally:
+        root.removeHandler(handler)
