@@ -198,4 +198,11 @@ def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
 
         options.update(Secret.load(cfg.publish.credentials_block).get())
     report = publish(out, url, storage_options=options)
-    return {"url": url, "ok": bool(getattr(report, "ok", True))}
+    ok = bool(getattr(report, "ok", True))
+    if ok:  # downstream training (train-cmp/full's deployment trigger) starts on this event
+        from flows.events import emit_shards_published
+        from pab_build.shard_index import INDEX_REL
+        from pab_build.store import Store
+
+        emit_shards_published(report.url, Store(out).read_bytes(INDEX_REL), out, cfg.profile)
+    return {"url": url, "ok": ok}
