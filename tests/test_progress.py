@@ -64,29 +64,35 @@ def test_rate_and_eta_and_the_terminal_table():
     assert "generate" in out and "4/10" in out and "rows 100 ok / 4 rejected" in out and "0.20 u/s" in out
 
 
-def test_task_run_lines_are_hidden_unless_verbose():
+@pytest.fixture
+def prefect_console():
+    """A Prefect console handler on the root logger, as Prefect sets up: (handler, its stream)."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     stream = io.StringIO()
     handler = PrefectConsoleHandler(stream=stream)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    task_line = logging.makeLogRecord({"name": "prefect.task_runs", "levelno": logging.INFO, "levelname": "INFO",
-                                       "msg": "Task run 'frames-unit-fd9' - Finished in state Completed()"})
-    failure = logging.makeLogRecord({"name": "prefect.task_runs", "levelno": logging.ERROR, "levelname": "ERROR",
-                                     "msg": "Task run 'frames-unit-fd9' - Crashed"})
-    try:
-        with ProgressDisplay(verbose=False, live=False):
-            handler.handle(task_line)
-            handler.handle(failure)
-        assert "Completed()" not in stream.getvalue() and "Crashed" in stream.getvalue()
-        with ProgressDisplay(verbose=True, live=False):
-            handler.handle(task_line)
-        assert "Completed()" in stream.getvalue()
-        handler.handle(task_line)  # the filter leaves with the display
-        assert stream.getvalue().count("Completed()") == 2
-    finally:
-        root.removeHandler(handler)
+    logging.getLogger().addHandler(handler)
+    yield handler, stream
+    logging.getLogger().removeHandler(handler)
+
+
+def _record(name: str, level: int, msg: str) -> logging.LogRecord:
+    return logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": msg})
+
+
+def test_task_run_lines_are_hidden_unless_verbose(prefect_console):
+    handler, stream = prefect_console
+    task_line = _record("prefect.task_runs", logging.INFO, "Task run 'frames-unit-fd9' - Finished in state Completed()")
+    failure = _record("prefect.task_runs", logging.ERROR, "Task run 'frames-unit-fd9' - Crashed")
+    with ProgressDisplay(verbose=False, live=False):
+        handler.handle(task_line)
+        handler.handle(failure)
+    assert "Completed()" not in stream.getvalue() and "Crashed" in stream.getvalue()
+    with ProgressDisplay(verbose=True, live=False):
+        handler.handle(task_line)
+    assert "Completed()" in stream.getvalue()
+    handler.handle(task_line)  # the filter leaves with the display
+    assert stream.getvalue().count("Completed()") == 2
 
 
 @pytest.mark.slow
@@ -106,25 +112,16 @@ def test_pab_run_prints_stage_progress_and_no_task_lines(tiny_model, sample_oops
     assert "Task run 'frames-unit" in verbose.stdout + verbose.stderr
 
 
-def test_on_a_terminal_prefect_log_lines_scroll_above_the_bars():
+def test_on_a_terminal_prefect_log_lines_scroll_above_the_bars(prefect_console):
     """Prefect's console has a theme of its own (no progress-bar styles): the bars use another
     console, and Prefect's lines are routed through the display while it runs."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    original = io.StringIO()
-    handler = PrefectConsoleHandler(stream=original)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    line = logging.makeLogRecord({"name": "prefect.flow_runs", "levelno": logging.INFO, "levelname": "INFO",
-                                  "msg": "Beginning subflow run 'x' for flow 'stage-frames'"})
+    handler, original = prefect_console
+    line = _record("prefect.flow_runs", logging.INFO, "Beginning subflow run 'x' for flow 'stage-frames'")
     console, buf = _console(terminal=True)
-    try:
-        with ProgressDisplay(console=console, live=True) as display:
-            display.update(StageProgress("frames", total=5, done=2, ok=3, rejected=1, at=1.0))
-            handler.handle(line)
-        assert "Beginning subflow run" in buf.getvalue() and "2/5" in buf.getvalue()
-        assert original.getvalue() == ""
-        handler.handle(line)  # after the display: back to its own stream
-        assert "Beginning subflow run" in original.getvalue()
-    finally:
-        root.removeHandler(handler)
+    with ProgressDisplay(console=console, live=True) as display:
+        display.update(StageProgress("frames", total=5, done=2, ok=3, rejected=1, at=1.0))
+        handler.handle(line)
+    assert "Beginning subflow run" in buf.getvalue() and "2/5" in buf.getvalue()
+    assert original.getvalue() == ""
+    handler.handle(line)  # after the display: back to its own stream
+    assert "Beginning subflow run" in original.getvalue()
