@@ -20,6 +20,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import unmapped
 
+from flows.artifacts import build_artifact_key
 from pab_build.config import PABConfig, config_from_dict, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
@@ -82,7 +83,8 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     stage = get_stage(stage_name)
     units = stage.plan_units(ctx)
     logger.info("%s: %d units", stage_name, len(units))
-    progress = create_progress_artifact(0.0, description=f"{stage_name}: units finished (%)")
+    progress = create_progress_artifact(0.0, key=build_artifact_key(f"progress-{stage_name}", out),
+                                        description=f"{stage_name}: units finished (%) of {out}")
     reporter = StageReporter(ctx.store, stage_name, len(units))  # the CLI's live display listens
     unit_task = run_unit_task.with_options(
         name=f"{stage_name}-unit",
@@ -159,14 +161,19 @@ def build_pab(
     logger = get_run_logger()
     prepare_task(cfg, out)
     summary: dict[str, Any] = {}
-    for name in stages_until(until):
+    stages = stages_until(until)
+    build_progress = create_progress_artifact(0.0, key=build_artifact_key("build-progress", out),
+                                              description=f"stages finished (%) of {out}")
+    for name in stages:
         if name == "review" and cfg.review.policy == "wait":
             cfg = _wait_for_review(cfg, out)
         summary[name] = stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(
             cfg, out, name
         )
+        update_progress_artifact(build_progress, 100.0 * len(summary) / len(stages))
     create_table_artifact(
-        [{"stage": k, **v} for k, v in summary.items()], key="build-summary", description="units and rows per stage"
+        [{"stage": k, **v} for k, v in summary.items()], key=build_artifact_key("build-summary", out),
+        description=f"units and rows per stage of {out}",
     )
     if until is None:
         summary["release"] = release_task(cfg, out)
