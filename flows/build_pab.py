@@ -127,7 +127,7 @@ def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     from prefect.flow_runs import pause_flow_run
     from prefect.input import RunInput
 
-    from pab_build import review
+    from pab_build.stages import review
 
     class ReviewDecisions(RunInput):
         decisions_files: list[str]
