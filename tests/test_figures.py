@@ -13,7 +13,7 @@ from PIL import Image
 
 from pab_build.cmp.figures import MATCH_COLOURS, match_kind, top5_figure, top5_png
 from pab_build.figure_text import _width_pt, renderable, wrap_to_width
-from pab_build.release.card import example_grid_figure, example_grid_png
+from pab_build.release.card_figures import example_grid_figure, example_grid_png
 
 CAPTIONS = ["short", "A woman in a red coat — café, naïve “quotes”, 日本 " * 3, "W" * 300,
             "a child rides a bicycle along the river " * 20]
