@@ -20,9 +20,11 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import unmapped
 
+from flows.artifacts import build_artifact_key
 from pab_build.config import PABConfig, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
+from pab_build.progress import StageReporter
 from pab_build.redact import redact, redact_url, secret_overrides_from_env
 from pab_build.units import (
     Context,
@@ -82,7 +84,9 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     stage = get_stage(stage_name)
     units = stage.plan_units(ctx)
     logger.info("%s: %d units", stage_name, len(units))
-    progress = create_progress_artifact(0.0, description=f"{stage_name}: units finished (%)")
+    progress = create_progress_artifact(0.0, key=build_artifact_key(f"progress-{stage_name}", out),
+                                        description=f"{stage_name}: units finished (%) of {out}")
+    reporter = StageReporter(ctx.store, stage_name, len(units))  # the CLI's live display listens
     unit_task = run_unit_task.with_options(
         name=f"{stage_name}-unit",
         retries=cfg.run.unit_retries,
@@ -95,16 +99,19 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     for i, (unit, fut) in enumerate(zip(units, futures), 1):
         state = fut.wait() or fut.state
         if state.is_completed():
-            counts[fut.result()] += 1
+            outcome = fut.result()
         else:
             err = fut.result(raise_on_failure=False)
             logger.warning("%s unit %s failed after retries: %s", stage_name, unit.unit_id, err)
             record_failed_unit(ctx, stage, unit, err if isinstance(err, BaseException) else str(err))
-            counts["failed"] += 1
+            outcome = "failed"
+        counts[outcome] += 1
+        reporter.unit_finished(unit.unit_id, outcome)
         if i % max(1, len(units) // 20) == 0 or i == len(units):
             update_progress_artifact(progress, 100.0 * i / len(units))
             logger.info("%s: %d/%d units (%s)", stage_name, i, len(units), counts)
     rows = finalize_stage(ctx, stage, units)
+    reporter.stage_finished()
     result = {**counts, **status_counts(rows)}
     logger.info("%s finished: %s", stage_name, result)
     return result
@@ -121,7 +128,7 @@ def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     from prefect.flow_runs import pause_flow_run
     from prefect.input import RunInput
 
-    from pab_build import review
+    from pab_build.stages import review
 
     class ReviewDecisions(RunInput):
         decisions_files: list[str]
@@ -130,8 +137,8 @@ def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     if review.decisions_ready(cfg.review.decisions_files):
         return cfg
     sheet, template = review.export_review_sheet(ctx, review.plan_review_items(ctx))
-    get_run_logger().info("review sheet: %s/%s; fill in %s and resume the flow run with the file paths",
-                          out, sheet, template)
+    get_run_logger().info("review page: open %s/%s in a browser and download the decisions (or fill in %s); "
+                          "resume the flow run with the file paths", out, sheet, template)
     given = pause_flow_run(wait_for_input=ReviewDecisions, timeout=cfg.review.wait_timeout_s)
     # model_copy, not a JSON round trip: the JSON form of the config has its credentials redacted
     return cfg.model_copy(update={"review": cfg.review.model_copy(update={"decisions_files": given.decisions_files})})
@@ -160,14 +167,19 @@ def build_pab(
     logger = get_run_logger()
     prepare_task(cfg, out)
     summary: dict[str, Any] = {}
-    for name in stages_until(until):
+    stages = stages_until(until)
+    build_progress = create_progress_artifact(0.0, key=build_artifact_key("build-progress", out),
+                                              description=f"stages finished (%) of {out}")
+    for name in stages:
         if name == "review" and cfg.review.policy == "wait":
             cfg = _wait_for_review(cfg, out)
         summary[name] = stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(
             cfg, out, name
         )
+        update_progress_artifact(build_progress, 100.0 * len(summary) / len(stages))
     create_table_artifact(
-        [{"stage": k, **v} for k, v in summary.items()], key="build-summary", description="units and rows per stage"
+        [{"stage": k, **v} for k, v in summary.items()], key=build_artifact_key("build-summary", out),
+        description=f"units and rows per stage of {out}",
     )
     if until is None:
         summary["release"] = release_task(cfg, out)
@@ -199,4 +211,11 @@ def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
 
         options.update(Secret.load(cfg.publish.credentials_block).get())
     report = publish(out, url, storage_options=options, force=cfg.publish.force, delete=cfg.publish.delete)
-    return {"url": report.url, "ok": bool(getattr(report, "ok", True))}  # report.url: credentials scrubbed
+    ok = bool(getattr(report, "ok", True))
+    if ok:  # downstream training (train-cmp/full's deployment trigger) starts on this event
+        from flows.events import emit_shards_published
+        from pab_build.shard_index import INDEX_REL
+        from pab_build.store import Store
+
+        emit_shards_published(report.url, Store(out).read_bytes(INDEX_REL), out, cfg.profile)
+    return {"url": report.url, "ok": ok}  # report.url: credentials scrubbed

@@ -11,7 +11,24 @@ import os
 import sys
 import traceback
 
-from pab_build.config import ConfigError
+from pab_build.status import require_build
+
+# failures a person fixes by changing what they typed or set up, not by reading a traceback;
+# errors whose class lives in an optional dependency are matched by name
+USER_ERROR_NAMES = {"ConfigError", "NotABuildError", "ReviewFileError", "PublishError", "NoCredentialsError",
+                    "PartialCredentialsError", "LocalTokenNotFoundError"}
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc`` (itself or a cause), or None for a defect."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError, PermissionError)) or \
+                any(c.__name__ in USER_ERROR_NAMES for c in type(exc).__mro__):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -30,6 +47,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
     )
 
+    from flows.progress import ProgressDisplay
+
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
     # anything that may hold a credential reaches the flow through the environment, never as a
     # flow-run parameter (Prefect stores those in its database)
@@ -37,10 +56,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     public, secret = split_secret_overrides(overrides + ([f"publish.url={args.publish}"] if args.publish else []))
     export_secret_overrides(secret)
-    summary = build_pab(
-        profile=args.profile, out=out, overrides=public, until=args.until,
-        train_cmp=False if args.no_cmp else None,
-    )
+    with ProgressDisplay(verbose=args.verbose):
+        summary = build_pab(
+            profile=args.profile, out=out, overrides=public, until=args.until,
+            train_cmp=False if args.no_cmp else None,
+        )
     print(json.dumps(summary, indent=2, default=str))
     print(f"outputs: {out}")
     return 0
@@ -49,13 +69,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pab_build.status import build_status, format_status
 
-    print(format_status(build_status(args.out)))
+    print(format_status(build_status(args.out), as_json=args.json))
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pab_build.shard_index import verify_shards
 
+    if "://" not in args.target:
+        require_build(args.target)
     report = verify_shards(args.target, deep=args.deep)
     print(report)
     return 0 if report.ok else 1
@@ -64,6 +86,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_export_official(args: argparse.Namespace) -> int:
     from pab_build.release.official import export_official
 
+    require_build(args.out)
     print(json.dumps(export_official(args.out, args.dest), indent=2, default=str))
     return 0
 
@@ -71,6 +94,7 @@ def _cmd_export_official(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from pab_build.release.publish import publish
 
+    require_build(args.out)
     report = publish(args.out, args.url, force=args.force, delete=args.delete)
     print(report)  # credentials scrubbed by publish()
     return 0 if getattr(report, "ok", True) else 1
@@ -79,6 +103,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 def _cmd_card(args: argparse.Namespace) -> int:
     from pab_build.release.card import write_dataset_card
 
+    require_build(args.out)
     print(write_dataset_card(args.out))
     return 0
 
@@ -104,6 +129,7 @@ def _cmd_cmp_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pab", description="Build the PAB benchmark and train/evaluate CMP.")
+    p.add_argument("--debug", action="store_true", help="on an error, print the whole traceback, not one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the build-pab flow locally (Prefect, no server needed)")
@@ -115,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runner", choices=["threads", "ray"], help="task runner (run.task_runner)")
     r.add_argument("--publish", metavar="URL", help="publish the release to this fsspec URL at the end")
     r.add_argument("--no-cmp", action="store_true", help="do not train CMP after the build")
+    r.add_argument("--verbose", action="store_true", help="also print Prefect's line for every task run")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("status", help="per stage: units done/failed/pending, rows ok/rejected")
-    s.add_argument("out")
+    s.add_argument("out", help="the build's output folder (the --out of `pab run`)")
+    s.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
     s.set_defaults(func=_cmd_status)
 
     v = sub.add_parser("verify", help="re-hash the shards against shards/index.json")
@@ -127,13 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_verify)
 
     e = sub.add_parser("export-official", help="write the layout the official CMP code reads")
-    e.add_argument("out")
-    e.add_argument("dest")
+    e.add_argument("out", help="the build's output folder (the --out of `pab run`)")
+    e.add_argument("dest", help="folder to write the official PAB layout into")
     e.set_defaults(func=_cmd_export_official)
 
     pb = sub.add_parser("publish", help="upload shards, index and card to an fsspec URL, then verify")
-    pb.add_argument("out")
-    pb.add_argument("url")
+    pb.add_argument("out", help="the build's output folder (the --out of `pab run`)")
+    pb.add_argument("url", help="fsspec URL to publish to: a folder, s3://bucket/prefix, hf://datasets/org/name")
     pb.add_argument("--force", action="store_true",
                     help="publish even with failed units, an empty split, or fewer samples than the published release")
     pb.add_argument("--delete", action="store_true",
@@ -141,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(func=_cmd_publish)
 
     c = sub.add_parser("card", help="(re)write OUT/README.md, the dataset card")
-    c.add_argument("out")
+    c.add_argument("out", help="the build's output folder (the --out of `pab run`)")
     c.set_defaults(func=_cmd_card)
 
     ce = sub.add_parser("cmp-eval", help="evaluate a CMP checkpoint (ours or an official cmp.pth) on a build's test shards")
@@ -154,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     ce.set_defaults(func=_cmd_cmp_eval)
 
     f = sub.add_parser("fixtures", help="build the tiny models and the sample OOPS! root")
-    f.add_argument("--models-dir", default="~/.cache/pab-build/tiny-models")
-    f.add_argument("--sample-oops-dir", default="~/.cache/pab-build/sample-oops")
+    f.add_argument("--models-dir", default="~/.cache/pab-build/tiny-models",
+                   help="where to write the tiny models (default: %(default)s)")
+    f.add_argument("--sample-oops-dir", default="~/.cache/pab-build/sample-oops",
+                   help="where to write the sample OOPS!-format clips (default: %(default)s)")
     f.set_defaults(func=_cmd_fixtures)
     return p
 
@@ -169,14 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pab_build")
     try:
         code = args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"pab: error: {e}", file=sys.stderr)
-        code = 2
     except KeyboardInterrupt:
         code = 130
-    except BaseException:  # noqa: BLE001 - print it, then leave through the same exit path
-        traceback.print_exc()
-        code = 1
+    except BaseException as e:  # noqa: BLE001 - print it, then leave through the same exit path
+        cause = user_error(e)
+        if args.debug or cause is None:
+            traceback.print_exc()
+        if cause is not None:
+            print(f"pab: error: {' '.join(str(cause).split()) or type(cause).__name__}", file=sys.stderr)
+            code = 2
+        else:
+            code = 1
     sys.exit(code)
 
 

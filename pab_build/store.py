@@ -36,6 +36,12 @@ class Marker:
     input_hash: str
     rows: int
     reason: str | None = None
+    # where and how long (absent in markers of earlier versions): for `pab status` and ETAs
+    ok: int | None = None  # rows with status ok (rows - ok were rejected)
+    wall_s: float | None = None  # the unit's run time (the successful attempt)
+    finished_at: float | None = None  # unix time the marker was written
+    host: str | None = None
+    worker: str | None = None  # "pid:thread" on that host
 
     def matches(self, stage_hash: str, input_hash: str) -> bool:
         return self.stage_hash == stage_hash and self.input_hash == input_hash

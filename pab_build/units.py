@@ -19,6 +19,9 @@ import functools
 import hashlib
 import logging
 import os
+import socket
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -155,15 +158,23 @@ def execute_unit(ctx: Context, stage: Stage, unit: Unit) -> str:
 
         # several units share a few cores: oversubscribed intra-op threads make CPU stages crawl
         torch.set_num_threads(ctx.cfg.run.torch_threads)
+    started = time.monotonic()
     rows = stage.run_unit(ctx, unit)
     _check_rows(stage, unit, rows)
     ctx.store.write_bytes(Store.unit_rows_rel(stage.name, unit.unit_id), table_bytes(rows_to_table(stage.name, rows)))
     ctx.store.write_marker(
         stage.name,
         unit.unit_id,
-        Marker("done", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows)),
+        Marker("done", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows), ok=status_counts(rows)["ok"],
+               **marker_timing(time.monotonic() - started)),
     )
     return "done"
+
+
+def marker_timing(wall_s: float | None) -> dict:
+    """The timing fields of a marker written now by this process."""
+    return {"wall_s": None if wall_s is None else round(wall_s, 3), "finished_at": round(time.time(), 3),
+            "host": socket.gethostname(), "worker": f"{os.getpid()}:{threading.current_thread().name}"}
 
 
 def record_failed_unit(ctx: Context, stage: Stage, unit: Unit, error: BaseException | str) -> None:
@@ -179,7 +190,7 @@ def record_failed_unit(ctx: Context, stage: Stage, unit: Unit, error: BaseExcept
     ctx.store.write_marker(
         stage.name,
         unit.unit_id,
-        Marker("failed", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows), reason),
+        Marker("failed", stage.stage_hash(ctx.cfg), unit.input_hash, len(rows), reason, **marker_timing(None)),
     )
 
 

@@ -122,3 +122,16 @@ def test_reason_patterns_and_size_bins():
     assert reason_pattern("broken body: limb ratio 2.61 > 2.5") == reason_pattern("broken body: limb ratio 3 > 2.5")
     assert reason_pattern("counterpart c0123456789-anomaly was rejected") == "counterpart <key> was rejected"
     assert size_category(999) == "n<1K" and size_category(1_013_605) == "1M<n<10M" and size_category(5_000) == "1K<n<10K"
+
+
+def test_the_cards_snippet_loads_every_field_of_both_splits(built):
+    from hf_snippets import assert_loads_every_field, python_blocks, ran_blocks
+
+    blocks = python_blocks(built["text"], after="## Shards")
+    assert len(blocks) == 1
+    with ran_blocks(blocks, cwd=built["root"]) as namespace:
+        assert_loads_every_field(namespace, built["root"], "pab", "train", "train")
+        assert sorted(s["__key__"] for s in namespace["shards"]) == sorted(built["train_keys"])
+    meta = _front_matter(built["text"])
+    assert {i["config_name"]: [s["num_examples"] for s in i["splits"]] for i in meta["dataset_info"]} == {
+        "default": [16, 4], "train": [16], "test": [4]}

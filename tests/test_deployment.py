@@ -351,3 +351,38 @@ def test_crashed_run_resumes_from_markers_when_retried(stack, tmp_path):
     assert {k: markers_after[k] for k in markers_before} == markers_before  # finished units untouched
     assert (out / "manifests/frames.parquet").read_bytes() == (ref / "manifests/frames.parquet").read_bytes()
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_publish_event_starts_train_cmp_on_the_published_shards(stack, tmp_path):
+    """The event build-pab's publish step emits (flows/events.py) fires train-cmp/full's deployment
+    trigger: a train-cmp run for the published URL and the build's OUT, in the GPU pool."""
+    url, out = f"s3://bucket/pab-{tmp_path.name}", str(tmp_path / "out")
+    emit = ("from flows.events import emit_shards_published\n"
+            "from prefect.events.worker import EventsWorker\n"
+            f"event = emit_shards_published({url!r}, b'{{\"splits\": {{}}}}', {out!r}, 'full')\n"
+            "assert event is not None, 'no events client'\n"
+            "EventsWorker.drain_all()\n")
+    r = subprocess.run([sys.executable, "-c", emit], cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dep = stack.get("/deployments/name/train-cmp/full")
+    deadline = time.monotonic() + 120
+    while True:
+        runs = [run for run in stack.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
+                if run["parameters"].get("shards") == url]
+        if runs:
+            break
+        assert time.monotonic() < deadline, f"no train-cmp run for {url}:\n{stack.log_tail('server')}"
+        time.sleep(1)
+    (run,) = runs
+    assert run["parameters"]["out"] == out and run["work_pool_name"] == GPU_POOL
+    import hashlib
+
+    while not (payloads := [e["payload"] for e in stack.post("/events/filter", {
+            "filter": {"event": {"name": ["pab.shards.published"]}}})["events"] if e["payload"]["url"] == url]):
+        assert time.monotonic() < deadline, "the event was not stored"  # the server persists events in batches
+        time.sleep(1)
+    (payload,) = payloads
+    assert payload["index_sha256"] == hashlib.sha256(b'{"splits": {}}').hexdigest()

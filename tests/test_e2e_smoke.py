@@ -67,3 +67,21 @@ def test_two_builds_are_byte_identical(smoke_builds):
     assert any(f.endswith(".tar") for f in files)
     _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert not mismatch and not errors, mismatch + errors
+
+
+def test_readme_and_card_snippets_load_every_field_of_both_splits(smoke_builds, tmp_path):
+    """Hugging Face ``datasets`` on a real build, through the snippets exactly as the README and the
+    card print them: every field of both splits, equal to the shards."""
+    from hf_snippets import assert_loads_every_field, python_blocks, ran_blocks
+
+    (out, _), _ = smoke_builds
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    os.makedirs(tmp_path / "out")
+    os.symlink(out, tmp_path / "out" / "smoke")  # the README's commands write out/smoke
+    with ran_blocks(python_blocks(readme, after="## Using the shards"), cwd=str(tmp_path)) as namespace:
+        assert_loads_every_field(namespace, out, "pab", "train", "train")
+        assert len(list(namespace["ds"])) == len(namespace["pab"]["test"])
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    with ran_blocks(python_blocks(card, after="## Shards"), cwd=out) as namespace:
+        assert_loads_every_field(namespace, out, "pab", "train", "train")
+        assert len(list(namespace["shards"])) == len(namespace["pab"]["train"])

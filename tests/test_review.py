@@ -41,6 +41,7 @@ def write_test_pairs(ctx, clips=CLIPS) -> list[str]:
             ctx.store.write_bytes(rel, _jpeg((40 * n, 100 * b, 90)))
             frames.append({"sample_key": key, "status": OK, "reason": None, "clip_name": name, "clip_key": ck,
                            "behavior": behavior, "time_s": 1.0 + 2 * b, "image_path": rel,
+                           "source_caption": f"{name}: {'what they wanted to do' if b == 0 else 'what went wrong'}",
                            "image_sha256": f"sha-{key}"})
             pairs.append({"sample_key": key, "status": OK, "reason": None, "clip_key": ck, "behavior": behavior,
                           "pair_key": f"{ck}-{'anomaly' if b == 0 else 'normal'}", "cosine": 0.5 + 0.1 * n})
@@ -166,19 +167,31 @@ def test_a_new_decision_redoes_only_its_own_unit(ctx, tmp_path, monkeypatch):
 
 
 # -- sheets ---------------------------------------------------------------------------------------
+def _page_data(page: str) -> dict:
+    """The data a review page embeds (what its script shows)."""
+    return json.loads(re.search(r'<script id="pab-data" type="application/json">(.*?)</script>', page, re.S).group(1))
+
+
 def test_review_sheet_is_self_contained_and_lists_every_pair(ctx, tmp_path):
     keys = write_test_pairs(ctx)
-    _use_decisions(ctx, [_write(tmp_path / "r1.csv", _csv([[keys[0], "", "reject", "<b>blurry</b>", ""]]))])
+    _use_decisions(ctx, [_write(tmp_path / "r1.csv", _csv([[keys[0], "", "reject", "</script><b>blurry</b>", ""]]))])
     sheet, template = review.export_review_sheet(ctx, review.plan_review_items(ctx))
-    assert (sheet, template) == ("review/sheet.html", "review/decisions_template.csv")
+    assert (sheet, template) == ("review/index.html", "review/decisions_template.csv")
     page = ctx.store.read_text(sheet)
-    sources = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
-    assert len(sources) == 2 * len(keys) and all(s.startswith("data:image/jpeg;base64,") for s in sources)
-    assert "<link" not in page and "<script" not in page and "url(" not in page
-    for k, name in zip(keys, CLIPS):
-        assert f'id="{k}"' in page and name in page
-    assert "r1: reject (&lt;b&gt;blurry&lt;/b&gt;)" in page  # reasons so far, escaped
-    assert "0.6000" in page and "3.00 s" in page  # cosine and frame time
+    assert "<link" not in page and " src=\"http" not in page and "url(" not in page  # opens from disk
+    data = _page_data(page)
+    assert data["kind"] == "pairs" and list(data["columns"]) == list(review.DECISION_COLUMNS)
+    assert [it["key"] for it in data["items"]] == sorted(keys)
+    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
+    for it in data["items"]:
+        assert it["clip_name"] == dict(zip(keys, CLIPS))[it["key"]]
+        for behavior in ("normal", "anomaly"):
+            assert it[behavior]["image"].startswith("data:image/jpeg;base64,")
+            assert it[behavior]["caption"] == frames[f"{it['key']}-{behavior}"]["source_caption"]
+    first = next(it for it in data["items"] if it["key"] == keys[0])
+    assert first["so_far"] == "r1: reject (</script><b>blurry</b>)"  # kept whole, escaped in the page
+    assert "</script><b>" not in page.split('id="pab-data"', 1)[1].split("</script>", 1)[0]
+    assert first["cosine"] == pytest.approx(0.5) and first["anomaly"]["time_s"] == pytest.approx(3.0)
 
     rows = list(csv.DictReader(io.StringIO(ctx.store.read_text(template))))
     assert [r["pair_key"] for r in rows] == sorted(keys)  # one row per pair, in key order
@@ -213,9 +226,11 @@ def test_caption_sheet_and_corrections(ctx, tmp_path):
                  "caption_generated": "", "caption": None})
     sheet, template = review.export_caption_sheet(ctx, rows)
     assert (sheet, template) == ("review/captions.html", "review/captions_template.csv")
-    page = ctx.store.read_text(sheet)
-    assert page.count('src="data:image/jpeg;base64,') == len(rows) and "a person &amp; " in page
-    assert "rejected: empty caption: 0 words" in page
+    items = {it["key"]: it for it in _page_data(ctx.store.read_text(sheet))["items"]}
+    assert sorted(items) == sorted(r["sample_key"] for r in rows)
+    assert all(it["image"].startswith("data:image/jpeg;base64,") for it in items.values())
+    assert items[f"{keys[0]}-normal"]["caption_generated"] == f"a person & {keys[0]}"
+    assert items[f"{keys[0]}-anomaly"]["status"] == "rejected: empty caption: 0 words"
     filled = list(csv.DictReader(io.StringIO(ctx.store.read_text(template))))
     assert [r["sample_key"] for r in filled] == sorted(r["sample_key"] for r in rows)
     assert tuple(filled[0]) == review.CAPTION_COLUMNS

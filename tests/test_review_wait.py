@@ -47,7 +47,7 @@ def test_flow_pauses_for_review_and_resumes_with_decisions(tmp_path, tiny_model,
                 paused = runs[0] if runs else None
                 time.sleep(0.5)
         assert paused is not None, "the build did not pause for review"
-        assert os.path.exists(template) and os.path.exists(os.path.join(out, "review", "sheet.html"))
+        assert os.path.exists(template) and os.path.exists(os.path.join(out, "review", "index.html"))
         with open(template, newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 5

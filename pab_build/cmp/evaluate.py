@@ -238,7 +238,9 @@ def evaluate_cmp(cfg: PABConfig, checkpoint: str | None, test_shards: str, out_d
     store.write_text(EVAL_REL, json.dumps(result, indent=2, sort_keys=True))
     queries = figure_queries(samples, c.figure_queries)
     if queries:
-        store.write_bytes(FIGURE_REL, draw_top5(samples, scores, queries))
+        from pab_build.cmp.figures import top5_png
+
+        store.write_bytes(FIGURE_REL, top5_png(samples, scores, queries))
     log.info("CMP evaluation on %d test pairs: %s", len(samples), metrics)
     return {**result, "checkpoint": checkpoint, "eval_json": f"{store.url_root}/{EVAL_REL}",
             "figure": f"{store.url_root}/{FIGURE_REL}" if queries else None, "reused": False}

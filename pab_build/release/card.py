@@ -3,26 +3,24 @@
 
 Everything in the card is computed from the stage manifests, ``shards/index.json`` and
 ``config.yaml``; nothing is typed in by hand, so the card of a build always describes that build.
-Shipped samples are the ok rows of ``test_shards`` / ``train_shards``. Figures are drawn with
-matplotlib's Agg renderer through ``matplotlib.figure.Figure`` (no pyplot, no global backend
-switch) and saved without the version stamp, so the same build gives the same PNG bytes.
+Shipped samples are the ok rows of ``test_shards`` / ``train_shards``. The figures are drawn by
+:mod:`pab_build.release.card_figures`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import yaml
-from PIL import Image
 
 from ..manifests import OK, STAGE_COLUMNS, read_manifest
 from ..shard_index import ratio_text
 from ..store import Store
+from .card_figures import class_chart_png, example_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -150,52 +148,6 @@ def size_category(n: int) -> str:
     return next((label for limit, label in bins if n < limit), "n>1T")
 
 
-# -- figures -----------------------------------------------------------------------------------
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
-
-
-def class_chart_png(title: str, classes: list[tuple[str, int]], total: int) -> bytes:
-    """A horizontal bar chart of (class, count), most frequent on top, like the paper's Figure 6."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 0.35 * max(len(classes), 3) + 1.2))
-    ax = fig.subplots()
-    names = [c for c, _ in classes][::-1]
-    counts = [n for _, n in classes][::-1]
-    bars = ax.barh(range(len(names)), counts, color="#4c72b0")
-    ax.set_yticks(range(len(names)), names)
-    for bar, n in zip(bars, counts):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {n} ({100 * n / total:.1f}%)" if total else "",
-                va="center", fontsize=8)
-    ax.set_xlabel("images")
-    ax.set_title(title)
-    ax.set_xlim(0, max(counts, default=1) * 1.3)
-    if not classes:
-        ax.text(0.5, 0.5, "no classes", transform=ax.transAxes, ha="center")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def example_grid_png(title: str, pairs: list[tuple[bytes, str, bytes, str]]) -> bytes:
-    """Rows of (normal image, its label, anomaly image, its label): normal left, anomaly right."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3 * len(pairs) + 0.6))
-    axes = fig.subplots(len(pairs), 2, squeeze=False)
-    for row, (left, left_label, right, right_label) in zip(axes, pairs):
-        for ax, data, label in ((row[0], left, left_label), (row[1], right, right_label)):
-            with Image.open(io.BytesIO(data)) as im:
-                ax.imshow(im.convert("RGB"))
-            ax.set_title(label, fontsize=8, wrap=True)
-            ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _png(fig)
-
-
 def _short(text: str | None, words: int = 8) -> str:
     parts = (text or "").split()
     return " ".join(parts[:words]) + (" …" if len(parts) > words else "")
@@ -225,8 +177,8 @@ def example_pairs(split: str, store: Store, manifests: dict[str, list[dict]]) ->
             left, right = store.read_bytes(images[normal]), store.read_bytes(images[anomaly])
         except (KeyError, TypeError, FileNotFoundError, ValueError):
             continue  # an image gone since the build: show another pair
-        pairs.append((left, f"normal: {_short(captions.get(normal))}",
-                      right, f"anomaly: {_short(captions.get(anomaly))}"))
+        pairs.append((left, f"normal: {_short(captions.get(normal), 40)}",
+                      right, f"anomaly: {_short(captions.get(anomaly), 40)}"))
     return pairs
 
 
@@ -237,8 +189,55 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
+def union_features(split_names: list[str]):
+    """One ``datasets.Features`` holding every field of the given splits (``hf_features`` of each,
+    merged): a Hugging Face config has one schema for all its splits, so a field one split lacks
+    loads as null there rather than being dropped from the other."""
+    from datasets import Features
+
+    from ..shard_writer import hf_features
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for name, feature in b.items():
+            out[name] = merge(out[name], feature) if isinstance(out.get(name), dict) and isinstance(feature, dict) \
+                else out.get(name, feature)
+        return out
+
+    merged: dict = {}
+    for split in split_names:
+        merged = merge(merged, dict(hf_features(split)))
+    return Features(merged)
+
+
+def dataset_info(index: dict) -> tuple[list[dict], list[dict]]:
+    """The card's ``configs`` and ``dataset_info``: ``default`` with both splits (every field of
+    either, typed), and one config per split with exactly that split's fields. Typed features
+    keep ``datasets`` from guessing a schema from each split's first samples."""
+    from datasets import DatasetInfo
+
+    from ..shard_writer import hf_features
+
     shard_splits = [s for s in ("train", "test") if s in index.get("splits", {})]
+    sizes = {s: {"name": s, "num_bytes": index["splits"][s]["totals"]["bytes"],
+                 "num_examples": index["splits"][s]["totals"]["samples"]} for s in shard_splits}
+
+    def entry(name: str, features, names: list[str]) -> dict:
+        yaml_info = DatasetInfo(features=features)._to_yaml_dict()
+        return {"config_name": name, "features": yaml_info["features"], "splits": [sizes[s] for s in names]}
+
+    configs = [{"config_name": "default",
+                "data_files": [{"split": s, "path": f"shards/{s}/*.tar"} for s in shard_splits]}]
+    infos = [entry("default", union_features(shard_splits), shard_splits)] if shard_splits else []
+    if len(shard_splits) > 1:
+        for s in shard_splits:
+            configs.append({"config_name": s, "data_files": [{"split": s, "path": f"shards/{s}/*.tar"}]})
+            infos.append(entry(s, hf_features(s), [s]))
+    return configs, infos
+
+
+def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
+    configs, infos = dataset_info(index)
     meta = {
         **LICENSE,
         "task_categories": ["text-retrieval", "image-to-text", "image-classification"],
@@ -246,9 +245,10 @@ def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
         "size_categories": [size_category(sum(s.images for s in splits))],
         "tags": ["webdataset", "text-based-person-search", "anomaly", "synthetic"],
         "pretty_name": f"PAB (Pedestrian Anomaly Behavior), build {profile}",
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"shards/{s}/*.tar"} for s in shard_splits]}],
+        "configs": configs,
     }
+    if infos:
+        meta["dataset_info"] = infos
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -276,11 +276,17 @@ def render_card(*, profile: str, config_sha256: str | None, splits: list[SplitSt
             for s, sec in sorted(index["splits"].items())]) + "\n")
         split = next(s for s in ("train", "test") if s in index["splits"])
         last = max(index["splits"][split]["totals"]["shards"] - 1, 0)
-        files = ", ".join(f'"{s}": "shards/{s}/*.tar"' for s in sorted(index["splits"]))
-        parts.append("```python\nimport webdataset as wds\n"
-                     f'ds = wds.WebDataset("shards/{split}/{split}-{{000000..{last:06d}}}.tar").decode("pil")\n\n'
-                     "from datasets import load_dataset  # typed metadata: features=pab_build.shard_writer.hf_features(split)\n"
-                     f'ds = load_dataset("webdataset", data_files={{{files}}})\n' "```\n")
+        parts.append("Load it with `datasets` (run in this folder, or set `where` to the hub repo id; "
+                     '`datasets` cannot name a dataset `"."`). The `default` config has both splits and every field of either (a field a split '
+                     "does not have is null there); the configs named after the splits have exactly their "
+                     "split's fields.\n")
+        parts.append("```python\nimport os\n\nfrom datasets import load_dataset\n\n"
+                     "where = os.getcwd()\n"
+                     "pab = load_dataset(where)\n"
+                     f'{split} = load_dataset(where, "{split}", split="{split}")\n\n'
+                     "import webdataset as wds\n"
+                     f'shards = wds.WebDataset("shards/{split}/{split}-{{000000..{last:06d}}}.tar", '
+                     'shardshuffle=False).decode("pil")\n```\n')
 
     parts.append("## Build funnel\n\nEvery stage's input rows, the rows kept and the rows rejected, with the most "
                  "frequent reasons (particulars such as numbers and keys are blanked as `#`, `<key>`, `'…'`).\n")

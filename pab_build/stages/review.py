@@ -4,12 +4,13 @@ Paper 3.1: "we conduct manual verification by three professionals [...], retaini
 image pairs of certain normal and anomaly behaviors", and the generated test captions are
 corrected by people. Both go through files people fill in:
 
-- ``review/sheet.html`` (self-contained: images embedded) and ``review/decisions_template.csv``
-  (``pair_key`` = clip_key, ``clip_name``, ``decision`` accept|reject, ``reason``, ``reviewer``).
+- ``review/index.html`` (self-contained page to click through; it downloads the decisions file)
+  and ``review/decisions_template.csv`` (``pair_key`` = clip_key, ``clip_name``, ``decision``
+  accept|reject, ``reason``, ``reviewer``).
   Each reviewer returns one CSV or JSONL file; ``review.decisions_files`` lists them. A pair is
   kept only if every reviewer who decided it accepted; a pair nobody decided is rejected. When a
   reviewer decides the same pair twice, the later line wins (files in the given order).
-- ``review/captions.html`` and ``review/captions_template.csv`` (``sample_key``,
+- ``review/captions.html`` (the same kind of page) and ``review/captions_template.csv`` (``sample_key``,
   ``caption_generated``, ``caption_corrected``, ``reviewer``); an empty correction keeps the
   generated caption. Read back by :func:`load_caption_corrections` (the captions stage).
 
@@ -20,10 +21,8 @@ reviewer rejected.
 
 from __future__ import annotations
 
-import base64
 import csv
 import difflib
-import html
 import io
 import json
 import os
@@ -33,19 +32,23 @@ import fsspec
 
 from ..manifests import OK, keep, manifest_rel, read_manifest, reject
 from ..pairing import pair_problem
+from ..review_page import image_data_uri, render_page
 from ..units import Context, Stage, Unit, chunk_units
 
 REVIEW = "review"
 CLIPS_PER_UNIT = 256
 DECISIONS = ("accept", "reject")
 AUTO_REVIEWER = "auto"
-SHEET_REL = "review/sheet.html"
+SHEET_REL = "review/index.html"
 TEMPLATE_REL = "review/decisions_template.csv"
 CAPTION_SHEET_REL = "review/captions.html"
 CAPTION_TEMPLATE_REL = "review/captions_template.csv"
 DECISION_COLUMNS = ("pair_key", "clip_name", "decision", "reason", "reviewer")
 CAPTION_COLUMNS = ("sample_key", "caption_generated", "caption_corrected", "reviewer")
-THUMBNAIL_SIDE = 512  # the sheet embeds every image: keep it loadable for ~2000 images
+
+
+class ReviewFileError(ValueError):
+    """A reviewer's file that cannot be used as it is; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ def _read_text(path: str) -> str:
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         raise FileNotFoundError(f"review file {path} does not exist")
-    return fs.cat_file(p).decode("utf-8-sig")  # spreadsheet programs often write a BOM
+    try:
+        return fs.cat_file(p).decode("utf-8-sig")  # spreadsheet programs often write a BOM
+    except UnicodeDecodeError as e:
+        raise ReviewFileError(f"review file {path} is not UTF-8 text (byte {e.start}): save it as CSV UTF-8") from None
 
 
 def read_records(path: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -84,15 +90,15 @@ def read_records(path: str, required: tuple[str, ...]) -> list[tuple[int, dict]]
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise ReviewFileError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object with {', '.join(required)}")
+                raise ReviewFileError(f"{path}:{n}: expected a JSON object with {', '.join(required)}")
             out.append((n, {k: "" if v is None else str(v) for k, v in rec.items()}))
         return out
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the header must include {', '.join(required)}")
+        raise ReviewFileError(f"{path}: missing column(s) {missing}; the header must include {', '.join(required)}")
     for rec in reader:
         out.append((reader.line_num, {k: (v or "") for k, v in rec.items() if k is not None}))
     return out
@@ -103,7 +109,7 @@ def _check_key(key: str, known: set[str], where: str, what: str) -> None:
         return
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{where}: unknown {what} {key!r} (not in this build){hint}")
+    raise ReviewFileError(f"{where}: unknown {what} {key!r} (not in this build){hint}")
 
 
 def load_decisions(paths: list[str], known_pair_keys: set[str]) -> dict[str, list[Decision]]:
@@ -119,12 +125,12 @@ def load_decisions(paths: list[str], known_pair_keys: set[str]) -> dict[str, lis
                 continue
             where = f"{path}:{line}"
             if not key:
-                raise ValueError(f"{where}: decision {raw!r} has no pair_key")
+                raise ReviewFileError(f"{where}: decision {raw!r} has no pair_key")
             _check_key(key, known, where, "pair_key")
             if not raw:
                 continue
             if raw.lower() not in DECISIONS:
-                raise ValueError(f"{where}: decision {raw!r} for {key} must be 'accept' or 'reject'")
+                raise ReviewFileError(f"{where}: decision {raw!r} for {key} must be 'accept' or 'reject'")
             reviewer = rec.get("reviewer", "").strip() or default_reviewer
             out.setdefault(key, []).append(
                 Decision(key, raw.lower(), " ".join(rec.get("reason", "").split()), reviewer, where))
@@ -166,13 +172,13 @@ def load_caption_corrections(paths: list[str], known_keys: set[str]) -> dict[str
             where = f"{path}:{line}"
             if not key:
                 if text:
-                    raise ValueError(f"{where}: correction {text[:40]!r} has no sample_key")
+                    raise ReviewFileError(f"{where}: correction {text[:40]!r} has no sample_key")
                 continue
             _check_key(key, known, where, "sample_key")
             if not text:
                 continue
             if key in out and out[key][0] != text:
-                raise ValueError(f"{where}: caption of {key} corrected differently at {out[key][1]}; keep one")
+                raise ReviewFileError(f"{where}: caption of {key} corrected differently at {out[key][1]}; keep one")
             out.setdefault(key, (text, where))
     return {k: v[0] for k, v in sorted(out.items())}
 
@@ -247,31 +253,9 @@ STAGE = Stage(
 )
 
 
-# -- sheets people read ---------------------------------------------------------------------------
-_STYLE = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:6px;vertical-align:top}img{max-width:360px;display:block}
-.missing{color:#b00}.key{font-family:monospace}"""
-
-
-def _image_html(ctx: Context, rel: str | None, alt: str) -> str:
-    if not rel:
-        return '<p class="missing">no image</p>'
-    try:
-        image = ctx.store.read_image(rel)
-    except Exception as e:  # noqa: BLE001 - one unreadable image must not stop the sheet
-        return f'<p class="missing">image unreadable: {html.escape(rel)} ({type(e).__name__})</p>'
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(alt)}">'
-
-
-def _page(title: str, intro: str, header: list[str], body: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n<p>{intro}</p>\n"
-            f"<table>\n<tr>{head}</tr>\n" + "\n".join(body) + "\n</table>\n</body></html>\n")
+# -- pages people click through (pab_build/review_page.py) -----------------------------------------
+def _so_far(decisions) -> str:
+    return "; ".join(f"{who}: {d}" + (f" ({why})" if why else "") for who, d, why in decisions or [])
 
 
 def _csv_text(columns: tuple[str, ...], rows: list[list]) -> str:
@@ -282,61 +266,61 @@ def _csv_text(columns: tuple[str, ...], rows: list[list]) -> str:
     return buf.getvalue()
 
 
+def _frames(ctx: Context) -> dict[str, dict]:
+    if not ctx.store.exists(manifest_rel("frames")):
+        return {}
+    return {r["sample_key"]: r for r in read_manifest(ctx.store, "frames") if r["status"] == OK}
+
+
 def export_review_sheet(ctx: Context, items: list[dict]) -> tuple[str, str]:
-    """Write ``review/sheet.html`` and ``review/decisions_template.csv``; return their paths
+    """Write ``review/index.html`` (the page reviewers click through) and
+    ``review/decisions_template.csv`` (the same columns, for a spreadsheet); return their paths
     (relative to the output root)."""
+    frames = _frames(ctx)  # the OOPS! goal / went-wrong captions say which frame should be normal
     by_clip: dict[str, dict[str, dict]] = {}
     for it in items:
         by_clip.setdefault(it["clip_key"], {})[it["behavior"]] = it
-    body, template = [], []
+    page_items, template = [], []
     for clip_key in sorted(by_clip):
         pair = by_clip[clip_key]
         first = pair.get("normal") or pair.get("anomaly") or {}
-        cells = []
+        entry = {"key": clip_key, "clip_name": first.get("clip_name") or "", "cosine": first.get("cosine"),
+                 "so_far": _so_far(first.get("decisions"))}
         for behavior in ("normal", "anomaly"):
-            it = pair.get(behavior)
-            time = f"{it['time_s']:.2f} s" if it and it.get("time_s") is not None else "?"
-            cells.append(f"<td>{_image_html(ctx, it and it.get('image_path'), f'{clip_key} {behavior}')}"
-                         f"{behavior} at {time}</td>")
-        so_far = "<br>".join(html.escape(f"{who}: {d}" + (f" ({why})" if why else ""))
-                             for who, d, why in first.get("decisions") or []) or "none yet"
-        cosine = f"{first['cosine']:.4f}" if first.get("cosine") is not None else "?"
-        body.append(f'<tr id="{html.escape(clip_key)}"><td class="key">{html.escape(clip_key)}<br>'
-                    f"{html.escape(first.get('clip_name') or '')}</td>{''.join(cells)}"
-                    f"<td>{cosine}</td><td>{so_far}</td></tr>")
-        template.append([clip_key, first.get("clip_name") or "", "", "", ""])
-    intro = (f"{len(by_clip)} pairs. Keep a pair only if the left image shows normal behavior and the right "
-             f"one the anomaly. Fill in {html.escape(TEMPLATE_REL)} (decision: accept or reject, a reason when "
-             "rejecting, your name) and list it in review.decisions_files.")
-    page = _page("PAB test pairs: human verification", intro,
-                 ["pair_key / clip", "normal", "anomaly", "cosine", "decisions so far"], body)
+            it = pair.get(behavior) or {}
+            entry[behavior] = {"image": image_data_uri(ctx.store, it.get("image_path")), "time_s": it.get("time_s"),
+                               "caption": frames.get(it.get("sample_key"), {}).get("source_caption")}
+        page_items.append(entry)
+        template.append([clip_key, entry["clip_name"], "", "", ""])
+    help_text = (f"{len(page_items)} pairs. Keep a pair only if the left frame shows the OOPS! goal (normal behavior) "
+                 "and the right one what went wrong (the anomaly), of the same person. Accept: click or A. Reject: "
+                 "type a reason, then Enter, click or R. Arrows move. Decisions stay in this browser; Download "
+                 "decisions saves the CSV to list in review.decisions_files.")
+    page = render_page(kind="pairs", title="PAB test pairs: human verification", help_text=help_text,
+                       columns=DECISION_COLUMNS, file_stem="decisions", items=page_items)
     ctx.store.write_text(SHEET_REL, page)
     ctx.store.write_text(TEMPLATE_REL, _csv_text(DECISION_COLUMNS, template))
     return SHEET_REL, TEMPLATE_REL
 
 
 def export_caption_sheet(ctx: Context, rows: list[dict]) -> tuple[str, str]:
-    """Write ``review/captions.html`` (image beside its generated caption) and
+    """Write ``review/captions.html`` (image beside its generated caption, corrected in place) and
     ``review/captions_template.csv`` for caption QC; return their paths. ``rows`` are caption
     manifest rows; the images come from the frames manifest."""
-    frames = {}
-    if ctx.store.exists(manifest_rel("frames")):
-        frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames") if r["status"] == OK}
-    body, template = [], []
+    frames = _frames(ctx)
+    page_items, template = [], []
     for r in sorted(rows, key=lambda r: r["sample_key"]):
         key = r["sample_key"]
         generated = r.get("caption_generated") or ""
-        state = "ok" if r.get("status") == OK else f"rejected: {r.get('reason')}"
-        body.append(f'<tr id="{html.escape(key)}"><td class="key">{html.escape(key)}</td>'
-                    f"<td>{_image_html(ctx, frames.get(key, {}).get('image_path'), key)}</td>"
-                    f"<td>{html.escape(generated)}</td><td>{html.escape(r.get('caption') or '')}</td>"
-                    f"<td>{html.escape(state)}</td></tr>")
+        page_items.append({"key": key, "caption_generated": generated,
+                           "image": image_data_uri(ctx.store, frames.get(key, {}).get("image_path")),
+                           "status": "ok" if r.get("status") == OK else f"rejected: {r.get('reason')}"})
         template.append([key, generated, "", ""])
-    intro = (f"{len(rows)} captions. Where a caption is wrong, write the corrected caption in "
-             f"{html.escape(CAPTION_TEMPLATE_REL)} (leave it empty to keep the generated one) and list the "
-             "file in test_captions.qc_files.")
-    page = _page("PAB test captions: quality control", intro,
-                 ["sample_key", "image", "generated caption", "caption now", "status"], body)
+    help_text = (f"{len(rows)} captions. Where a caption is wrong, type the corrected caption (both texts are kept: "
+                 "the file holds the generated and the corrected one); leave it empty when it is right. Caption "
+                 "checked: click or Ctrl+Enter. Download decisions saves the CSV to list in test_captions.qc_files.")
+    page = render_page(kind="captions", title="PAB test captions: quality control", help_text=help_text,
+                       columns=CAPTION_COLUMNS, file_stem="captions-qc", items=page_items)
     ctx.store.write_text(CAPTION_SHEET_REL, page)
     ctx.store.write_text(CAPTION_TEMPLATE_REL, _csv_text(CAPTION_COLUMNS, template))
     return CAPTION_SHEET_REL, CAPTION_TEMPLATE_REL

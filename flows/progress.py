@@ -1,0 +1,156 @@
+"""The live progress display of ``pab run``: per stage, units done / total, rows ok / rejected,
+units per second, ETA and failed units, fed by ``pab_build.progress`` events.
+
+On a terminal it is a ``rich`` progress table drawn on the console Prefect logs to (so log lines
+scroll above it); elsewhere (CI logs, a pipe) a line per stage every ``LINE_EVERY_S`` and when the
+stage ends. Unless ``verbose``, Prefect's per-task lines (``Task run 'frames-unit-fd9' - Finished
+in state Completed()``) are kept off the console; they still reach the API and the UI.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+
+from pab_build.progress import PROGRESS_LOGGER, StageProgress
+
+LINE_EVERY_S = 10.0
+
+
+def stage_line(p: StageProgress, started: float) -> str:
+    """``frames: 3/5 units, rows 6 ok / 4 rejected, 0 failed, 0.40 units/s, ETA 5s``."""
+    from pab_build.status import duration_text
+
+    elapsed = max(p.at - started, 1e-6)
+    worked = p.done + p.failed  # skipped units cost nothing: they would inflate the rate
+    rate = worked / elapsed if worked else None
+    left = p.total - p.units_finished
+    eta = "done" if p.finished else (duration_text(left / rate) if rate else "-")
+    return (f"{p.stage}: {p.units_finished}/{p.total} units, rows {p.ok} ok / {p.rejected} rejected, "
+            f"{p.failed} failed, {'-' if rate is None else f'{rate:.2f}'} units/s, ETA {eta}")
+
+
+class _LinesTo(io.TextIOBase):
+    """A file whose complete lines are printed on a live ``console`` (above its bars)."""
+
+    def __init__(self, console, original):
+        self.console, self.original, self.pending = console, original, ""
+
+    def isatty(self) -> bool:  # Prefect's console keeps its colours when the real stream has them
+        return bool(getattr(self.original, "isatty", lambda: False)())
+
+    def write(self, text: str) -> int:
+        from rich.text import Text
+
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.console.print(Text.from_ansi(line), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class _HideTaskRunLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
+
+
+class ProgressDisplay(logging.Handler):
+    """``with ProgressDisplay(verbose=False): build_pab(...)``."""
+
+    def __init__(self, verbose: bool = False, console=None, live: bool | None = None):
+        super().__init__(logging.INFO)
+        self.verbose = verbose
+        self.console_handler = next((h for h in logging.getLogger().handlers
+                                     if type(h).__name__ == "PrefectConsoleHandler"), None)
+        if console is None:  # not Prefect's console: its theme lacks the progress bar's styles
+            from rich.console import Console
+
+            console = Console(file=sys.stderr)
+        self.console = console
+        self._prefect_file = None
+        self.live = console.is_terminal if live is None else live
+        self.started: dict[str, float] = {}
+        self.last_line: dict[str, float] = {}
+        self.latest: dict[str, StageProgress] = {}
+        self.bars = None
+        self.task_ids: dict[str, int] = {}
+        self.failed_seen: dict[str, int] = {}
+        self._hide = _HideTaskRunLines()
+
+    # -- context ---------------------------------------------------------------------------------
+    def __enter__(self) -> "ProgressDisplay":
+        if not self.verbose and self.console_handler is not None:
+            self.console_handler.addFilter(self._hide)
+        if self.live:
+            try:
+                self._start_bars()
+            except Exception:  # noqa: BLE001 - a display problem must never stop a build: print lines
+                logging.getLogger(__name__).warning("no live progress display; printing lines", exc_info=True)
+                self._stop_bars()
+                self.live = False
+        logging.getLogger(PROGRESS_LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(PROGRESS_LOGGER).removeHandler(self)
+        self._stop_bars()
+        if self.console_handler is not None:
+            self.console_handler.removeFilter(self._hide)
+
+    def _start_bars(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(),
+                             TextColumn("{task.completed:>6.0f}/{task.total:<6.0f} units"),
+                             TextColumn("{task.fields[rows]}"), TextColumn("{task.fields[rate]}"),
+                             TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
+                             console=self.console, transient=False)
+        self.bars.start()  # from here sys.stderr is the display's proxy: lines print above the bars
+        prefect_console = getattr(self.console_handler, "console", None)
+        if prefect_console is not None:  # Prefect's log lines go through the display, not across the bars
+            self._prefect_file = prefect_console.file
+            prefect_console.file = _LinesTo(self.console, self._prefect_file)
+
+    def _stop_bars(self) -> None:
+        if self._prefect_file is not None:
+            self.console_handler.console.file, self._prefect_file = self._prefect_file, None
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars = None
+
+    # -- events ----------------------------------------------------------------------------------
+    def emit(self, record: logging.LogRecord) -> None:
+        data = getattr(record, "pab_progress", None)
+        if not data:
+            return
+        try:
+            self.update(StageProgress(**data))
+        except Exception:  # noqa: BLE001 - a display problem must never stop a build
+            self.handleError(record)
+
+    def update(self, p: StageProgress) -> None:
+        self.started.setdefault(p.stage, p.at)
+        self.latest[p.stage] = p
+        if self.bars is not None:
+            fields = self._fields(p)
+            if p.stage not in self.task_ids:
+                self.task_ids[p.stage] = self.bars.add_task(p.stage, total=max(p.total, 1), **fields)
+            self.bars.update(self.task_ids[p.stage], completed=p.units_finished if p.total else 1, **fields)
+            return
+        now = time.monotonic()
+        due = now - self.last_line.get(p.stage, -LINE_EVERY_S) >= LINE_EVERY_S
+        if due or p.finished or p.failed > self.failed_seen.get(p.stage, 0):
+            self.last_line[p.stage] = now
+            self.console.print(stage_line(p, self.started[p.stage]), markup=False, highlight=False, soft_wrap=True)
+        self.failed_seen[p.stage] = p.failed
+
+    def _fields(self, p: StageProgress) -> dict:
+        elapsed = max(p.at - self.started[p.stage], 1e-6)
+        worked = p.done + p.failed
+        return {"rows": f"rows {p.ok} ok / {p.rejected} rejected",
+                "rate": f"{worked / elapsed:.2f} u/s" if worked else "- u/s",
+                "failed": f"[red]{p.failed} failed[/red]" if p.failed else "0 failed"}
