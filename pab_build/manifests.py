@@ -9,8 +9,10 @@ columns for people; this module is what the code writes and checks.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .store import Store
@@ -122,14 +124,68 @@ def manifest_rel(stage: str) -> str:
 
 
 def write_manifest(store: Store, stage: str, rows: list[dict]) -> pa.Table:
-    rows = sorted(rows, key=lambda r: r["sample_key"])
-    keys = [r["sample_key"] for r in rows]
-    if len(keys) != len(set(keys)):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"{stage}: duplicate sample_key in manifest: {dup}")
-    table = rows_to_table(stage, rows)
+    return write_manifest_table(store, stage, rows_to_table(stage, rows))
+
+
+def write_manifest_table(store: Store, stage: str, table: pa.Table) -> pa.Table:
+    """Write a stage's manifest: rows sorted by ``sample_key`` (unique), the stage's schema, in one
+    contiguous chunk (Parquet bytes depend on chunking, so equal rows give equal files)."""
+    table = conform(stage, table)
+    keys = table["sample_key"]
+    if not is_sorted(keys):
+        table = table.take(pc.sort_indices(keys))  # stable, byte order = Python's str order for UTF-8
+        keys = table["sample_key"]
+    if table.num_rows > 1:
+        same = pc.equal(keys.slice(1), keys.slice(0, table.num_rows - 1))
+        if pc.any(same).as_py():
+            dup = pc.unique(keys.slice(1).filter(same)).to_pylist()
+            raise ValueError(f"{stage}: duplicate sample_key in manifest: {sorted(dup)[:5]}")
+    table = table.combine_chunks()
     store.write_bytes(manifest_rel(stage), table_bytes(table))
     return table
+
+
+def conform(stage: str, table: pa.Table) -> pa.Table:
+    """``table`` with exactly the stage's schema (column order and types); an unknown column is a bug."""
+    sch = schema(stage)
+    if table.schema.equals(sch):
+        return table
+    extra = set(table.column_names) - set(sch.names)
+    if extra:
+        raise ValueError(f"{stage}: columns not in the manifest schema: {sorted(extra)}")
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in sch]
+    return pa.Table.from_arrays(cols, schema=sch)
+
+
+def is_sorted(keys: pa.ChunkedArray | pa.Array) -> bool:
+    n = len(keys)
+    return n < 2 or bool(pc.all(pc.less_equal(keys.slice(0, n - 1), keys.slice(1))).as_py())
+
+
+UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap
+UNIT_BLOCK = 2048  # unit files combined per block, so thousands of tiny tables never coexist
+
+
+def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
+    """The rows of a stage's unit files as one table sorted by ``sample_key``, without Python row
+    objects: files are read concurrently, each sorted, and the blocks concatenated in key order
+    (units of most stages cover disjoint key ranges, so no global sort is needed then)."""
+    sch = schema(stage)
+
+    def read(rel: str) -> pa.Table:
+        t = conform(stage, read_table(store, rel))
+        return t if is_sorted(t["sample_key"]) else t.take(pc.sort_indices(t["sample_key"]))
+
+    blocks: list[pa.Table] = []
+    with ThreadPoolExecutor(max_workers=UNIT_READ_THREADS) as pool:
+        for start in range(0, len(rels), UNIT_BLOCK):
+            tables = [t for t in pool.map(read, rels[start : start + UNIT_BLOCK]) if t.num_rows]
+            tables.sort(key=lambda t: t["sample_key"][0].as_py())
+            if tables:
+                blocks.append(pa.concat_tables(tables).combine_chunks())
+    blocks.sort(key=lambda t: t["sample_key"][0].as_py())
+    return pa.concat_tables(blocks) if blocks else sch.empty_table()
 
 
 def read_parquet_bytes(data: bytes) -> pa.Table:
@@ -142,9 +198,23 @@ def read_table(store: Store, rel: str) -> pa.Table:
     return read_parquet_bytes(store.read_bytes(rel))
 
 
-def read_manifest(store: Store, stage: str) -> list[dict]:
-    """All rows of a stage's manifest (ok and rejected)."""
-    return read_table(store, manifest_rel(stage)).to_pylist()
+def read_manifest_table(store: Store, stage: str, columns: list[str] | None = None,
+                        ok_only: bool = False) -> pa.Table:
+    """A stage's manifest as a table, with only ``columns`` read from the file (all when None) and
+    only ``status == ok`` rows when ``ok_only``."""
+    wanted = None if columns is None else list(dict.fromkeys([*columns, *(["status"] if ok_only else [])]))
+    with store.fs.open(store.path(manifest_rel(stage)), "rb") as f:
+        table = pq.read_table(f, columns=wanted, use_threads=False)  # see read_parquet_bytes
+    if ok_only:
+        table = table.filter(pc.equal(table["status"], OK))
+        if columns is not None and "status" not in columns:
+            table = table.drop_columns(["status"])
+    return table
+
+
+def read_manifest(store: Store, stage: str, columns: list[str] | None = None) -> list[dict]:
+    """All rows of a stage's manifest (ok and rejected), with only ``columns`` when given."""
+    return read_manifest_table(store, stage, columns).to_pylist()
 
 
 def ok_rows(store: Store, stage: str) -> list[dict]:

@@ -90,8 +90,8 @@ def run_train_shards_unit(ctx: Context, unit: Unit) -> list[dict]:
     return write_shard_unit(ctx, unit, "train")
 
 
-def finalize_train_shards(ctx: Context, rows: list[dict]) -> None:
-    finalize_shards(ctx, rows, "train")
+def finalize_train_shards(ctx: Context, table) -> None:
+    finalize_shards(ctx, table, "train")
 
 
 STAGE = Stage(
