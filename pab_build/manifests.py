@@ -191,7 +191,9 @@ def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
 def read_parquet_bytes(data: bytes) -> pa.Table:
     # use_threads=False: pyarrow's reader thread pool makes the interpreter abort at exit
     # ("terminate called without an active exception") on our CI machines, after the work is done
-    return pq.read_table(io.BytesIO(data), use_threads=False)
+    # ParquetFile, not read_table: a few times faster per small file (no dataset discovery), which
+    # counts when finalize reads 61k unit files
+    return pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
 
 
 def read_table(store: Store, rel: str) -> pa.Table:

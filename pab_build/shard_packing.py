@@ -21,11 +21,12 @@ from .shard_writer import (
     ATTRIBUTE_FIELDS,
     FILE_EXTENSIONS,
     SPLIT_MODELS,
-    build_shard,
+    ShardTooBig,
     member_bytes,
     sample_json,
     shard_rel,
     tar_bytes,
+    write_shard,
 )
 from .store import Store
 from .units import Context, Unit
@@ -225,21 +226,23 @@ def write_shard_unit(ctx: Context, unit: Unit, split: str) -> list[dict]:
     if not ok:
         return rows
     number = int(unit.unit_id)
-    samples = []
-    for it in ok:
-        members = {ext: ctx.store.read_bytes(it["files"][ext]) for ext in FILE_EXTENSIONS}
-        members["txt"] = it["txt"].encode("utf-8")
-        members["json"] = sample_json(it["json"])
-        samples.append((it["sample_key"], members))
-    data = build_shard(samples)
-    limit = ctx.cfg.shards.max_bytes_per_shard
-    if len(data) > limit:  # a source file grew between planning and now: plan again
-        raise RuntimeError(f"shard {unit.unit_id} came to {len(data)} bytes, over max_bytes_per_shard={limit}; "
-                           "source files changed since planning")
+
+    def samples():  # image files are copied in chunks: memory does not grow with the shard
+        for it in sorted(ok, key=lambda it: it["sample_key"]):
+            members = {ext: it["files"][ext] for ext in FILE_EXTENSIONS}
+            members["txt"] = it["txt"].encode("utf-8")
+            members["json"] = sample_json(it["json"])
+            yield it["sample_key"], members
+
     rel = shard_rel(split, number)
-    digest = ctx.store.write_bytes(rel, data)
+    limit = ctx.cfg.shards.max_bytes_per_shard
+    try:
+        size, digest = write_shard(ctx.store, rel, samples(), max_bytes=limit)
+    except ShardTooBig as e:  # a source file grew between planning and now: plan again
+        raise RuntimeError(f"shard {unit.unit_id}: {e} (max_bytes_per_shard); source files changed since planning"
+                           ) from None
     for it in ok:
         extra = {"hard_negative_key": it["json"]["hard_negative_key"]} if split == "train" else {}
-        fields = _row(it, split, shard=rel, shard_index=number, shard_bytes=len(data), shard_sha256=digest, **extra)
+        fields = _row(it, split, shard=rel, shard_index=number, shard_bytes=size, shard_sha256=digest, **extra)
         rows.append({"sample_key": it["sample_key"], "status": OK, "reason": None, **fields})
     return rows
