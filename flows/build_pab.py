@@ -18,8 +18,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.utilities.annotations import unmapped
 
+from flows.dispatch import Progress, dispatch_units, quiet_task_logs, window_size
 from pab_build.config import PABConfig, config_from_dict, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
@@ -88,21 +88,23 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
         retry_delay_seconds=cfg.run.retry_delay_s,
         tags=["gpu"] if stage.uses_gpu else ["cpu"],
     )
-    with _ray_resources(cfg, stage.uses_gpu):
-        futures = unit_task.map(unmapped(cfg), unmapped(out), unmapped(stage_name), units) if units else []
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    for i, (unit, fut) in enumerate(zip(units, futures), 1):
-        state = fut.wait() or fut.state
-        if state.is_completed():
+    tracker = Progress(stage_name, len(units), logger.info,
+                       on_update=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+
+    def on_done(unit: Unit, fut) -> None:
+        if fut.state.is_completed():
             counts[fut.result()] += 1
         else:
             err = fut.result(raise_on_failure=False)
             logger.warning("%s unit %s failed after retries: %s", stage_name, unit.unit_id, err)
             record_failed_unit(ctx, stage, unit, err if isinstance(err, BaseException) else str(err))
             counts["failed"] += 1
-        if i % max(1, len(units) // 20) == 0 or i == len(units):
-            update_progress_artifact(progress, 100.0 * i / len(units))
-            logger.info("%s: %d/%d units (%s)", stage_name, i, len(units), counts)
+        tracker.advance(str(counts))
+
+    with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs):
+        dispatch_units(lambda u: unit_task.submit(cfg, out, stage_name, u), units,
+                       window_size(cfg.run.max_workers), on_done)
     rows = finalize_stage(ctx, stage, units)
     result = {**counts, **status_counts(rows)}
     logger.info("%s finished: %s", stage_name, result)

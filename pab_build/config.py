@@ -67,6 +67,7 @@ class RunConfig(Section):
     unit_retries: int = Field(2, ge=0)  # Prefect retries of a failing unit before it is recorded as rejected
     retry_delay_s: float = Field(1.0, ge=0)
     trust_remote_code: bool = False  # never on unless the user opts in
+    log_unit_runs: bool = False  # Prefect's own lines for every unit's task run (61k units: off by default)
 
 
 class OopsConfig(Section):
