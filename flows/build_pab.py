@@ -19,7 +19,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows.dispatch import Progress, dispatch_units, quiet_task_logs, window_size
+from flows.dispatch import Progress, dispatch_units, quiet_task_logs, unit_submitter, window_size
 from pab_build.config import PABConfig, config_from_dict, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
@@ -102,9 +102,9 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
             counts["failed"] += 1
         tracker.advance(str(counts))
 
-    with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs):
-        dispatch_units(lambda u: unit_task.submit(cfg, out, stage_name, u), units,
-                       window_size(cfg.run.max_workers), on_done)
+    with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs), \
+            unit_submitter(cfg, out, stage_name, stage.uses_gpu, unit_task, logger.info) as submit:
+        dispatch_units(submit, units, window_size(cfg.run.max_workers), on_done)
     rows = finalize_stage(ctx, stage, units)
     result = {**counts, **status_counts(rows)}
     logger.info("%s finished: %s", stage_name, result)

@@ -15,8 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
+from pab_build.config import PABConfig
+from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
+from pab_build.models import release_models
 from pab_build.units import Unit
 
 WINDOW_PER_WORKER = 4
@@ -96,3 +101,44 @@ def dispatch_units(submit: Callable[[Unit], PrefectFuture], units: Sequence[Unit
             on_done(unit, fut)
             break
         fill()
+
+
+# -- GPU stages: one worker process per device (without Ray) ----------------------------------------
+_POOLS: dict[str, DevicePool] = {}  # the running stages' device pools (the thread runner shares the process)
+
+
+@task(name="unit", cache_policy=NO_CACHE)
+def run_unit_on_device_task(pool_key: str, out: str, stage_name: str, unit: Unit) -> str:
+    """One unit of a GPU stage, run by the next free device's worker process."""
+    return _POOLS[pool_key].run(out, stage_name, unit)
+
+
+@contextlib.contextmanager
+def unit_submitter(cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool, unit_task,
+                   log: Callable[[str], None]) -> Iterator[Callable[[Unit], PrefectFuture]]:
+    """``submit(unit)`` for the stage's units: the plain unit task, or, for a GPU stage over
+    several devices (``run.devices`` / every visible GPU), a task that hands the unit to a
+    per-device worker process. When the stage ends its models are released: the device workers
+    exit, and a GPU stage's models cached in this process are dropped (CUDA cache emptied)."""
+    try:
+        if not wants_device_workers(cfg, uses_gpu):
+            yield lambda u: unit_task.submit(cfg, out, stage_name, u)
+            return
+        devices = resolve_devices(cfg)
+        if cfg.run.max_workers < len(devices):
+            log(f"{stage_name}: run.max_workers={cfg.run.max_workers} threads keep only that many of "
+                f"{len(devices)} devices busy; set it to at least {len(devices)}")
+        pool_key = f"{out}/{stage_name}"
+        _POOLS[pool_key] = pool = DevicePool(cfg, devices)
+        task_ = run_unit_on_device_task.with_options(
+            name=unit_task.name, retries=unit_task.retries, retry_delay_seconds=unit_task.retry_delay_seconds,
+            tags=unit_task.tags)
+        try:
+            yield lambda u: task_.submit(pool_key, out, stage_name, u)
+        finally:
+            pool.close()
+            _POOLS.pop(pool_key, None)
+            log(f"{stage_name}: units per device worker {dict(pool.units_per_worker)}")
+    finally:
+        if uses_gpu:
+            release_models()
