@@ -219,8 +219,9 @@ def read_manifest(store: Store, stage: str, columns: list[str] | None = None) ->
     return read_manifest_table(store, stage, columns).to_pylist()
 
 
-def ok_rows(store: Store, stage: str) -> list[dict]:
-    return [r for r in read_manifest(store, stage) if r["status"] == OK]
+def ok_rows(store: Store, stage: str, columns: list[str] | None = None) -> list[dict]:
+    """The ok rows of a stage's manifest (filtered in Arrow), with only ``columns`` when given."""
+    return read_manifest_table(store, stage, columns, ok_only=True).to_pylist()
 
 
 def reject(item: dict, reason: str, **fields) -> dict:
