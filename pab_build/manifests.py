@@ -112,10 +112,14 @@ def rows_to_table(stage: str, rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=sch)
 
 
+def write_parquet(table: pa.Table, sink) -> None:
+    """Parquet with fixed writer settings, so equal tables (in one chunk) give equal bytes."""
+    pq.write_table(table, sink, compression="zstd", write_statistics=False, store_schema=False)
+
+
 def table_bytes(table: pa.Table) -> bytes:
-    """Parquet bytes with fixed writer settings, so equal tables give equal bytes."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", write_statistics=False, store_schema=False)
+    write_parquet(table, buf)
     return buf.getvalue()
 
 
@@ -140,8 +144,9 @@ def write_manifest_table(store: Store, stage: str, table: pa.Table) -> pa.Table:
         if pc.any(same).as_py():
             dup = pc.unique(keys.slice(1).filter(same)).to_pylist()
             raise ValueError(f"{stage}: duplicate sample_key in manifest: {sorted(dup)[:5]}")
-    table = table.combine_chunks()
-    store.write_bytes(manifest_rel(stage), table_bytes(table))
+    table = table.combine_chunks()  # a no-op for concat_unit_tables' result
+    with store.open_atomic(manifest_rel(stage)) as f:  # streamed: the file's bytes are never all in memory
+        write_parquet(table, f)
     return table
 
 
@@ -185,7 +190,15 @@ def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
             if tables:
                 blocks.append(pa.concat_tables(tables).combine_chunks())
     blocks.sort(key=lambda t: t["sample_key"][0].as_py())
-    return pa.concat_tables(blocks) if blocks else sch.empty_table()
+    if not blocks:
+        return sch.empty_table()
+    # one contiguous chunk per column (Parquet bytes depend on chunking), combined column by column
+    # and each column's blocks dropped at once, so the rows are never held twice
+    arrays = []
+    for name in sch.names:
+        arrays.append(pa.concat_arrays([b.column(name).chunk(0) for b in blocks]))
+        blocks = [b.drop_columns([name]) for b in blocks]
+    return pa.Table.from_arrays(arrays, schema=sch)
 
 
 def read_parquet_bytes(data: bytes) -> pa.Table:
