@@ -163,6 +163,11 @@ def conform(stage: str, table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=sch)
 
 
+def sorted_by_key(table: pa.Table) -> pa.Table:
+    """``table`` sorted by ``sample_key``; no copy when it already is (a manifest read as written)."""
+    return table if is_sorted(table["sample_key"]) else table.sort_by("sample_key")
+
+
 def is_sorted(keys: pa.ChunkedArray | pa.Array) -> bool:
     n = len(keys)
     return n < 2 or bool(pc.all(pc.less_equal(keys.slice(0, n - 1), keys.slice(1))).as_py())
@@ -221,7 +226,9 @@ def read_manifest_table(store: Store, stage: str, columns: list[str] | None = No
     with store.fs.open(store.path(manifest_rel(stage)), "rb") as f:
         table = pq.read_table(f, columns=wanted, use_threads=False)  # see read_parquet_bytes
     if ok_only:
-        table = table.filter(pc.equal(table["status"], OK))
+        ok = pc.equal(table["status"], OK)
+        if not pc.all(ok).as_py():  # filtering copies every column: only when something is rejected
+            table = table.filter(ok)
         if columns is not None and "status" not in columns:
             table = table.drop_columns(["status"])
     return table

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import model_path
-from ..manifests import read_manifest_table
+from ..manifests import read_manifest_table, sorted_by_key
 from ..openpose import (
     detect_items,
     generated_image_problem,
@@ -16,8 +16,8 @@ from ..units import Context, Stage, Unit, chunk_table_units
 
 # -- stage: gen_pose (generated training images) --------------------------------------------------
 def plan_gen_pose_units(ctx: Context) -> list[Unit]:
-    items = read_manifest_table(ctx.store, "generate", ["sample_key", "prompt_key", "image_path", "image_sha256"],
-                                ok_only=True).sort_by("sample_key")
+    columns = ["sample_key", "prompt_key", "image_path", "image_sha256"]
+    items = sorted_by_key(read_manifest_table(ctx.store, "generate", columns, ok_only=True))
     return chunk_table_units("gen_pose", items, ctx.cfg.gen_pose.images_per_unit)
 
 

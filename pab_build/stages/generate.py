@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
-from ..manifests import OK, read_manifest, read_manifest_table, reject
+from ..manifests import OK, read_manifest, read_manifest_table, reject, sorted_by_key
 from ..models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
 from ..units import Context, LazyItems, Stage, Unit
@@ -210,8 +210,8 @@ def plan_generate_units(ctx: Context) -> list[Unit]:
     capped), cut into units of ``images_per_unit`` consecutive indices of one prompt."""
     sec, seed = ctx.cfg.generate, ctx.cfg.run.seed
     check_image_size(sec)
-    prompts = read_manifest_table(ctx.store, "prompts", ["sample_key", "clip_key", "kind", "prompt"],
-                                  ok_only=True).sort_by("sample_key")
+    columns = ["sample_key", "clip_key", "kind", "prompt"]
+    prompts = sorted_by_key(read_manifest_table(ctx.store, "prompts", columns, ok_only=True))
     if sec.max_prompts is not None:
         prompts = prompts.slice(0, sec.max_prompts)
     units = []

@@ -7,14 +7,14 @@ from ..captions import (
     TRAIN_CAPTIONS,
     caption_unit,
 )
-from ..manifests import read_manifest_table
+from ..manifests import read_manifest_table, sorted_by_key
 from ..units import Context, Stage, Unit, chunk_table_units
 
 
 def plan_train_caption_units(ctx: Context) -> list[Unit]:
     # the columns of captions.image_item, read straight from the gen_pose manifest
-    items = read_manifest_table(ctx.store, "gen_pose", ["sample_key", "image_path", "image_sha256"],
-                                ok_only=True).sort_by("sample_key")
+    columns = ["sample_key", "image_path", "image_sha256"]
+    items = sorted_by_key(read_manifest_table(ctx.store, "gen_pose", columns, ok_only=True))
     return chunk_table_units(TRAIN_CAPTIONS, items, ctx.cfg.train_captions.images_per_unit)
 
 
