@@ -174,7 +174,8 @@ def is_sorted(keys: pa.ChunkedArray | pa.Array) -> bool:
 
 
 UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap
-UNIT_BLOCK = 2048  # unit files combined per block, so thousands of tiny tables never coexist
+UNIT_BLOCK = 256  # unit files combined per block: thousands of tiny tables never coexist, and a block
+# (held twice while it is combined) stays a small part of the manifest
 
 
 def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
@@ -203,6 +204,7 @@ def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
     for name in sch.names:
         arrays.append(pa.concat_arrays([b.column(name).chunk(0) for b in blocks]))
         blocks = [b.drop_columns([name]) for b in blocks]
+    pa.default_memory_pool().release_unused()  # hand the blocks' freed pages back to the OS now
     return pa.Table.from_arrays(arrays, schema=sch)
 
 
