@@ -195,6 +195,8 @@ def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
             tables.sort(key=lambda t: t["sample_key"][0].as_py())
             if tables:
                 blocks.append(pa.concat_tables(tables).combine_chunks())
+            del tables
+            pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages otherwise
     blocks.sort(key=lambda t: t["sample_key"][0].as_py())
     if not blocks:
         return sch.empty_table()
