@@ -18,9 +18,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.utilities.annotations import unmapped
 
 from flows.artifacts import build_artifact_key
+from flows.dispatch import Progress, dispatch_units, quiet_task_logs, unit_submitter, window_size
 from pab_build.config import PABConfig, load_config
 from pab_build.pipeline import get_stage, stages_until
 from pab_build.prepare import prepare_build
@@ -93,12 +93,12 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
         retry_delay_seconds=cfg.run.retry_delay_s,
         tags=["gpu"] if stage.uses_gpu else ["cpu"],
     )
-    with _ray_resources(cfg, stage.uses_gpu):
-        futures = unit_task.map(unmapped(cfg), unmapped(out), unmapped(stage_name), units) if units else []
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    for i, (unit, fut) in enumerate(zip(units, futures), 1):
-        state = fut.wait() or fut.state
-        if state.is_completed():
+    tracker = Progress(stage_name, len(units), logger.info,
+                       on_update=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+
+    def on_done(unit: Unit, fut) -> None:
+        if fut.state.is_completed():
             outcome = fut.result()
         else:
             err = fut.result(raise_on_failure=False)
@@ -107,9 +107,11 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
             outcome = "failed"
         counts[outcome] += 1
         reporter.unit_finished(unit.unit_id, outcome)
-        if i % max(1, len(units) // 20) == 0 or i == len(units):
-            update_progress_artifact(progress, 100.0 * i / len(units))
-            logger.info("%s: %d/%d units (%s)", stage_name, i, len(units), counts)
+        tracker.advance(str(counts))
+
+    with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs), \
+            unit_submitter(cfg, out, stage_name, stage.uses_gpu, unit_task, logger.info) as submit:
+        dispatch_units(submit, units, window_size(cfg.run.max_workers), on_done)
     rows = finalize_stage(ctx, stage, units)
     reporter.stage_finished()
     result = {**counts, **status_counts(rows)}

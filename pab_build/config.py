@@ -70,6 +70,10 @@ class RunConfig(Section):
     unit_retries: int = Field(2, ge=0)  # Prefect retries of a failing unit before it is recorded as rejected
     retry_delay_s: float = Field(1.0, ge=0)
     trust_remote_code: bool = False  # never on unless the user opts in
+    # devices GPU stages spread their units over, one worker process each (without Ray); None:
+    # every visible GPU when device is "cuda", else just `device`. [cpu, cpu] tests it on a CPU.
+    devices: list[str] | None = None
+    log_unit_runs: bool = False  # Prefect's own lines for every unit's task run (61k units: off by default)
 
 
 class OopsConfig(Section):

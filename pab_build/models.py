@@ -37,6 +37,30 @@ def cached_model(key: Hashable, load: Callable[[], T]) -> T:
     return _CACHE[key]  # type: ignore[return-value]
 
 
+def cached_keys() -> list[Hashable]:
+    """Keys of the models loaded in this process now."""
+    with _GUARD:
+        return list(_CACHE)
+
+
+def release_models() -> int:
+    """Drop every cached model of this process and return CUDA's cached blocks, so the next
+    stage's models get the memory (Qwen2-VL-7B and SDXL together do not fit a 24 GB card).
+    Returns how many models were released."""
+    import gc
+
+    with _GUARD:
+        n = len(_CACHE)
+        _CACHE.clear()
+        _LOCKS.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if n:
+        log.info("released %d model(s) in process %d", n, os.getpid())
+    return n
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 

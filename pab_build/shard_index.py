@@ -19,7 +19,10 @@ from fractions import Fraction
 from typing import Any
 
 from .config import REPO_ROOT
-from .manifests import OK, manifest_rel, read_manifest
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .manifests import OK, manifest_rel, read_manifest, read_manifest_table
 from .shard_writer import EXTENSIONS, SPLITS, key_problem
 from .store import Store
 from .units import Context
@@ -56,10 +59,32 @@ def ratio_text(normal: int, anomaly: int) -> str:
     return f"~{approx.numerator}:{approx.denominator}"
 
 
-def split_section(split: str, rows: list[dict]) -> dict:
-    """The index entry of one split, from its shard manifest rows."""
+INDEX_COLUMNS = ["sample_key", "status", "shard", "shard_bytes", "shard_sha256", "behavior"]
+
+
+def _shards_of_table(table: pa.Table) -> tuple[dict[str, dict], int, int]:
+    """Per shard (samples, bytes, sha256) and the behavior counts of a shard manifest's ok rows,
+    aggregated in Arrow (a training manifest has a million rows)."""
+    ok = table.select(INDEX_COLUMNS).filter(pc.equal(table["status"], OK))
+    per_shard = ok.group_by("shard", use_threads=False).aggregate(
+        [("sample_key", "count"), ("shard_bytes", "first"), ("shard_sha256", "first")])
+    shards = {}
+    for r in per_shard.to_pylist():
+        path = r["shard"].removeprefix("shards/")
+        shards[path] = {"path": path, "samples": r["sample_key_count"], "bytes": r["shard_bytes_first"],
+                        "sha256": r["shard_sha256_first"]}
+    behavior = ok["behavior"]
+    count = (lambda b: pc.sum(pc.equal(behavior, b)).as_py() or 0)
+    return shards, count("normal"), count("anomaly")
+
+
+def split_section(split: str, rows: "list[dict] | pa.Table") -> dict:
+    """The index entry of one split, from its shard manifest (a table, or rows)."""
     shards: dict[str, dict] = {}
     normal = anomaly = 0
+    if isinstance(rows, pa.Table):
+        shards, normal, anomaly = _shards_of_table(rows)
+        rows = []
     for r in rows:
         if r["status"] != OK:
             continue
@@ -84,7 +109,7 @@ def split_section(split: str, rows: list[dict]) -> dict:
     }
 
 
-def update_shard_index(store: Store, split: str, rows: list[dict]) -> dict:
+def update_shard_index(store: Store, split: str, rows: "list[dict] | pa.Table") -> dict:
     """Rewrite ``shards/index.json`` with ``split`` from ``rows`` and the other split from its
     manifest (or, without one, from the index already there)."""
     with _index_lock:
@@ -99,7 +124,7 @@ def update_shard_index(store: Store, split: str, rows: list[dict]) -> dict:
             if s == split:
                 sections[s] = split_section(s, rows)
             elif store.exists(manifest_rel(f"{s}_shards")):
-                sections[s] = split_section(s, read_manifest(store, f"{s}_shards"))
+                sections[s] = split_section(s, read_manifest_table(store, f"{s}_shards", INDEX_COLUMNS))
             elif s in old:
                 sections[s] = old[s]
         index = {"format": FORMAT, "format_version": FORMAT_VERSION, "splits": sections}
@@ -107,10 +132,13 @@ def update_shard_index(store: Store, split: str, rows: list[dict]) -> dict:
         return index
 
 
-def remove_stale_shards(store: Store, split: str, rows: list[dict]) -> list[str]:
+def remove_stale_shards(store: Store, split: str, rows: "list[dict] | pa.Table") -> list[str]:
     """Delete this split's shard files that no ok row references (left by an earlier, larger
     build); only names this stage writes are touched."""
-    keep = {r["shard"] for r in rows if r["status"] == OK}
+    if isinstance(rows, pa.Table):
+        keep = set(pc.unique(rows.filter(pc.equal(rows["status"], OK))["shard"]).to_pylist())
+    else:
+        keep = {r["shard"] for r in rows if r["status"] == OK}
     removed = []
     for name in store.listdir(f"shards/{split}"):
         rel = f"shards/{split}/{name}"
@@ -122,7 +150,7 @@ def remove_stale_shards(store: Store, split: str, rows: list[dict]) -> list[str]
     return removed
 
 
-def finalize_shards(ctx: Context, rows: list[dict], split: str) -> None:
+def finalize_shards(ctx: Context, rows: "list[dict] | pa.Table", split: str) -> None:
     remove_stale_shards(ctx.store, split, rows)
     update_shard_index(ctx.store, split, rows)
 

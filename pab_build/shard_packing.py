@@ -9,29 +9,44 @@ the source file sizes.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Iterable
+import os
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import model_id
-from .manifests import OK, keep, manifest_rel, read_manifest, reject
+from .manifests import OK, keep, manifest_rel, read_manifest, read_manifest_table, reject
 from .shard_writer import (
     ATTRIBUTE_FIELDS,
     FILE_EXTENSIONS,
     SPLIT_MODELS,
-    build_shard,
+    ShardTooBig,
     member_bytes,
     sample_json,
     shard_rel,
     tar_bytes,
+    write_shard,
 )
 from .store import Store
 from .units import Context, Unit
 
 
 # -- planning ---------------------------------------------------------------------------------
-def rows_by_key(store: Store, stage: str, needed_by: str) -> dict[str, dict]:
+def _require(store: Store, stage: str, needed_by: str) -> None:
     if not store.exists(manifest_rel(stage)):
         raise FileNotFoundError(f"{needed_by} needs {manifest_rel(stage)}: run the {stage} stage first")
+
+
+def rows_by_key(store: Store, stage: str, needed_by: str) -> dict[str, dict]:
+    _require(store, stage, needed_by)
     return {r["sample_key"]: r for r in read_manifest(store, stage)}
+
+
+def read_upstream(store: Store, stage: str, columns: list[str], needed_by: str) -> pa.Table:
+    """``columns`` of the ok rows of an upstream manifest the planner of ``needed_by`` joins."""
+    _require(store, stage, needed_by)
+    return read_manifest_table(store, stage, columns, ok_only=True)
 
 
 def ok_row(rows: dict[str, dict], key: str) -> dict | None:
@@ -39,30 +54,69 @@ def ok_row(rows: dict[str, dict], key: str) -> dict | None:
     return row if row is not None and row["status"] == OK else None
 
 
-def _file_sizes(store: Store, rels: Iterable[str]) -> dict[str, int]:
-    """Sizes of files (relative paths) that exist: one recursive listing per top-level folder
-    (one request per 1000 objects on object stores) instead of one stat per file."""
-    rels = set(rels)
-    listed: dict[str, int] = {}
-    for top in sorted({r.split("/", 1)[0] for r in rels}):
-        base = store.path(top)
-        if not store.fs.exists(base):
+def _walk_sizes(store: Store, top: str) -> Iterator[tuple[list[str], list[int]]]:
+    """(relative paths, sizes) of the files under ``top``, one folder at a time: a local disk is
+    scanned with ``os.scandir``, an object store listed folder by folder (never one dict of
+    millions of entries)."""
+    base = store.path(top)
+    if store.is_local:
+        stack = [base]
+        while stack:
+            folder = stack.pop()
+            rels, sizes = [], []
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file():
+                        rels.append(e.path[len(store.root) + 1:])
+                        sizes.append(e.stat().st_size)
+            yield rels, sizes
+        return
+    prefix = store.root + "/"
+    for folder, _dirs, files in store.fs.walk(base, detail=True):
+        rels = [f"{folder}/{name}".removeprefix(prefix) for name in files]
+        yield rels, [int(info["size"]) for info in files.values()]
+
+
+def list_file_sizes(store: Store, tops: list[str]) -> pa.Table:
+    """``path`` (relative) and ``size`` of every file under the top-level folders ``tops``."""
+    paths, sizes = [], []
+    for top in tops:
+        if not store.fs.exists(store.path(top)):
             continue
-        for path, info in store.fs.find(base, detail=True).items():
-            listed[path] = int(info["size"])
-    sizes = {}
-    for rel in rels:
-        size = listed.get(store.path(rel))
-        if size is None:  # a listing that spells paths differently: ask for this one
-            try:
-                size = int(store.fs.size(store.path(rel)))
-            except (FileNotFoundError, OSError, ValueError):
-                continue
-        sizes[rel] = size
-    return sizes
+        for rels, folder_sizes in _walk_sizes(store, top):
+            paths.append(pa.array(rels, pa.string()))
+            sizes.append(pa.array(folder_sizes, pa.int64()))
+    return pa.table({"path": pa.chunked_array(paths, pa.string()), "size": pa.chunked_array(sizes, pa.int64())})
 
 
-def _path_problem(store: Store, rel: Any) -> bool:
+def file_size_table(store: Store, rels: pa.Array) -> pa.Table:
+    """``path`` and ``size`` of those of ``rels`` (relative paths, unique) that exist: one
+    listing per top-level folder (a request per 1000 objects on object stores) instead of one
+    stat per file; a path the listing spells differently is asked for on its own."""
+    first = pc.list_element(pc.split_pattern(rels, "/", max_splits=1), 0)
+    tops = sorted(t for t in pc.unique(first).to_pylist() if t)
+    listed = list_file_sizes(store, tops)
+    listed = listed.filter(pc.is_in(listed["path"], value_set=rels))
+    unlisted = pc.filter(rels, pc.invert(pc.is_in(rels, value_set=listed["path"].combine_chunks())))
+    extra_paths, extra_sizes = [], []
+    for rel in unlisted.to_pylist():
+        try:
+            extra_sizes.append(int(store.fs.size(store.path(rel))))
+            extra_paths.append(rel)
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+    extra = pa.table({"path": pa.array(extra_paths, pa.string()), "size": pa.array(extra_sizes, pa.int64())})
+    return pa.concat_tables([listed, extra]).combine_chunks()
+
+
+def _file_sizes(store: Store, rels: Iterable[str]) -> dict[str, int]:
+    table = file_size_table(store, pa.array(sorted(set(rels)), pa.string()))
+    return dict(zip(table["path"].to_pylist(), table["size"].to_pylist()))
+
+
+def path_problem(store: Store, rel: Any) -> bool:
     if not isinstance(rel, str) or not rel.strip("/"):
         return True
     try:
@@ -76,7 +130,7 @@ def attach_file_sizes(store: Store, items: list[dict]) -> None:
     """Record each source file's size (it counts towards the shard bound, and in the unit's input
     hash); an item whose file is missing is rejected."""
     for it in items:
-        if "reject" not in it and (bad := [p for p in it["files"].values() if _path_problem(store, p)]):
+        if "reject" not in it and (bad := [p for p in it["files"].values() if path_problem(store, p)]):
             it["reject"] = f"unsafe file path(s) in the manifests: {', '.join(map(repr, bad))}"
     sizes = _file_sizes(store, (it["files"][e] for it in items if "reject" not in it for e in FILE_EXTENSIONS))
     for it in items:
@@ -172,21 +226,23 @@ def write_shard_unit(ctx: Context, unit: Unit, split: str) -> list[dict]:
     if not ok:
         return rows
     number = int(unit.unit_id)
-    samples = []
-    for it in ok:
-        members = {ext: ctx.store.read_bytes(it["files"][ext]) for ext in FILE_EXTENSIONS}
-        members["txt"] = it["txt"].encode("utf-8")
-        members["json"] = sample_json(it["json"])
-        samples.append((it["sample_key"], members))
-    data = build_shard(samples)
-    limit = ctx.cfg.shards.max_bytes_per_shard
-    if len(data) > limit:  # a source file grew between planning and now: plan again
-        raise RuntimeError(f"shard {unit.unit_id} came to {len(data)} bytes, over max_bytes_per_shard={limit}; "
-                           "source files changed since planning")
+
+    def samples():  # image files are copied in chunks: memory does not grow with the shard
+        for it in sorted(ok, key=lambda it: it["sample_key"]):
+            members = {ext: it["files"][ext] for ext in FILE_EXTENSIONS}
+            members["txt"] = it["txt"].encode("utf-8")
+            members["json"] = sample_json(it["json"])
+            yield it["sample_key"], members
+
     rel = shard_rel(split, number)
-    digest = ctx.store.write_bytes(rel, data)
+    limit = ctx.cfg.shards.max_bytes_per_shard
+    try:
+        size, digest = write_shard(ctx.store, rel, samples(), max_bytes=limit)
+    except ShardTooBig as e:  # a source file grew between planning and now: plan again
+        raise RuntimeError(f"shard {unit.unit_id}: {e} (max_bytes_per_shard); source files changed since planning"
+                           ) from None
     for it in ok:
         extra = {"hard_negative_key": it["json"]["hard_negative_key"]} if split == "train" else {}
-        fields = _row(it, split, shard=rel, shard_index=number, shard_bytes=len(data), shard_sha256=digest, **extra)
+        fields = _row(it, split, shard=rel, shard_index=number, shard_bytes=size, shard_sha256=digest, **extra)
         rows.append(keep(it, **fields))
     return rows

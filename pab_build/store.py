@@ -11,6 +11,7 @@ written in one call.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -18,7 +19,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -102,11 +103,32 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write ``data`` to ``rel`` atomically (see module docstring); returns its sha256, which
         manifests record so that later units' input hashes follow the content."""
-        target = self.path(rel)
         digest = hashlib.sha256(data).hexdigest()
         if not self.is_local:
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(self.path(rel), data)
             return digest
+        with self.open_atomic(rel) as f:
+            f.write(data)
+        return digest
+
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary file to stream ``rel`` into, visible only once the block ends without error.
+        Locally: a temporary file beside the target, fsynced and renamed over it. On object
+        stores: fsspec's buffered writer (a multipart upload for large files), completed when the
+        block ends and discarded (where the filesystem can abort an upload) when it raises."""
+        target = self.path(rel)
+        if not self.is_local:
+            f = self.fs.open(target, "wb")
+            try:
+                yield f
+            except BaseException:
+                discard = getattr(f, "discard", None)
+                if discard is not None:
+                    discard()
+                raise
+            f.close()
+            return
         folder, name = os.path.split(target)
         os.makedirs(folder, exist_ok=True)
         with _tmp_lock:
@@ -114,7 +136,7 @@ class Store:
         tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{n}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -122,7 +144,6 @@ class Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        return digest
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))

@@ -26,14 +26,16 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from .config import PABConfig, stable_hash
 from .manifests import (
     OK,
     REJECTED,
-    read_table,
+    concat_unit_tables,
     rows_to_table,
     table_bytes,
-    write_manifest,
+    write_manifest_table,
 )
 from .store import Marker, Store
 
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 class Unit:
     stage: str
     unit_id: str  # zero-padded, e.g. "000012", or "<prompt_key>-003"
-    items: tuple[dict, ...]  # JSON-serialisable input records, each with a "sample_key"
+    # JSON-serialisable input records, each with a "sample_key"; a tuple, or LazyItems made on demand
+    items: "tuple[dict, ...] | LazyItems"
 
     @property
     def input_hash(self) -> str:
@@ -72,8 +75,9 @@ class Stage:
     """A stage: how to split its inputs into units, and how to run one unit.
 
     ``plan_units(ctx)`` reads upstream manifests and returns the units; ``run_unit(ctx, unit)``
-    returns exactly one manifest row per item. ``finalize(ctx, rows)``, if given, runs after the
-    manifest is written (e.g. to write the review sheet or a shard index).
+    returns exactly one manifest row per item. ``finalize(ctx, table)``, if given, runs after the
+    manifest is written, with the manifest as a ``pyarrow.Table`` (e.g. to write the review sheet
+    or a shard index).
     """
 
     name: str
@@ -82,7 +86,7 @@ class Stage:
     config_keys: tuple[str, ...]  # config sections this stage's outputs depend on
     version: str = "1"  # bump when the stage's logic changes its outputs
     uses_gpu: bool = False
-    finalize: Callable[[Context, list[dict]], None] | None = None
+    finalize: Callable[[Context, pa.Table], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # data the stage reads besides its config: file paths (their content is hashed) or functions
     # returning a fingerprint (e.g. of WordNet); editing one redoes this stage, not source comments
@@ -122,6 +126,61 @@ def chunk_units(stage: str, items: list[dict], size: int, group_key: str | None 
         chunk = [it for g in groups[start : start + size] for it in g]
         units.append(Unit(stage, f"{n:06d}", tuple(chunk)))
     return units
+
+
+class LazyItems:
+    """A unit's items, made only when the unit runs (or is hashed): at the paper's scale a plan
+    holds 61k units of 1.5M items, which as dicts alone would take gigabytes in the flow process.
+
+    ``make()`` returns the item dicts (e.g. a ``functools.partial`` over a slice of a shared Arrow
+    table); ``n`` is how many. Pickled (Ray), it becomes the plain tuple of dicts.
+    """
+
+    __slots__ = ("_make", "_n")
+
+    def __init__(self, make: Callable[[], list[dict]], n: int):
+        self._make, self._n = make, n
+
+    def __iter__(self):
+        return iter(self._make())
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return tuple(self._make())[i]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (tuple, LazyItems)) and tuple(self) == tuple(other)
+
+    __hash__ = None  # like the tuple of dicts it stands for
+
+    def __reduce__(self):
+        return (tuple, (tuple(self._make()),))
+
+    def __repr__(self) -> str:
+        return f"LazyItems({self._n} items)"
+
+
+def table_rows(table: pa.Table, start: int, stop: int, to_item: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Rows ``start:stop`` of ``table`` as dicts (through ``to_item`` when given)."""
+    rows = table.slice(start, stop - start).to_pylist()
+    return [to_item(r) for r in rows] if to_item is not None else rows
+
+
+def chunk_table_units(stage: str, table: pa.Table, size: int, to_item: Callable[[dict], dict] | None = None,
+                      bounds: list[int] | None = None) -> list[Unit]:
+    """Like :func:`chunk_units` for items already sorted in an Arrow table (one row per item):
+    units of ``size`` rows, or between the row offsets ``bounds`` when given, numbered
+    ``000000``, ... Items stay in the table until a unit runs (:class:`LazyItems`)."""
+    from functools import partial
+
+    n = table.num_rows
+    if bounds is None:
+        bounds = list(range(0, n, max(1, size)))
+    edges = [*bounds, n]
+    return [Unit(stage, f"{i:06d}", LazyItems(partial(table_rows, table, a, b, to_item), b - a))
+            for i, (a, b) in enumerate(zip(edges, edges[1:]))]
 
 
 def unit_is_done(ctx: Context, stage: Stage, unit: Unit) -> bool:
@@ -194,15 +253,15 @@ def record_failed_unit(ctx: Context, stage: Stage, unit: Unit, error: BaseExcept
     )
 
 
-def finalize_stage(ctx: Context, stage: Stage, units: list[Unit]) -> list[dict]:
-    """Concatenate the planned units' rows into ``manifests/<stage>.parquet`` (sorted by key)."""
-    rows: list[dict] = []
-    for u in units:
-        rows.extend(read_table(ctx.store, Store.unit_rows_rel(stage.name, u.unit_id)).to_pylist())
-    write_manifest(ctx.store, stage.name, rows)
+def finalize_stage(ctx: Context, stage: Stage, units: list[Unit]) -> pa.Table:
+    """Concatenate the planned units' rows into ``manifests/<stage>.parquet`` (sorted by key), in
+    Arrow from file to file; returns the manifest table."""
+    rels = [Store.unit_rows_rel(stage.name, u.unit_id) for u in units]
+    table = concat_unit_tables(ctx.store, stage.name, rels)
+    write_manifest_table(ctx.store, stage.name, table)
     if stage.finalize is not None:
-        stage.finalize(ctx, rows)
-    return rows
+        stage.finalize(ctx, table)
+    return table
 
 
 def run_stage(ctx: Context, stage: Stage, retries: int | None = None) -> dict[str, int]:
@@ -224,6 +283,11 @@ def run_stage(ctx: Context, stage: Stage, retries: int | None = None) -> dict[st
     return counts
 
 
-def status_counts(rows: list[dict]) -> dict[str, int]:
+def status_counts(rows: "list[dict] | pa.Table") -> dict[str, int]:
+    if isinstance(rows, pa.Table):
+        import pyarrow.compute as pc
+
+        ok = pc.sum(pc.equal(rows["status"], OK)).as_py() or 0
+        return {"ok": ok, "rejected": rows.num_rows - ok}
     ok = sum(1 for r in rows if r["status"] == OK)
     return {"ok": ok, "rejected": len(rows) - ok}

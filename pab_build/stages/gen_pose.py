@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import model_path
-from ..manifests import ok_rows
+from ..manifests import read_manifest_table, sorted_by_key
 from ..openpose import (
     detect_items,
     generated_image_problem,
@@ -11,15 +11,14 @@ from ..openpose import (
     pose_row,
     write_pose_map,
 )
-from ..units import Context, Stage, Unit, chunk_units
+from ..units import Context, Stage, Unit, chunk_table_units
 
 
 # -- stage: gen_pose (generated training images) --------------------------------------------------
 def plan_gen_pose_units(ctx: Context) -> list[Unit]:
-    items = [{"sample_key": r["sample_key"], "prompt_key": r["prompt_key"],
-              "image_path": r["image_path"], "image_sha256": r["image_sha256"]}
-             for r in sorted(ok_rows(ctx.store, "generate"), key=lambda r: r["sample_key"])]
-    return chunk_units("gen_pose", items, ctx.cfg.gen_pose.images_per_unit)
+    columns = ["sample_key", "prompt_key", "image_path", "image_sha256"]
+    items = sorted_by_key(read_manifest_table(ctx.store, "generate", columns, ok_only=True))
+    return chunk_table_units("gen_pose", items, ctx.cfg.gen_pose.images_per_unit)
 
 
 def run_gen_pose_unit(ctx: Context, unit: Unit) -> list[dict]:

@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import threading
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,10 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
-from ..manifests import keep, ok_rows, read_manifest, reject
+from ..manifests import keep, read_manifest, read_manifest_table, reject, sorted_by_key
 from ..models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
-from ..units import Context, Stage, Unit
+from ..units import Context, LazyItems, Stage, Unit
 
 log = logging.getLogger(__name__)
 
@@ -203,20 +204,26 @@ def plan_generate_units(ctx: Context) -> list[Unit]:
     capped), cut into units of ``images_per_unit`` consecutive indices of one prompt."""
     sec, seed = ctx.cfg.generate, ctx.cfg.run.seed
     check_image_size(sec)
-    prompts = sorted(ok_rows(ctx.store, "prompts"), key=lambda r: r["sample_key"])
+    columns = ["sample_key", "clip_key", "kind", "prompt"]
+    prompts = sorted_by_key(read_manifest_table(ctx.store, "prompts", columns, ok_only=True))
     if sec.max_prompts is not None:
-        prompts = prompts[: sec.max_prompts]
+        prompts = prompts.slice(0, sec.max_prompts)
     units = []
-    for p in prompts:
+    n, size = sec.images_per_caption, sec.images_per_unit
+    for p in prompts.to_pylist():  # one small dict per prompt; the 75 items per prompt are made per unit
         pk = p["sample_key"]
-        items = [
-            {"sample_key": image_key(pk, i), "prompt_key": pk, "clip_key": p.get("clip_key"), "kind": p.get("kind"),
-             "prompt": p.get("prompt"), "index": i, "seed": image_seed(seed, pk, i)}
-            for i in range(sec.images_per_caption)
-        ]
-        for chunk, start in enumerate(range(0, len(items), sec.images_per_unit)):
-            units.append(Unit(GENERATE, f"{pk}-{chunk:03d}", tuple(items[start : start + sec.images_per_unit])))
+        for chunk, start in enumerate(range(0, n, size)):
+            stop = min(n, start + size)
+            make = partial(prompt_items, pk, p["clip_key"], p["kind"], p["prompt"], seed, start, stop)
+            units.append(Unit(GENERATE, f"{pk}-{chunk:03d}", LazyItems(make, stop - start)))
     return units
+
+
+def prompt_items(pk: str, clip_key: str | None, kind: str | None, prompt: str | None, seed: int, start: int,
+                 stop: int) -> list[dict]:
+    """The items of images ``start:stop`` of prompt ``pk``."""
+    return [{"sample_key": image_key(pk, i), "prompt_key": pk, "clip_key": clip_key, "kind": kind,
+             "prompt": prompt, "index": i, "seed": image_seed(seed, pk, i)} for i in range(start, stop)]
 
 
 def _row_fields(it: dict, cfg: PABConfig) -> dict[str, Any]:

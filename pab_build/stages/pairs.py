@@ -20,7 +20,8 @@ from ..units import Context, Stage, Unit, chunk_units
 def plan_pairs_units(ctx: Context) -> list[Unit]:
     items = [{"sample_key": r["sample_key"], "clip_key": r["clip_key"], "behavior": r["behavior"],
               "image_path": r["image_path"], "image_sha256": r["image_sha256"]}
-             for r in sorted(ok_rows(ctx.store, "pose"), key=lambda r: r["sample_key"])]
+             for r in sorted(ok_rows(ctx.store, "pose", ["sample_key", "clip_key", "behavior", "image_path",
+                                                          "image_sha256"]), key=lambda r: r["sample_key"])]
     return chunk_units("pairs", items, ctx.cfg.pairs.clips_per_unit, group_key="clip_key")
 
 

@@ -24,7 +24,8 @@ def _counterpart_behavior(behavior: str) -> str:
 def plan_pose_units(ctx: Context) -> list[Unit]:
     """Kept frames, a clip's two frames in the same unit. A frame whose counterpart frames did not
     keep carries that reason, so it is rejected without running OpenPose."""
-    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
+    columns = ["sample_key", "status", "reason", "clip_key", "behavior", "image_path", "image_sha256"]
+    frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames", columns)}
     items = []
     for key in sorted(k for k, r in frames.items() if r["status"] == OK):
         r = frames[key]

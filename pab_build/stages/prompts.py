@@ -44,7 +44,7 @@ def _test_set_clip_keys(ctx: Context) -> set[str]:
             f"prompts.exclude_test_clips is on but {rel} is missing: build the test set first "
             "(stages frames .. test_shards), or set prompts.exclude_test_clips=false"
         )
-    return {r["sample_key"].rsplit("-", 1)[0] for r in ok_rows(ctx.store, "test_shards")}
+    return {r["sample_key"].rsplit("-", 1)[0] for r in ok_rows(ctx.store, "test_shards", ["sample_key"])}
 
 
 def plan_prompt_units(ctx: Context) -> list[Unit]:

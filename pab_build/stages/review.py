@@ -238,8 +238,8 @@ def run_review_unit(ctx: Context, unit: Unit) -> list[dict]:
     return [rows[k] for k in unit.sample_keys]
 
 
-def write_review_sheet_after(ctx: Context, rows: list[dict]) -> None:
-    del rows  # the sheet is built from the planned items, which hold the decisions so far
+def write_review_sheet_after(ctx: Context, table) -> None:
+    del table  # the sheet is built from the planned items, which hold the decisions so far
     export_review_sheet(ctx, plan_review_items(ctx))
 
 

@@ -14,9 +14,10 @@ from ..units import Context, Stage, Unit, chunk_units
 # -- planning -------------------------------------------------------------------------------------
 def plan_test_attribute_units(ctx: Context) -> list[Unit]:
     """Test images with an accepted caption; C is the OOPS! caption stored with the frame."""
-    frames = {r["sample_key"]: r for r in ok_rows(ctx.store, "frames")}
+    columns = ["sample_key", "image_path", "image_sha256", "behavior", "source_caption"]
+    frames = {r["sample_key"]: r for r in ok_rows(ctx.store, "frames", columns)}
     items = []
-    for r in ok_rows(ctx.store, "test_captions"):
+    for r in ok_rows(ctx.store, "test_captions", ["sample_key"]):
         f = frames.get(r["sample_key"], {})
         items.append({
             "sample_key": r["sample_key"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ..captions import (
     CAPTION_STAGE_VERSION,
     TEST_CAPTIONS,
@@ -35,9 +37,10 @@ def run_test_caption_unit(ctx: Context, unit: Unit) -> list[dict]:
     return caption_unit(ctx, unit, ctx.cfg.test_captions, "no frame image for this sample in the frames manifest")
 
 
-def export_test_caption_sheet(ctx: Context, rows: list[dict]) -> None:
-    """After the manifest: the sheet people use for caption QC."""
-    export_caption_sheet(ctx, rows)
+def export_test_caption_sheet(ctx: Context, table: pa.Table) -> None:
+    """After the manifest: the sheet people use for caption QC (one HTML row per test image, so
+    per-row Python is the sheet's own size)."""
+    export_caption_sheet(ctx, table.to_pylist())
 
 
 STAGE = Stage(

@@ -85,8 +85,8 @@ def run_test_shards_unit(ctx: Context, unit: Unit) -> list[dict]:
     return write_shard_unit(ctx, unit, "test")
 
 
-def finalize_test_shards(ctx: Context, rows: list[dict]) -> None:
-    finalize_shards(ctx, rows, "test")
+def finalize_test_shards(ctx: Context, table) -> None:
+    finalize_shards(ctx, table, "test")
 
 
 STAGE = Stage(

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ..attributes import (
     ATTRIBUTE_STAGE_VERSION,
     TRAIN_ATTRIBUTES,
     run_attribute_unit,
 )
 from ..hard_negatives import BEHAVIOR_OF_KIND
-from ..manifests import ok_rows, read_manifest
-from ..units import Context, Stage, Unit, chunk_units
+from ..manifests import read_manifest_table
+from ..units import Context, Stage, Unit, chunk_table_units
 
 
 def plan_train_attribute_units(ctx: Context) -> list[Unit]:
-    """Training images with a caption; C is the prompt the image was generated from."""
-    generated = {r["sample_key"]: r for r in ok_rows(ctx.store, "generate")}
-    prompts = {r["sample_key"]: r for r in read_manifest(ctx.store, "prompts")}
-    items = []
-    for r in ok_rows(ctx.store, "train_captions"):
-        g = generated.get(r["sample_key"], {})
-        p = prompts.get(g.get("prompt_key"), {})
-        items.append({
-            "sample_key": r["sample_key"],
-            "image_path": g.get("image_path"),
-            "image_sha256": g.get("image_sha256"),
-            "behavior": BEHAVIOR_OF_KIND.get(g.get("kind")),
-            "source_caption": p.get("prompt"),
-        })
-    items.sort(key=lambda it: it["sample_key"])
-    return chunk_units(TRAIN_ATTRIBUTES, items, ctx.cfg.attributes.images_per_unit)
+    """Training images with a caption; C is the prompt the image was generated from. An Arrow
+    join: captions (ok) x generate (ok) x prompts (any status), left outer, so a caption whose
+    image or prompt row is missing still becomes an item (its unit rejects it)."""
+    store = ctx.store
+    captioned = read_manifest_table(store, "train_captions", ["sample_key"], ok_only=True)
+    generated = read_manifest_table(store, "generate", ["sample_key", "image_path", "image_sha256", "kind",
+                                                        "prompt_key"], ok_only=True)
+    prompts = read_manifest_table(store, "prompts", ["sample_key", "prompt"]).rename_columns(
+        ["prompt_key", "source_caption"])
+    behavior = pa.table({"kind": list(BEHAVIOR_OF_KIND), "behavior": list(BEHAVIOR_OF_KIND.values())})
+    items = (captioned.join(generated, "sample_key", join_type="left outer", use_threads=False)
+             .join(prompts, "prompt_key", join_type="left outer", use_threads=False)
+             .join(behavior, "kind", join_type="left outer", use_threads=False)
+             .select(["sample_key", "image_path", "image_sha256", "behavior", "source_caption"])
+             .sort_by("sample_key"))
+    return chunk_table_units(TRAIN_ATTRIBUTES, items, ctx.cfg.attributes.images_per_unit)
 
 
 STAGE = Stage(

@@ -6,16 +6,16 @@ from ..captions import (
     CAPTION_STAGE_VERSION,
     TRAIN_CAPTIONS,
     caption_unit,
-    image_item,
 )
-from ..manifests import ok_rows
-from ..units import Context, Stage, Unit, chunk_units
+from ..manifests import read_manifest_table, sorted_by_key
+from ..units import Context, Stage, Unit, chunk_table_units
 
 
 def plan_train_caption_units(ctx: Context) -> list[Unit]:
-    items = sorted((image_item(r["sample_key"], r) for r in ok_rows(ctx.store, "gen_pose")),
-                   key=lambda it: it["sample_key"])
-    return chunk_units(TRAIN_CAPTIONS, items, ctx.cfg.train_captions.images_per_unit)
+    # the columns of captions.image_item, read straight from the gen_pose manifest
+    columns = ["sample_key", "image_path", "image_sha256"]
+    items = sorted_by_key(read_manifest_table(ctx.store, "gen_pose", columns, ok_only=True))
+    return chunk_table_units(TRAIN_CAPTIONS, items, ctx.cfg.train_captions.images_per_unit)
 
 
 def run_train_caption_unit(ctx: Context, unit: Unit) -> list[dict]:

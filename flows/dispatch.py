@@ -1,0 +1,144 @@
+"""Submitting a stage's unit tasks: a bounded window, quiet task logs, progress with a rate and ETA.
+
+``generate`` alone has 61,161 units. Submitting them all at once (``Task.map``) creates every
+task run and its future up front, and Prefect logs a few lines per task run. Here at most
+``window`` units are in flight (a few times the workers, so no worker waits for work); each
+finished one is handed to ``on_done`` and replaced by the next; the stage logs a progress line
+every ``log_every`` of the units (and at least once a minute): done/total, rate, ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+
+from pab_build.config import PABConfig
+from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
+from pab_build.models import release_models
+from pab_build.units import Unit
+
+WINDOW_PER_WORKER = 4
+# Prefect's per-task-run lines ("Finished in state Completed()", ...) come through these loggers
+TASK_RUN_LOGGERS = ("prefect.task_runs", "prefect.task_engine")
+
+
+def window_size(workers: int) -> int:
+    return max(8, WINDOW_PER_WORKER * workers)
+
+
+@contextlib.contextmanager
+def quiet_task_logs(quiet: bool = True) -> Iterator[None]:
+    """Per-task-run INFO lines off (warnings and errors still show) while the block runs."""
+    if not quiet:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in TASK_RUN_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class Progress:
+    """``stage: done/total units (pct), rate/s, ETA`` every ``log_every`` of the units or minute."""
+
+    def __init__(self, stage: str, total: int, log: Callable[[str], None], log_every: float = 0.05,
+                 min_interval_s: float = 60.0, on_update: Callable[[int, int], None] | None = None):
+        self.stage, self.total, self.log, self.on_update = stage, total, log, on_update
+        self.step = max(1, int(total * log_every))
+        self.min_interval_s = min_interval_s
+        self.done = 0
+        self.t0 = self.last_log = time.monotonic()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = "?" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
+        return (f"{self.stage}: {self.done}/{self.total} units ({100.0 * self.done / max(self.total, 1):.0f}%), "
+                f"{rate:.2f} units/s, ETA {eta_text}")
+
+    def advance(self, extra: str = "") -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.done % self.step == 0 or self.done == self.total or now - self.last_log >= self.min_interval_s:
+            self.last_log = now
+            self.log(self.line() + (f" {extra}" if extra else ""))
+            if self.on_update is not None:
+                self.on_update(self.done, self.total)
+
+
+def dispatch_units(submit: Callable[[Unit], PrefectFuture], units: Sequence[Unit], window: int,
+                   on_done: Callable[[Unit, PrefectFuture], Any]) -> None:
+    """Submit ``units`` with at most ``window`` in flight; call ``on_done(unit, future)`` for each
+    as it finishes (in completion order), submitting the next unit in its place."""
+    pending = iter(units)
+    inflight: dict[PrefectFuture, Unit] = {}
+
+    def fill() -> None:
+        while len(inflight) < window:
+            unit = next(pending, None)
+            if unit is None:
+                return
+            inflight[submit(unit)] = unit
+
+    fill()
+    while inflight:
+        for fut in as_completed(list(inflight)):
+            unit = inflight.pop(fut)
+            fut.wait()
+            on_done(unit, fut)
+            break
+        fill()
+
+
+# -- GPU stages: one worker process per device (without Ray) ----------------------------------------
+_POOLS: dict[str, DevicePool] = {}  # the running stages' device pools (the thread runner shares the process)
+
+
+@task(name="unit", cache_policy=NO_CACHE)
+def run_unit_on_device_task(pool_key: str, out: str, stage_name: str, unit: Unit) -> str:
+    """One unit of a GPU stage, run by the next free device's worker process."""
+    return _POOLS[pool_key].run(out, stage_name, unit)
+
+
+@contextlib.contextmanager
+def unit_submitter(cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool, unit_task,
+                   log: Callable[[str], None]) -> Iterator[Callable[[Unit], PrefectFuture]]:
+    """``submit(unit)`` for the stage's units: the plain unit task, or, for a GPU stage over
+    several devices (``run.devices`` / every visible GPU), a task that hands the unit to a
+    per-device worker process. When the stage ends its models are released: the device workers
+    exit, and a GPU stage's models cached in this process are dropped (CUDA cache emptied)."""
+    try:
+        if not wants_device_workers(cfg, uses_gpu):
+            yield lambda u: unit_task.submit(cfg, out, stage_name, u)
+            return
+        devices = resolve_devices(cfg)
+        if cfg.run.max_workers < len(devices):
+            log(f"{stage_name}: run.max_workers={cfg.run.max_workers} threads keep only that many of "
+                f"{len(devices)} devices busy; set it to at least {len(devices)}")
+        pool_key = f"{out}/{stage_name}"
+        _POOLS[pool_key] = pool = DevicePool(cfg, devices)
+        task_ = run_unit_on_device_task.with_options(
+            name=unit_task.name, retries=unit_task.retries, retry_delay_seconds=unit_task.retry_delay_seconds,
+            tags=unit_task.tags)
+        try:
+            yield lambda u: task_.submit(pool_key, out, stage_name, u)
+        finally:
+            pool.close()
+            _POOLS.pop(pool_key, None)
+            log(f"{stage_name}: units per device worker {dict(pool.units_per_worker)}")
+    finally:
+        if uses_gpu:
+            release_models()

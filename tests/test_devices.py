@@ -1,0 +1,78 @@
+"""GPU stages over several devices (one worker process each) and models released after a stage."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from pab_build import models
+from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
+from pab_build.manifests import OK, manifest_rel, write_manifest
+from pab_build.stages.generate import STAGE as GENERATE_STAGE
+from pab_build.units import Context, finalize_stage, run_stage
+
+
+def test_devices_come_from_the_config_or_the_single_device(smoke_cfg):
+    assert resolve_devices(smoke_cfg) == ["cpu"]
+    assert not wants_device_workers(smoke_cfg, uses_gpu=True)
+    smoke_cfg.run.devices = ["cpu", "cpu"]
+    assert resolve_devices(smoke_cfg) == ["cpu", "cpu"]
+    assert wants_device_workers(smoke_cfg, uses_gpu=True)
+    assert not wants_device_workers(smoke_cfg, uses_gpu=False)
+    smoke_cfg.run.task_runner = "ray"  # Ray gives each unit its own GPU instead
+    assert not wants_device_workers(smoke_cfg, uses_gpu=True)
+
+
+def test_release_models_empties_the_cache():
+    model = models.cached_model(("test-release", 1), lambda: torch.nn.Linear(2, 2))
+    gone = weakref.ref(model)
+    assert ("test-release", 1) in models.cached_keys()
+    del model
+    assert models.release_models() >= 1
+    assert models.cached_keys() == [] and gone() is None
+
+
+def _generate_build(cfg, out: str) -> Context:
+    ctx = Context.create(cfg, out)
+    write_manifest(ctx.store, "prompts", [
+        {"sample_key": f"c000000000{i}-n", "status": OK, "reason": None, "clip_key": f"c000000000{i}",
+         "split": "train", "kind": "n", "prompt": f"a man number {i} rides a bike"} for i in range(3)])
+    return ctx
+
+
+def _files(root: str) -> dict[str, bytes]:
+    out = {}
+    for folder, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(folder, n)
+            if "/_markers/" not in path:
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.mark.slow
+def test_two_cpu_device_workers_share_the_units_and_match_a_one_worker_build(smoke_cfg, tiny_model, tmp_path):
+    tiny_model("sdxl")
+    sec = smoke_cfg.generate
+    sec.images_per_caption, sec.images_per_unit, sec.batch_size = 4, 1, 1
+    single = _generate_build(smoke_cfg, str(tmp_path / "single"))
+    run_stage(single, GENERATE_STAGE)
+
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.run.devices = ["cpu", "cpu"]
+    two = _generate_build(cfg, str(tmp_path / "two"))
+    units = GENERATE_STAGE.plan_units(two)
+    with DevicePool(cfg, resolve_devices(cfg)) as pool, ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(lambda u: pool.run(two.store.url_root, "generate", u), units))
+    finalize_stage(two, GENERATE_STAGE, units)
+
+    assert results == ["done"] * len(units) == ["done"] * 12
+    assert len(pool.units_per_worker) == 2 and min(pool.units_per_worker.values()) >= 1
+    assert os.getpid() not in pool.units_per_worker
+    assert _files(str(tmp_path / "two")) == _files(str(tmp_path / "single"))
+    assert two.store.read_bytes(manifest_rel("generate")) == single.store.read_bytes(manifest_rel("generate"))
