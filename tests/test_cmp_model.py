@@ -269,7 +269,7 @@ def test_label_smoothing_changes_only_itc(tiny_paths, tokenizer):
     with torch.no_grad():
         img = torch.nn.functional.normalize(model.image_feature(model.encode_image(batch["images"], batch["poses"])), dim=-1)
         txt = torch.nn.functional.normalize(model.text_feature(model.encode_text(batch["ids"], batch["mask"]), batch["mask"]), dim=-1)
-    logits = img @ txt.t() / model.temperature()
+        logits = img @ txt.t() / model.temperature()
     labels = 0.8 * torch.eye(4) + 0.2 / 4
     want = (-(logits.log_softmax(1) * labels).sum(1).mean() - (logits.t().log_softmax(1) * labels).sum(1).mean()) / 2
     assert float(smoothed["itc"]) == pytest.approx(float(want), rel=1e-5)

@@ -75,3 +75,26 @@ def test_an_unchanged_evaluation_is_reused(make_cfg, shards, tmp_path):
     changed = evaluate_cmp(make_cfg(max_steps=2, eval_combination="official_4gpu"), trained["checkpoint"], shards,
                            str(tmp_path))
     assert not changed["reused"] and changed["inputs_hash"] != first["inputs_hash"]
+
+
+def test_the_training_key_follows_the_train_shards_in_the_index_only(tmp_path):
+    import json
+
+    from pab_build.cmp.checkpoints import train_key
+
+    cfg = load_config("smoke")
+    index = {"format": "pab-shards", "format_version": 1, "splits": {
+        "train": {"shards": [{"path": "train/train-000000.tar", "samples": 2, "bytes": 10, "sha256": "a" * 64}]},
+        "test": {"shards": [{"path": "test/test-000000.tar", "samples": 2, "bytes": 10, "sha256": "b" * 64}]}}}
+    (tmp_path / "shards").mkdir()
+    path = tmp_path / "shards" / "index.json"
+    path.write_text(json.dumps(index))
+    key = train_key(cfg, str(tmp_path))
+    index["splits"]["test"]["shards"][0]["sha256"] = "c" * 64  # a new test set: same training
+    path.write_text(json.dumps(index))
+    assert train_key(cfg, str(tmp_path)) == key
+    index["splits"]["train"]["shards"][0]["sha256"] = "d" * 64  # new training shards: a new training
+    path.write_text(json.dumps(index))
+    assert train_key(cfg, str(tmp_path)) != key
+    cfg.cmp.rerank_k = 3  # evaluation-only
+    assert train_key(cfg, str(tmp_path)) == train_key(load_config("smoke"), str(tmp_path))

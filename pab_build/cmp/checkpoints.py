@@ -147,8 +147,9 @@ EVAL_ONLY_FIELDS = ("rerank_k", "eval_batch_size", "figure_queries", "eval_combi
 
 
 def shards_fingerprint(source: str, split: str) -> str:
-    """sha256 of the build's ``shards/index.json`` (which holds every shard's sha256); without an
-    index (shards written by hand), of the shard names and sizes, with a warning."""
+    """Hash of ``split``'s section of the build's ``shards/index.json`` (every shard's path, size and
+    sha256), so a change of the other split does not count; without an index (shards written by
+    hand), of the shard names and sizes, with a warning."""
     import fsspec
 
     from pab_build.cmp.data import list_shards
@@ -157,7 +158,9 @@ def shards_fingerprint(source: str, split: str) -> str:
     root = root.rstrip("/")
     for index in (f"{root}/shards/index.json", f"{root}/index.json", f"{root}/../index.json"):
         if fs.exists(index):
-            return hashlib.sha256(fs.cat_file(index)).hexdigest()
+            data = json.loads(fs.cat_file(index))
+            section = data.get("splits", {}).get(split) if isinstance(data, dict) else None
+            return stable_hash(section) if section is not None else hashlib.sha256(fs.cat_file(index)).hexdigest()
     urls = list_shards(source, split)
     log.warning("no shards/index.json under %s: identifying the %s shards by name and size only", source, split)
     listing = [(u.rsplit("/", 1)[-1], fsspec.core.url_to_fs(u)[0].size(u)) for u in urls]
