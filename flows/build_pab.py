@@ -8,7 +8,11 @@ artifacts. The work itself is ``pab_build.units.execute_unit`` over a stage from
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -20,8 +24,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import unmapped
 
-from pab_build.config import PABConfig, config_from_dict, load_config
-from pab_build.pipeline import get_stage, stages_until
+from pab_build.build_lock import hold_build_lock
+from pab_build.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
+from pab_build.config import PABConfig, config_from_dict, load_config, qc_settings
+from pab_build.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
 from pab_build.prepare import prepare_build
 from pab_build.units import (
     Context,
@@ -111,30 +117,154 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
 
 @flow(name="stage", log_prints=True)
 def stage_flow(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
-    return run_stage_units(cfg, out, stage_name)
+    """One stage; ends Failed (raising :class:`StageFailed`) when more units failed after their
+    retries than ``run.max_failed_units`` allows."""
+    counts = run_stage_units(cfg, out, stage_name)
+    failures = stage_failures(Context.create(cfg, out).store, stage_name, counts, cfg.run.max_failed_units)
+    if failures.over_limit:
+        raise StageFailed(failures)
+    if failures.failed:
+        get_run_logger().warning("%s (accepted)", failures.line())
+    return counts
+
+
+@flow(name="wait-for-files")
+def wait_for_files_flow(what: str, timeout_s: int) -> list[str]:
+    """Pause (this subflow only: the rest of the build goes on) until people give file paths
+    through the Prefect UI/API (``resume_flow_run(id, run_input={"files": [...]})``)."""
+    from prefect.flow_runs import pause_flow_run
+    from prefect.input import RunInput
+
+    class GivenFiles(RunInput):
+        files: list[str]
+
+    get_run_logger().info("waiting for %s: resume this flow run with their paths", what)
+    return pause_flow_run(wait_for_input=GivenFiles, timeout=timeout_s).files
 
 
 def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     """``review.policy = wait``: write the review sheet, pause until reviewers' decision files are
-    given through the Prefect UI/API, then continue with them."""
-    from prefect.flow_runs import pause_flow_run
-    from prefect.input import RunInput
-
-    from pab_build import review
-
-    class ReviewDecisions(RunInput):
-        decisions_files: list[str]
+    given, then continue with them. Nothing to review: no pause."""
+    from pab_build.stages import review
 
     ctx = Context.create(cfg, out)
     if review.decisions_ready(cfg.review.decisions_files):
         return cfg
-    sheet, template = review.export_review_sheet(ctx, review.plan_review_items(ctx))
-    get_run_logger().info("review sheet: %s/%s; fill in %s and resume the flow run with the file paths",
+    items = review.plan_review_items(ctx)
+    if not items:
+        get_run_logger().info("review: no pair survived the automatic filters, nothing to review")
+        return cfg
+    sheet, template = review.export_review_sheet(ctx, items)
+    get_run_logger().info("review sheet: %s/%s; fill in %s and resume the paused wait-for-files run",
                           out, sheet, template)
-    given = pause_flow_run(wait_for_input=ReviewDecisions, timeout=cfg.review.wait_timeout_s)
+    files = wait_for_files_flow.with_options(name="review-wait")("reviewers' decision files",
+                                                                 cfg.review.wait_timeout_s)
+    return _with(cfg, {"review.decisions_files": files})
+
+
+def _wait_for_caption_qc(cfg: PABConfig, out: str) -> PABConfig | None:
+    """After ``test_captions`` with ``qc.policy = wait``: pause for caption correction files, then
+    return the config to rerun the stage with (None: nothing to wait for)."""
+    from pab_build.manifests import read_manifest
+
+    policy, files = qc_settings(cfg)
+    if policy != "wait" or (files and review_files_ready(files)):
+        return None
+    if not any(r["status"] == "ok" for r in read_manifest(Context.create(cfg, out).store, "test_captions")):
+        return None
+    get_run_logger().info("caption QC: sheet %s/review/captions.html; resume the paused wait-for-files run "
+                          "with the correction files", out)
+    given = wait_for_files_flow.with_options(name="caption-qc-wait")("caption correction files",
+                                                                     cfg.qc.wait_timeout_s)
+    return _with(cfg, {"qc.files": given})
+
+
+def review_files_ready(paths: list[str]) -> bool:
+    from pab_build.stages.review import decisions_ready
+
+    return decisions_ready(paths)
+
+
+def _with(cfg: PABConfig, changes: dict[str, Any]) -> PABConfig:
     data = cfg.model_dump(mode="json")
-    data["review"]["decisions_files"] = given.decisions_files
+    for key, value in changes.items():
+        section, field = key.split(".")
+        data[section][field] = value
     return config_from_dict(data)
+
+
+def _run_stage(cfg: PABConfig, out: str, name: str) -> dict[str, int]:
+    return stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(cfg, out, name)
+
+
+def _test_branch(cfg: PABConfig, out: str, names: list[str], outcome: BranchOutcome, pairs_done: threading.Event):
+    """frames .. test_shards. Sets ``pairs_done`` once the training branch may plan its prompts
+    (pairs finished, or the branch stopped before: then the training branch stops too)."""
+    try:
+        for name in names:
+            if name == "review" and cfg.review.policy == "wait":
+                cfg = _wait_for_review(cfg, out)
+            if name == "test_captions":
+                get_run_logger().info("test-caption QC policy: %s", qc_settings(cfg)[0])
+            outcome.summary[name] = _run_stage(cfg, out, name)
+            if name == "test_captions" and (qc_cfg := _wait_for_caption_qc(cfg, out)) is not None:
+                cfg = qc_cfg
+                outcome.summary[name] = _run_stage(cfg, out, name)
+            if name == "pairs":
+                pairs_done.set()
+    except StageFailed as e:
+        outcome.failures.append(e.failures)
+    finally:
+        outcome.pairs_ok = "pairs" in outcome.summary
+        pairs_done.set()
+
+
+def _training_branch(cfg: PABConfig, out: str, names: list[str], outcome: BranchOutcome,
+                     test: BranchOutcome, pairs_done: threading.Event):
+    """prompts .. train_shards; ``prompts`` excludes the test candidates that survived the automatic
+    filters, so with ``prompts.exclude_test_clips`` it starts once ``pairs`` is done, never after review."""
+    if names and cfg.prompts.exclude_test_clips:
+        pairs_done.wait()
+        if not test.pairs_ok:
+            outcome.other.append("training branch not started: prompts needs the pairs stage, which did not finish")
+            return
+    try:
+        for name in names:
+            outcome.summary[name] = _run_stage(cfg, out, name)
+    except StageFailed as e:
+        outcome.failures.append(e.failures)
+
+
+@dataclass
+class BranchOutcome:
+    summary: dict[str, Any] = field(default_factory=dict)
+    failures: list[StageFailures] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    pairs_ok: bool = False
+
+
+def _run_branches(cfg: PABConfig, out: str, until: str | None) -> tuple[dict[str, Any], BuildFailed | None]:
+    """The test and training branches at once, each stage a subflow of this flow run."""
+    planned = stages_until(until)
+    test_names = [n for n in TEST_BRANCH if n in planned]
+    train_names = [n for n in TRAINING_BRANCH if n in planned]
+    test, train, pairs_done = BranchOutcome(), BranchOutcome(), threading.Event()
+    if "pairs" not in test_names:
+        pairs_done.set()
+        test.pairs_ok = True  # the training branch reads pairs from an earlier run, or not at all
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pab-branch")
+    try:
+        # each thread runs in a copy of this flow run's context, so the stages are its subflows
+        futures = [pool.submit(contextvars.copy_context().run, _test_branch, cfg, out, test_names, test, pairs_done),
+                   pool.submit(contextvars.copy_context().run, _training_branch, cfg, out, train_names, train,
+                               test, pairs_done)]
+        for f in futures:
+            f.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: never wait for a paused branch
+    summary = {n: (test.summary | train.summary)[n] for n in planned if n in test.summary or n in train.summary}
+    failures, other = test.failures + train.failures, test.other + train.other
+    return summary, (BuildFailed(failures, other) if failures or other else None)
 
 
 @flow(name="build-pab", log_prints=True)
@@ -145,32 +275,41 @@ def build_pab(
     until: str | None = None,
     publish_url: str | None = None,
     train_cmp: bool | None = None,
+    skip_preflight: bool = False,
 ) -> dict[str, Any]:
-    """Build PAB: test set, training set, release; optionally publish and train CMP after.
+    """Build PAB: test set and training set (two branches at once), release; optionally publish
+    and train CMP after. Ends Failed, naming the stages, when units failed beyond
+    ``run.max_failed_units``.
 
     ``overrides`` are ``dotted.key=value`` strings; ``until`` stops after that stage.
     """
     cfg = load_config(profile, overrides or [])
     logger = get_run_logger()
-    prepare_task(cfg, out)
-    summary: dict[str, Any] = {}
-    for name in stages_until(until):
-        if name == "review" and cfg.review.policy == "wait":
-            cfg = _wait_for_review(cfg, out)
-        summary[name] = stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(
-            cfg, out, name
-        )
-    create_table_artifact(
-        [{"stage": k, **v} for k, v in summary.items()], key="build-summary", description="units and rows per stage"
-    )
-    if until is None:
-        summary["release"] = release_task(cfg, out)
-        if publish_url or cfg.publish.url:
-            summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
-        if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
-            from flows.train_cmp import train_cmp_flow
+    if not skip_preflight:
+        from pab_build.preflight import PreflightFailed, format_table, run_checks
 
-            summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
+        rows = run_checks(cfg, out, publish_url)
+        logger.info("preflight:\n%s", format_table(rows))
+        if any(r.problem for r in rows):
+            raise PreflightFailed(rows)
+    with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s):
+        prepare_task(cfg, out)
+        summary, failed = _run_branches(cfg, out, until)
+        create_table_artifact(
+            [{"stage": k, **v} for k, v in summary.items()], key="build-summary",
+            description="units and rows per stage"
+        )
+        if failed is not None:
+            logger.error("%s", failed)
+            raise failed
+        if until is None:
+            summary["release"] = release_task(cfg, out)
+            if publish_url or cfg.publish.url:
+                summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
+            if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
+                from flows.train_cmp import train_cmp_flow
+
+                summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
     logger.info("build summary: %s", summary)
     return summary
 

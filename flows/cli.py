@@ -14,29 +14,90 @@ import traceback
 from pab_build.config import ConfigError
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _run_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set or [])
     if args.oops_root:
         overrides.append(f"oops.root={args.oops_root}")
-    if args.runner:
+    if getattr(args, "runner", None):
         overrides.append(f"run.task_runner={args.runner}")
+    return overrides
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    return args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
+
+
+def _preflight(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Print the preflight table; 0 when every check passed, else 2."""
+    from pab_build.config import load_config
+    from pab_build.preflight import format_table, run_checks
+
+    rows = run_checks(load_config(args.profile, overrides), _default_out(args), getattr(args, "publish", None))
+    print(format_table(rows), file=sys.stderr if any(r.problem for r in rows) else sys.stdout)
+    problems = sum(r.problem for r in rows)
+    if problems:
+        print(f"pab: preflight found {problems} problem(s); nothing was started", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    return _preflight(args, _run_overrides(args))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = _run_overrides(args)
     from pab_build.config import load_config
 
-    load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
+    cfg = load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
     from pab_build.pipeline import stages_until
 
     stages_until(args.until)
-    from flows.build_pab import (
-        build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
-    )
+    if not args.skip_preflight and (code := _preflight(args, overrides)):
+        return code
+    from flows.run_control import hard_exit, stop_on_signals
+    from pab_build.build_lock import BuildLocked, hold_build_lock
+    from pab_build.build_outcome import BuildFailed
 
-    out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
-    summary = build_pab(
-        profile=args.profile, out=out, overrides=overrides, until=args.until,
-        publish_url=args.publish, train_cmp=False if args.no_cmp else None,
-    )
+    out = _default_out(args)
+    stop_on_signals()
+    try:
+        with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s):
+            from flows.build_pab import (
+                build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
+            )
+
+            summary = build_pab(
+                profile=args.profile, out=out, overrides=overrides, until=args.until,
+                publish_url=args.publish, train_cmp=False if args.no_cmp else None, skip_preflight=True,
+            )
+    except BuildLocked as e:
+        print(f"pab: {e}", file=sys.stderr)
+        return 2
+    except BuildFailed as e:
+        print(str(e), file=sys.stderr)
+        print(f"outputs (partial): {out}; `pab status {out}` lists the failed units", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pab: stopped; finished units are kept, rerun the same command to resume ({out})", file=sys.stderr)
+        hard_exit(130)
     print(json.dumps(summary, indent=2, default=str))
     print(f"outputs: {out}")
+    return 0
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from pab_build.config import load_config
+    from pab_build.model_lock import fetch_profile
+
+    cache = os.path.expanduser(args.cache) if args.cache else None
+    if cache:  # the nodes then use HF_HUB_CACHE=<DIR>/huggingface/hub and TORCH_HOME=<DIR>/torch
+        os.environ["TORCH_HOME"] = os.path.join(cache, "torch")
+    cfg = load_config(args.profile, list(args.set or []))
+    lock = args.lock or cfg.run.models_lock
+    entries = fetch_profile(cfg, lock, os.path.join(cache, "huggingface", "hub") if cache else None)
+    for model, entry in entries.items():
+        print(f"{model}@{entry['revision']}  ({len(entry['files'])} files)")
+    print(f"lock: {lock}")
     return 0
 
 
@@ -100,7 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runner", choices=["threads", "ray"], help="task runner (run.task_runner)")
     r.add_argument("--publish", metavar="URL", help="publish the release to this fsspec URL at the end")
     r.add_argument("--no-cmp", action="store_true", help="do not train CMP after the build")
+    r.add_argument("--skip-preflight", action="store_true", help="start without the preflight checks (experts)")
     r.set_defaults(func=_cmd_run)
+
+    pf = sub.add_parser("preflight", help="check device, models, OOPS! root, OUT, credentials; exit 2 on problems")
+    pf.add_argument("profile")
+    pf.add_argument("--oops-root")
+    pf.add_argument("--out", help="output folder or fsspec URL the build will write")
+    pf.add_argument("--publish", metavar="URL", help="publish URL whose credentials to check")
+    pf.add_argument("--set", action="append", metavar="KEY=VALUE")
+    pf.set_defaults(func=_cmd_preflight)
+
+    m = sub.add_parser("models", help="models of a profile: fetch them and lock their revisions")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    mf = msub.add_parser("fetch", help="download every model of PROFILE and write models.lock.json")
+    mf.add_argument("profile")
+    mf.add_argument("--cache", metavar="DIR", help="download into DIR/huggingface/hub and DIR/torch")
+    mf.add_argument("--lock", metavar="PATH", help="lock file (default: models.lock.json beside the profile)")
+    mf.add_argument("--set", action="append", metavar="KEY=VALUE")
+    mf.set_defaults(func=_cmd_models_fetch)
 
     s = sub.add_parser("status", help="per stage: units done/failed/pending, rows ok/rejected")
     s.add_argument("out")
