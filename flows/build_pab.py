@@ -211,11 +211,11 @@ def _test_branch(cfg: PABConfig, out: str, names: list[str], outcome: BranchOutc
                 cfg = qc_cfg
                 outcome.summary[name] = _run_stage(cfg, out, name)
             if name == "pairs":
+                outcome.pairs_ok = True
                 pairs_done.set()
     except StageFailed as e:
         outcome.failures.append(e.failures)
     finally:
-        outcome.pairs_ok = "pairs" in outcome.summary
         pairs_done.set()
 
 
