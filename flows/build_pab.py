@@ -288,7 +288,8 @@ def build_pab(
     if not skip_preflight:
         from pab_build.preflight import PreflightFailed, format_table, run_checks
 
-        rows = run_checks(cfg, out, publish_url)
+        wants_cmp = cfg.cmp.train_after_build if train_cmp is None else train_cmp
+        rows = run_checks(_with(cfg, {"cmp.train_after_build": wants_cmp}), out, publish_url, until)
         logger.info("preflight:\n%s", format_table(rows))
         if any(r.problem for r in rows):
             raise PreflightFailed(rows)

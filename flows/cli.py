@@ -32,7 +32,10 @@ def _preflight(args: argparse.Namespace, overrides: list[str]) -> int:
     from pab_build.config import load_config
     from pab_build.preflight import format_table, run_checks
 
-    rows = run_checks(load_config(args.profile, overrides), _default_out(args), getattr(args, "publish", None))
+    if getattr(args, "no_cmp", False):
+        overrides = overrides + ["cmp.train_after_build=false"]  # CMP's models are not needed
+    rows = run_checks(load_config(args.profile, overrides), _default_out(args), getattr(args, "publish", None),
+                      getattr(args, "until", None))
     print(format_table(rows), file=sys.stderr if any(r.problem for r in rows) else sys.stdout)
     problems = sum(r.problem for r in rows)
     if problems:
@@ -148,6 +151,13 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_automations_install(args: argparse.Namespace) -> int:
+    from flows.automations import AUTOMATION_NAME, install_crash_automation
+
+    print(f"{AUTOMATION_NAME}: {install_crash_automation(args.heartbeat_s)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pab", description="Build the PAB benchmark and train/evaluate CMP.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--lock", metavar="PATH", help="lock file (default: models.lock.json beside the profile)")
     mf.add_argument("--set", action="append", metavar="KEY=VALUE")
     mf.set_defaults(func=_cmd_models_fetch)
+
+    a = sub.add_parser("automations", help="Prefect automations a deployment needs (on PREFECT_API_URL)")
+    asub = a.add_subparsers(dest="automations_command", required=True)
+    ai = asub.add_parser("install", help="mark flow runs Crashed when their heartbeats stop (lost machine)")
+    ai.add_argument("--heartbeat-s", type=int, default=60,
+                    help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers (prefect.yaml sets 60)")
+    ai.set_defaults(func=_cmd_automations_install)
 
     s = sub.add_parser("status", help="per stage: units done/failed/pending, rows ok/rejected")
     s.add_argument("out")

@@ -18,10 +18,17 @@ from .config import PABConfig, model_path
 LOCK_NAME = "models.lock.json"
 BUILD_MODELS = ("sdxl", "qwen2_vl", "openpose", "resnet50")
 CMP_MODELS = ("swin", "bert")
+# the models each stage loads (stages not listed load none)
+STAGE_MODELS = {"pose": ("openpose",), "pairs": ("resnet50",), "test_captions": ("qwen2_vl",),
+                "test_attributes": ("qwen2_vl",), "generate": ("sdxl",), "gen_pose": ("openpose",),
+                "train_captions": ("qwen2_vl",), "train_attributes": ("qwen2_vl",)}
 
 
-def profile_models(cfg: PABConfig) -> list[str]:
-    """The model names a build of this profile loads (CMP's when it trains after the build)."""
+def profile_models(cfg: PABConfig, stages: list[str] | None = None) -> list[str]:
+    """The model names a build of this profile loads: those of ``stages`` (None: the whole build,
+    and CMP's when it trains after the build)."""
+    if stages is not None:
+        return [m for m in BUILD_MODELS if any(m in STAGE_MODELS.get(s, ()) for s in stages)]
     return list(BUILD_MODELS) + (list(CMP_MODELS) if cfg.cmp.train_after_build else [])
 
 

@@ -70,12 +70,12 @@ def _hub_reachable(path: str, revision: str | None) -> str | None:
     return None
 
 
-def check_models(cfg: PABConfig) -> list[Row]:
+def check_models(cfg: PABConfig, stages: list[str] | None = None) -> list[Row]:
     """Each model of the profile: a local folder exists; a hub model / torchvision weights are in
     the local cache exactly as locked (offline), or locked-and-cached / reachable (online)."""
     rows = []
     lock = read_lock(cfg.run.models_lock) if cfg.run.models_lock else {}
-    for name in profile_models(cfg):
+    for name in profile_models(cfg, stages):
         path = model_path(cfg, name)
         check = f"model {name}"
         kind = model_kind(path)
@@ -202,9 +202,13 @@ def check_packages(cfg: PABConfig) -> list[Row]:
     return rows
 
 
-def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None) -> list[Row]:
+def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None, until: str | None = None) -> list[Row]:
+    """Every check; with ``until`` (``pab run --until STAGE``) only the models those stages load."""
+    from .pipeline import stages_until
+
+    stages = None if until is None else stages_until(until)
     checks: list[Callable[[], list[Row]]] = [
-        lambda: check_device(cfg), lambda: check_models(cfg), lambda: check_oops(cfg),
+        lambda: check_device(cfg), lambda: check_models(cfg, stages), lambda: check_oops(cfg),
         lambda: check_out(cfg, out), lambda: check_publish(cfg, publish_url), lambda: check_packages(cfg),
     ]
     rows: list[Row] = []
