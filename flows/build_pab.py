@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -285,6 +286,10 @@ def build_pab(
     """
     cfg = load_config(profile, overrides or [])
     logger = get_run_logger()
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker: end with it, never as an orphan
+        from flows.run_control import exit_with_parent
+
+        exit_with_parent()
     if not skip_preflight:
         from pab_build.preflight import PreflightFailed, format_table, run_checks
 

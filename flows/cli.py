@@ -80,7 +80,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
         print(f"outputs (partial): {out}; `pab status {out}` lists the failed units", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C, or SIGTERM as Prefect's TerminationSignal while a flow runs
+        if not isinstance(e, KeyboardInterrupt) and type(e).__name__ != "TerminationSignal":
+            raise
         print(f"pab: stopped; finished units are kept, rerun the same command to resume ({out})", file=sys.stderr)
         hard_exit(130)
     print(json.dumps(summary, indent=2, default=str))

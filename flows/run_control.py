@@ -68,3 +68,21 @@ def stop_on_signals(grace_s: float = GRACE_S) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def exit_with_parent() -> bool:
+    """In a flow-run process a worker started: ask Linux to send it SIGTERM when the worker dies
+    (Prefect's engine then reports the run Crashed and exits), so no orphan keeps writing to OUT.
+    Returns whether it was set (Linux only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the worker died before the request: act on it now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

@@ -143,7 +143,8 @@ class CaptionsConfig(Section):
     min_words: int = Field(3, ge=0)  # shorter outputs are rejected as empty
     max_words: int = Field(80, ge=1)  # longer ones as runaway (the prompt asks for <= 50)
     reject_unfinished: bool = True  # reject outputs that hit max_new_tokens without ending (runaway)
-    qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"  # test captions only
+    # deprecated, kept so older profiles load: use the `qc` section (qc.policy, qc.files)
+    qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"
     qc_files: list[str] = []
 
 

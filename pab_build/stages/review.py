@@ -335,7 +335,7 @@ def export_caption_sheet(ctx: Context, rows: list[dict]) -> tuple[str, str]:
         template.append([key, generated, "", ""])
     intro = (f"{len(rows)} captions. Where a caption is wrong, write the corrected caption in "
              f"{html.escape(CAPTION_TEMPLATE_REL)} (leave it empty to keep the generated one) and list the "
-             "file in test_captions.qc_files.")
+             "file in qc.files (or give it to the paused caption-qc-wait run when qc.policy is wait).")
     page = _page("PAB test captions: quality control", intro,
                  ["sample_key", "image", "generated caption", "caption now", "status"], body)
     ctx.store.write_text(CAPTION_SHEET_REL, page)

@@ -21,7 +21,7 @@ def plan_test_caption_units(ctx: Context) -> list[Unit]:
     frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
     corrections: dict[str, str] = {}
     policy, files = qc_settings(ctx.cfg)
-    if policy != "none" and files:  # `wait`: the flow pauses for the files, then replans with them
+    if policy != "none":  # `wait`: the flow pauses for the files after this stage, then replans with them
         corrections = load_caption_corrections(files, set(frames))
     items = []
     for r in ok_rows(ctx.store, "review"):
