@@ -158,7 +158,7 @@ def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     sheet, template = review.export_review_sheet(ctx, items)
     get_run_logger().info("review sheet: %s/%s; fill in %s and resume the paused wait-for-files run",
                           out, sheet, template)
-    files = wait_for_files_flow.with_options(name="review-wait")("reviewers' decision files",
+    files = wait_for_files_flow.with_options(flow_run_name="review-wait")("reviewers' decision files",
                                                                  cfg.review.wait_timeout_s)
     return _with(cfg, {"review.decisions_files": files})
 
@@ -175,7 +175,7 @@ def _wait_for_caption_qc(cfg: PABConfig, out: str) -> PABConfig | None:
         return None
     get_run_logger().info("caption QC: sheet %s/review/captions.html; resume the paused wait-for-files run "
                           "with the correction files", out)
-    given = wait_for_files_flow.with_options(name="caption-qc-wait")("caption correction files",
+    given = wait_for_files_flow.with_options(flow_run_name="caption-qc-wait")("caption correction files",
                                                                      cfg.qc.wait_timeout_s)
     return _with(cfg, {"qc.files": given})
 

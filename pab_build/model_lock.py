@@ -64,13 +64,15 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _files_of(folder: str) -> dict[str, str]:
+def _files_of(folder: str) -> dict[str, Any]:
+    """``files`` (relpath -> sha256) and ``sizes`` (relpath -> bytes: a quick check without hashing)."""
     found = {}
     for dirpath, _, files in os.walk(folder):
         for name in files:
             p = os.path.join(dirpath, name)
-            found[os.path.relpath(p, folder)] = sha256_file(p)
-    return dict(sorted(found.items()))
+            found[os.path.relpath(p, folder)] = p
+    rels = sorted(found)
+    return {"files": {r: sha256_file(found[r]) for r in rels}, "sizes": {r: os.path.getsize(found[r]) for r in rels}}
 
 
 def torchvision_weights_file(path: str) -> tuple[str, str]:
@@ -89,14 +91,15 @@ def fetch_model(path: str, revision: str | None, cache_dir: str | None = None) -
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(path, revision=revision, cache_dir=cache_dir)
-        return {"kind": kind, "revision": os.path.basename(folder), "files": _files_of(folder)}
+        return {"kind": kind, "revision": os.path.basename(folder), **_files_of(folder)}
     if kind == "torchvision":
         import torch
 
         url, _ = torchvision_weights_file(path)
         torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
         _, file = torchvision_weights_file(path)
-        return {"kind": kind, "revision": os.path.basename(file), "files": {os.path.basename(file): sha256_file(file)}}
+        name = os.path.basename(file)
+        return {"kind": kind, "revision": name, "files": {name: sha256_file(file)}, "sizes": {name: os.path.getsize(file)}}
     raise ValueError(f"{path} is a local folder: nothing to fetch or lock")
 
 
@@ -135,10 +138,13 @@ def check_locked(path: str, entry: dict[str, Any] | None, cache_dir: str | None 
     folder = local_snapshot(path, entry["revision"], cache_dir)
     if folder is None:
         return f"{path}@{entry['revision'][:12]} is not in the local Hugging Face cache"
+    sizes = entry.get("sizes", {})
     for rel, sha in entry["files"].items():
         p = os.path.join(folder, rel)
         if not os.path.exists(p):
             return f"{path}@{entry['revision'][:12]}: file {rel} missing from the cache"
+        if rel in sizes and os.path.getsize(p) != sizes[rel]:
+            return f"{path}@{entry['revision'][:12]}: {rel} has {os.path.getsize(p)} bytes, the lock says {sizes[rel]}"
         if hash_files and sha256_file(p) != sha:
             return f"{path}@{entry['revision'][:12]}: {rel} sha256 differs from the lock"
     return None

@@ -71,6 +71,11 @@ def test_fetch_locks_cached_commits_and_preflight_detects_a_mismatch(tmp_path, t
     body = os.path.join(hub, "models--pab-test--tiny-annotators", "snapshots", commits[repo], "body_pose_model.pth")
     with open(body, "ab") as f:
         f.write(b"tampered")
+    assert "the lock says" in check_locked(repo, entries[repo], hub, hash_files=False)  # preflight's quick check
+    with open(body, "r+b") as f:
+        f.seek(0)
+        f.write(b"X")  # same size, other bytes: only the hash finds it
+    entries[repo]["sizes"]["body_pose_model.pth"] = os.path.getsize(body)
     assert "sha256 differs" in check_locked(repo, entries[repo], hub)
     os.remove(body)
     assert "missing" in check_locked(repo, entries[repo], hub, hash_files=False)
