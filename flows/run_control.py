@@ -71,18 +71,20 @@ def stop_on_signals(grace_s: float = GRACE_S) -> None:
 
 
 def exit_with_parent() -> bool:
-    """In a flow-run process a worker started: ask Linux to send it SIGTERM when the worker dies
-    (Prefect's engine then reports the run Crashed and exits), so no orphan keeps writing to OUT.
-    Returns whether it was set (Linux only)."""
+    """In a flow-run process a worker started: ask Linux to SIGKILL it when the worker dies, so no
+    orphan keeps writing to OUT. SIGKILL, not SIGTERM: a unit blocked in I/O or a model call keeps
+    a terminated interpreter alive. Outputs are written atomically and markers last, so nothing
+    half-written is visible; the run then stops heartbeating and the crash automation (flows/
+    automations.py) marks it Crashed, ready for `prefect flow-run retry`. Returns whether it was set."""
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
     if os.getppid() == 1:  # the worker died before the request: act on it now
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
     return True

@@ -1,7 +1,8 @@
 """A lost machine is noticed, on a real Prefect server (127.0.0.1, the stack of test_deployment):
 with flow-run heartbeats on and `pab automations install`, a deployment run whose worker is
-SIGKILLed loses its flow process too (no orphan writing to OUT); with both gone the run becomes
-Crashed within a few heartbeat periods, and `prefect flow-run retry` finishes it from its markers."""
+SIGKILLed loses its flow process too (killed with it: no orphan writing to OUT); with both gone and
+nobody to report, the run becomes Crashed within a few heartbeat periods, and `prefect flow-run
+retry` finishes it from its markers."""
 
 from __future__ import annotations
 
@@ -79,17 +80,10 @@ def test_killed_worker_and_flow_process_become_crashed_then_retry_finishes(tmp_p
                       "--job-variable", f"env={env}", timeout=120)
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
         engine = _busy_engine(stack, run_id, worker, out)
-        worker.kill()  # only the worker dies: its flow process must not live on as an orphan
+        worker.kill()  # the worker dies: its flow process must not live on as an orphan writing to OUT
         gone, _ = psutil.wait_procs([engine], timeout=30)
         assert gone, "the flow process outlived its worker"
-        stack.wait_settled(run_id, quiet_s=5, timeout=120)
-
-        worker = stack.start("worker2", "worker", "start", "--pool", CPU_POOL, "--type", "process")
-        if stack.flow_run(run_id)["state_type"] != "RUNNING":
-            assert stack.cli("flow-run", "retry", run_id).returncode == 0
-        engine = _busy_engine(stack, run_id, worker, out)
-        engine.kill()  # the machine goes: flow process and worker at once, nobody reports anything
-        worker.kill()
+        # nobody is left to report (as when the machine goes): the heartbeat automation marks it Crashed
         start = time.monotonic()
         run = stack.wait_state(run_id, {"CRASHED", "FAILED", "COMPLETED", "CANCELLED"}, timeout=8 * HEARTBEAT_S)
         assert run["state_type"] == "CRASHED", run["state"]
@@ -98,11 +92,11 @@ def test_killed_worker_and_flow_process_become_crashed_then_retry_finishes(tmp_p
 
         os.unlink(video)
         shutil.copy2(glob.glob(str(pristine / "oops_video" / "*" / os.path.basename(video)))[0], video)
-        stack.start("worker3", "worker", "start", "--pool", CPU_POOL, "--type", "process")
+        stack.start("worker2", "worker", "start", "--pool", CPU_POOL, "--type", "process")
         r = stack.cli("flow-run", "retry", run_id)  # the documented retry works after the crash
         assert r.returncode == 0, r.stdout + r.stderr
         done = stack.wait_state(run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=240)
-        assert done["state_type"] == "COMPLETED", stack.log_tail("worker3")
+        assert done["state_type"] == "COMPLETED", stack.log_tail("worker2")
         assert (out / "manifests" / "frames.parquet").exists()
         assert not (out / "_build.lock").exists()
     finally:
