@@ -110,6 +110,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pab_build.status import build_status, format_status
 
     print(format_status(build_status(args.out)))
+    from pab_build.build_lock import LOCK_NAME, read_lock, stale_reason
+    from pab_build.build_outcome import failure_report
+
+    for line in failure_report(args.out):
+        print(line)
+    held = read_lock(os.path.join(args.out, LOCK_NAME)) if "://" not in args.out else None
+    if held is not None:
+        why = stale_reason(held)
+        print(f"lock: {held.describe()}" + (f" (stale: {why})" if why else " (building now)"))
     return 0
 
 

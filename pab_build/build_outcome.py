@@ -88,3 +88,18 @@ def format_failures(failures: list[StageFailures], other: list[str] | None = Non
     lines.append("  rerun the same command to retry the failed units; raise run.max_failed_units to accept "
                  "a partial build")
     return "\n".join(lines)
+
+
+def failure_report(out: str) -> list[str]:
+    """``pab status``: per stage with failed units, their count and first distinct errors."""
+    from .pipeline import STAGE_ORDER
+
+    store = Store(out)
+    lines = []
+    for stage in STAGE_ORDER:
+        failed = [n for n in store.listdir(f"_markers/{stage}")
+                  if (m := store.read_marker(stage, n[: -len(".json")])) is not None and m.status == "failed"]
+        if failed:
+            lines.append(f"{stage}: {len(failed)} unit(s) failed after retries; first errors: "
+                         + "; ".join(failed_unit_errors(store, stage)))
+    return lines

@@ -32,3 +32,16 @@ def test_stage_failures_reads_first_distinct_errors(tmp_path):
     assert not stage_failures(store, "pose", {"done": 1, "failed": 3}, 0.75).over_limit
     text = str(BuildFailed([f]))
     assert "stage pose: 3 of 4 units failed" in text and "no model at /nope" in text
+
+
+def test_status_lists_failed_stages_with_errors(tmp_path, capsys):
+    from flows.cli import main
+
+    store = Store(str(tmp_path))
+    store.write_marker("generate", "000004", Marker("failed", "h", "i", 3, "unit 000004 failed after retries: "
+                                                   "OSError: no such model: /models/sdxl"))
+    with pytest.raises(SystemExit) as e:
+        main(["status", str(tmp_path)])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "generate: 1 unit(s) failed after retries; first errors: OSError: no such model: /models/sdxl" in text
