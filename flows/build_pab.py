@@ -8,7 +8,12 @@ artifacts. The work itself is ``pab_build.units.execute_unit`` over a stage from
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -21,8 +26,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import build_artifact_key
 from flows.dispatch import Progress, dispatch_units, quiet_task_logs, unit_submitter, window_size
-from pab_build.config import PABConfig, load_config
-from pab_build.pipeline import get_stage, stages_until
+from pab_build.build_lock import hold_build_lock
+from pab_build.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
+from pab_build.config import PABConfig, load_config, qc_settings
+from pab_build.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
 from pab_build.prepare import prepare_build
 from pab_build.progress import StageReporter
 from pab_build.redact import redact, redact_url, secret_overrides_from_env
@@ -121,29 +128,174 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
 
 @flow(name="stage", log_prints=True)
 def stage_flow(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
-    return run_stage_units(cfg, out, stage_name)
+    """One stage; ends Failed (raising :class:`StageFailed`) when more units failed after their
+    retries than ``run.max_failed_units`` allows."""
+    counts = run_stage_units(cfg, out, stage_name)
+    failures = stage_failures(Context.create(cfg, out).store, stage_name, counts, cfg.run.max_failed_units)
+    if failures.over_limit:
+        raise StageFailed(failures)
+    if failures.failed:
+        get_run_logger().warning("%s (accepted)", failures.line())
+    return counts
+
+
+@flow(name="wait-for-files")
+def wait_for_files_flow(what: str, timeout_s: int) -> list[str]:
+    """Pause (this subflow only: the rest of the build goes on) until people give file paths
+    through the Prefect UI/API (``resume_flow_run(id, run_input={"files": [...]})``)."""
+    from prefect.flow_runs import pause_flow_run
+    from prefect.input import RunInput
+
+    class GivenFiles(RunInput):
+        files: list[str]
+
+    get_run_logger().info("waiting for %s: resume this flow run with their paths", what)
+    return pause_flow_run(wait_for_input=GivenFiles, timeout=timeout_s).files
 
 
 def _wait_for_review(cfg: PABConfig, out: str) -> PABConfig:
     """``review.policy = wait``: write the review sheet, pause until reviewers' decision files are
-    given through the Prefect UI/API, then continue with them."""
-    from prefect.flow_runs import pause_flow_run
-    from prefect.input import RunInput
-
+    given, then continue with them. Nothing to review: no pause."""
     from pab_build.stages import review
-
-    class ReviewDecisions(RunInput):
-        decisions_files: list[str]
 
     ctx = Context.create(cfg, out)
     if review.decisions_ready(cfg.review.decisions_files):
         return cfg
-    sheet, template = review.export_review_sheet(ctx, review.plan_review_items(ctx))
+    items = review.plan_review_items(ctx)
+    if not items:
+        get_run_logger().info("review: no pair survived the automatic filters, nothing to review")
+        return cfg
+    sheet, template = review.export_review_sheet(ctx, items)
     get_run_logger().info("review page: open %s/%s in a browser and download the decisions (or fill in %s); "
-                          "resume the flow run with the file paths", out, sheet, template)
-    given = pause_flow_run(wait_for_input=ReviewDecisions, timeout=cfg.review.wait_timeout_s)
-    # model_copy, not a JSON round trip: the JSON form of the config has its credentials redacted
-    return cfg.model_copy(update={"review": cfg.review.model_copy(update={"decisions_files": given.decisions_files})})
+                          "resume the paused review-wait run with the file paths", out, sheet, template)
+    files = wait_for_files_flow.with_options(flow_run_name="review-wait")("reviewers' decision files",
+                                                                 cfg.review.wait_timeout_s)
+    return _with(cfg, {"review.decisions_files": files})
+
+
+def _wait_for_caption_qc(cfg: PABConfig, out: str) -> PABConfig | None:
+    """After ``test_captions`` with ``qc.policy = wait``: pause for caption correction files, then
+    return the config to rerun the stage with (None: nothing to wait for)."""
+    from pab_build.manifests import read_manifest
+
+    policy, files = qc_settings(cfg)
+    if policy != "wait" or (files and review_files_ready(files)):
+        return None
+    if not any(r["status"] == "ok" for r in read_manifest(Context.create(cfg, out).store, "test_captions")):
+        return None
+    get_run_logger().info("caption QC: page %s/review/captions.html; resume the paused caption-qc-wait run "
+                          "with the correction files", out)
+    given = wait_for_files_flow.with_options(flow_run_name="caption-qc-wait")("caption correction files",
+                                                                     cfg.qc.wait_timeout_s)
+    return _with(cfg, {"qc.files": given})
+
+
+def review_files_ready(paths: list[str]) -> bool:
+    from pab_build.stages.review import decisions_ready
+
+    return decisions_ready(paths)
+
+
+def _with(cfg: PABConfig, changes: dict[str, Any]) -> PABConfig:
+    """``cfg`` with ``section.field`` values changed; model_copy, not a JSON round trip: the JSON form
+    of the config has its credentials redacted."""
+    for key, value in changes.items():
+        section, name = key.split(".")
+        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={name: value})})
+    return cfg
+
+
+# called with a stage's name when it finished (the build-level progress artifact); set per build
+_STAGE_FINISHED: contextvars.ContextVar = contextvars.ContextVar("pab_stage_finished", default=None)
+
+
+def _run_stage(cfg: PABConfig, out: str, name: str) -> dict[str, int]:
+    result = stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(cfg, out, name)
+    if (finished := _STAGE_FINISHED.get()) is not None:
+        finished(name)
+    return result
+
+
+def _test_branch(cfg: PABConfig, out: str, names: list[str], outcome: BranchOutcome, pairs_done: threading.Event):
+    """frames .. test_shards. Sets ``pairs_done`` once the training branch may plan its prompts
+    (pairs finished, or the branch stopped before: then the training branch stops too)."""
+    try:
+        for name in names:
+            if name == "review" and cfg.review.policy == "wait":
+                cfg = _wait_for_review(cfg, out)
+            if name == "test_captions":
+                get_run_logger().info("test-caption QC policy: %s", qc_settings(cfg)[0])
+            outcome.summary[name] = _run_stage(cfg, out, name)
+            if name == "test_captions" and (qc_cfg := _wait_for_caption_qc(cfg, out)) is not None:
+                cfg = qc_cfg
+                outcome.summary[name] = _run_stage(cfg, out, name)
+            if name == "pairs":
+                outcome.pairs_ok = True
+                pairs_done.set()
+    except StageFailed as e:
+        outcome.failures.append(e.failures)
+    finally:
+        pairs_done.set()
+
+
+def _training_branch(cfg: PABConfig, out: str, names: list[str], outcome: BranchOutcome,
+                     test: BranchOutcome, pairs_done: threading.Event):
+    """prompts .. train_shards; ``prompts`` excludes the test candidates that survived the automatic
+    filters, so with ``prompts.exclude_test_clips`` it starts once ``pairs`` is done, never after review."""
+    if names and cfg.prompts.exclude_test_clips:
+        pairs_done.wait()
+        if not test.pairs_ok:
+            outcome.other.append("training branch not started: prompts needs the pairs stage, which did not finish")
+            return
+    try:
+        for name in names:
+            outcome.summary[name] = _run_stage(cfg, out, name)
+    except StageFailed as e:
+        outcome.failures.append(e.failures)
+
+
+@dataclass
+class BranchOutcome:
+    summary: dict[str, Any] = field(default_factory=dict)
+    failures: list[StageFailures] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    pairs_ok: bool = False
+
+
+def _run_branches(cfg: PABConfig, out: str, until: str | None,
+                  build_progress=None) -> tuple[dict[str, Any], BuildFailed | None]:
+    """The test and training branches at once, each stage a subflow of this flow run; the build's
+    progress artifact (on this parent run) follows the stages that finished."""
+    planned = stages_until(until)
+    test_names = [n for n in TEST_BRANCH if n in planned]
+    train_names = [n for n in TRAINING_BRANCH if n in planned]
+    test, train, pairs_done = BranchOutcome(), BranchOutcome(), threading.Event()
+    if "pairs" not in test_names:
+        pairs_done.set()
+        test.pairs_ok = True  # the training branch reads pairs from an earlier run, or not at all
+    if build_progress is not None:
+        finished: set[str] = set()
+        guard = threading.Lock()
+
+        def stage_finished(name: str) -> None:
+            with guard:
+                finished.add(name)
+                update_progress_artifact(build_progress, 100.0 * len(finished) / max(1, len(planned)))
+
+        _STAGE_FINISHED.set(stage_finished)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pab-branch")
+    try:
+        # each thread runs in a copy of this flow run's context, so the stages are its subflows
+        futures = [pool.submit(contextvars.copy_context().run, _test_branch, cfg, out, test_names, test, pairs_done),
+                   pool.submit(contextvars.copy_context().run, _training_branch, cfg, out, train_names, train,
+                               test, pairs_done)]
+        for f in futures:
+            f.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: never wait for a paused branch
+    summary = {n: (test.summary | train.summary)[n] for n in planned if n in test.summary or n in train.summary}
+    failures, other = test.failures + train.failures, test.other + train.other
+    return summary, (BuildFailed(failures, other) if failures or other else None)
 
 
 @flow(name="build-pab", log_prints=True)
@@ -154,8 +306,11 @@ def build_pab(
     until: str | None = None,
     publish_url: str | None = None,
     train_cmp: bool | None = None,
+    skip_preflight: bool = False,
 ) -> dict[str, Any]:
-    """Build PAB: test set, training set, release; optionally publish and train CMP after.
+    """Build PAB: test set and training set (two branches at once), release; optionally publish
+    and train CMP after. Ends Failed, naming the stages, when units failed beyond
+    ``run.max_failed_units``.
 
     ``overrides`` are ``dotted.key=value`` strings; ``until`` stops after that stage. Parameters are
     stored by Prefect: ``publish_url`` must hold no credential (use the environment or
@@ -167,30 +322,38 @@ def build_pab(
     # overrides that may hold credentials come from the environment (`pab run` puts them there)
     cfg = load_config(profile, (overrides or []) + secret_overrides_from_env())
     logger = get_run_logger()
-    prepare_task(cfg, out)
-    summary: dict[str, Any] = {}
-    stages = stages_until(until)
-    build_progress = create_progress_artifact(0.0, key=build_artifact_key("build-progress", out),
-                                              description=f"stages finished (%) of {out}")
-    for name in stages:
-        if name == "review" and cfg.review.policy == "wait":
-            cfg = _wait_for_review(cfg, out)
-        summary[name] = stage_flow.with_options(name=f"stage-{name}", task_runner=_task_runner(cfg))(
-            cfg, out, name
-        )
-        update_progress_artifact(build_progress, 100.0 * len(summary) / len(stages))
-    create_table_artifact(
-        [{"stage": k, **v} for k, v in summary.items()], key=build_artifact_key("build-summary", out),
-        description=f"units and rows per stage of {out}",
-    )
-    if until is None:
-        summary["release"] = release_task(cfg, out)
-        if publish_url or cfg.publish.url:
-            summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
-        if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
-            from flows.train_cmp import train_cmp_flow
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker: end with it, never as an orphan
+        from flows.run_control import exit_with_parent
 
-            summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
+        exit_with_parent()
+    if not skip_preflight:
+        from pab_build.preflight import PreflightFailed, format_table, run_checks
+
+        wants_cmp = cfg.cmp.train_after_build if train_cmp is None else train_cmp
+        rows = run_checks(_with(cfg, {"cmp.train_after_build": wants_cmp}), out, publish_url, until)
+        logger.info("preflight:\n%s", format_table(rows))
+        if any(r.problem for r in rows):
+            raise PreflightFailed(rows)
+    with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s):
+        prepare_task(cfg, out)
+        build_progress = create_progress_artifact(0.0, key=build_artifact_key("build-progress", out),
+                                                  description=f"stages finished (%) of {out}")
+        summary, failed = _run_branches(cfg, out, until, build_progress)
+        create_table_artifact(
+            [{"stage": k, **v} for k, v in summary.items()], key=build_artifact_key("build-summary", out),
+            description=f"units and rows per stage of {out}",
+        )
+        if failed is not None:
+            logger.error("%s", failed)
+            raise failed
+        if until is None:
+            summary["release"] = release_task(cfg, out)
+            if publish_url or cfg.publish.url:
+                summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
+            if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
+                from flows.train_cmp import train_cmp_flow
+
+                summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
     logger.info("build summary: %s", redact(summary))
     return summary
 

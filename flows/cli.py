@@ -31,38 +31,104 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _run_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set or [])
     if args.oops_root:
         overrides.append(f"oops.root={args.oops_root}")
-    if args.runner:
+    if getattr(args, "runner", None):
         overrides.append(f"run.task_runner={args.runner}")
+    return overrides
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    return args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
+
+
+def _preflight(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Print the preflight table; 0 when every check passed, else 2."""
+    from pab_build.config import load_config
+    from pab_build.preflight import format_table, run_checks
+
+    if getattr(args, "no_cmp", False):
+        overrides = overrides + ["cmp.train_after_build=false"]  # CMP's models are not needed
+    rows = run_checks(load_config(args.profile, overrides), _default_out(args), getattr(args, "publish", None),
+                      getattr(args, "until", None))
+    print(format_table(rows), file=sys.stderr if any(r.problem for r in rows) else sys.stdout)
+    problems = sum(r.problem for r in rows)
+    if problems:
+        print(f"pab: preflight found {problems} problem(s); nothing was started", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    return _preflight(args, _run_overrides(args))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = _run_overrides(args)
     from pab_build.config import load_config
 
-    load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
+    cfg = load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
     from pab_build.pipeline import stages_until
 
     stages_until(args.until)
-    from flows.build_pab import (
-        build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
-    )
+    if not args.skip_preflight and (code := _preflight(args, overrides)):
+        return code
+    from flows.run_control import hard_exit, stop_on_signals
+    from pab_build.build_lock import BuildLocked, hold_build_lock
+    from pab_build.build_outcome import BuildFailed
 
     from flows.progress import ProgressDisplay
 
-    out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.profile))[0])
+    out = _default_out(args)
     # anything that may hold a credential reaches the flow through the environment, never as a
     # flow-run parameter (Prefect stores those in its database)
     from pab_build.redact import export_secret_overrides, split_secret_overrides
 
     public, secret = split_secret_overrides(overrides + ([f"publish.url={args.publish}"] if args.publish else []))
     export_secret_overrides(secret)
-    with ProgressDisplay(verbose=args.verbose):
-        summary = build_pab(
-            profile=args.profile, out=out, overrides=public, until=args.until,
-            train_cmp=False if args.no_cmp else None,
-        )
+    stop_on_signals()
+    try:
+        with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s):
+            from flows.build_pab import (
+                build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
+            )
+
+            with ProgressDisplay(verbose=args.verbose):
+                summary = build_pab(
+                    profile=args.profile, out=out, overrides=public, until=args.until,
+                    train_cmp=False if args.no_cmp else None, skip_preflight=True,
+                )
+    except BuildLocked as e:
+        print(f"pab: {e}", file=sys.stderr)
+        return 2
+    except BuildFailed as e:
+        print(str(e), file=sys.stderr)
+        print(f"outputs (partial): {out}; `pab status {out}` lists the failed units", file=sys.stderr)
+        return 1
+    except BaseException as e:  # Ctrl-C, or SIGTERM as Prefect's TerminationSignal while a flow runs
+        if not isinstance(e, KeyboardInterrupt) and type(e).__name__ != "TerminationSignal":
+            raise
+        print(f"pab: stopped; finished units are kept, rerun the same command to resume ({out})", file=sys.stderr)
+        hard_exit(130)
     print(json.dumps(summary, indent=2, default=str))
     print(f"outputs: {out}")
+    return 0
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from pab_build.config import load_config
+    from pab_build.model_lock import fetch_profile
+
+    cache = os.path.expanduser(args.cache) if args.cache else None
+    if cache:  # the nodes then use HF_HUB_CACHE=<DIR>/huggingface/hub and TORCH_HOME=<DIR>/torch
+        os.environ["TORCH_HOME"] = os.path.join(cache, "torch")
+    cfg = load_config(args.profile, list(args.set or []))
+    lock = args.lock or cfg.run.models_lock
+    entries = fetch_profile(cfg, lock, os.path.join(cache, "huggingface", "hub") if cache else None)
+    for model, entry in entries.items():
+        print(f"{model}@{entry['revision']}  ({len(entry['files'])} files)")
+    print(f"lock: {lock}")
     return 0
 
 
@@ -70,6 +136,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pab_build.status import build_status, format_status
 
     print(format_status(build_status(args.out), as_json=args.json))
+    if args.json:
+        return 0
+    from pab_build.build_lock import LOCK_NAME, read_lock, stale_reason
+    from pab_build.build_outcome import failure_report
+
+    for line in failure_report(args.out):
+        print(line)
+    held = read_lock(os.path.join(args.out, LOCK_NAME)) if "://" not in args.out else None
+    if held is not None:
+        why = stale_reason(held)
+        print(f"lock: {held.describe()}" + (f" (stale: {why})" if why else " (building now)"))
     return 0
 
 
@@ -127,6 +204,13 @@ def _cmd_cmp_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_automations_install(args: argparse.Namespace) -> int:
+    from flows.automations import AUTOMATION_NAME, install_crash_automation
+
+    print(f"{AUTOMATION_NAME}: {install_crash_automation(args.heartbeat_s)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pab", description="Build the PAB benchmark and train/evaluate CMP.")
     p.add_argument("--debug", action="store_true", help="on an error, print the whole traceback, not one line")
@@ -142,7 +226,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--publish", metavar="URL", help="publish the release to this fsspec URL at the end")
     r.add_argument("--no-cmp", action="store_true", help="do not train CMP after the build")
     r.add_argument("--verbose", action="store_true", help="also print Prefect's line for every task run")
+    r.add_argument("--skip-preflight", action="store_true", help="start without the preflight checks (experts)")
     r.set_defaults(func=_cmd_run)
+
+    pf = sub.add_parser("preflight", help="check device, models, OOPS! root, OUT, credentials; exit 2 on problems")
+    pf.add_argument("profile", help="profile name (configs/<name>.yaml) or a YAML path, e.g. smoke, full")
+    pf.add_argument("--oops-root", help="OOPS!-format root (default: the profile's oops.root)")
+    pf.add_argument("--out", help="output folder or fsspec URL the build will write")
+    pf.add_argument("--publish", metavar="URL", help="publish URL whose credentials to check")
+    pf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    pf.set_defaults(func=_cmd_preflight)
+
+    m = sub.add_parser("models", help="models of a profile: fetch them and lock their revisions")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    mf = msub.add_parser("fetch", help="download every model of PROFILE and write models.lock.json")
+    mf.add_argument("profile", help="profile name (configs/<name>.yaml) or a YAML path, e.g. full")
+    mf.add_argument("--cache", metavar="DIR", help="download into DIR/huggingface/hub and DIR/torch")
+    mf.add_argument("--lock", metavar="PATH", help="lock file (default: models.lock.json beside the profile)")
+    mf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    mf.set_defaults(func=_cmd_models_fetch)
+
+    a = sub.add_parser("automations", help="Prefect automations a deployment needs (on PREFECT_API_URL)")
+    asub = a.add_subparsers(dest="automations_command", required=True)
+    ai = asub.add_parser("install", help="mark flow runs Crashed when their heartbeats stop (lost machine)")
+    ai.add_argument("--heartbeat-s", type=int, default=60,
+                    help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers (prefect.yaml sets 60)")
+    ai.set_defaults(func=_cmd_automations_install)
 
     s = sub.add_parser("status", help="per stage: units done/failed/pending, rows ok/rejected")
     s.add_argument("out", help="the build's output folder (the --out of `pab run`)")

@@ -74,6 +74,11 @@ class RunConfig(Section):
     # every visible GPU when device is "cuda", else just `device`. [cpu, cpu] tests it on a CPU.
     devices: list[str] | None = None
     log_unit_runs: bool = False  # Prefect's own lines for every unit's task run (61k units: off by default)
+    # units per stage allowed to stay failed after their retries: an int (count) or a fraction in [0, 1)
+    # of the stage's units; above it the stage, the build and `pab run` end failed (exit 1)
+    max_failed_units: int | float = Field(0, ge=0)
+    models_lock: str | None = None  # models.lock.json (`pab models fetch`); None = next to the profile's YAML
+    lock_heartbeat_s: float = Field(30.0, gt=0)  # OUT lock: heartbeat period; stale after 4 missed beats
 
 
 class OopsConfig(Section):
@@ -124,6 +129,16 @@ class ReviewConfig(Section):
     wait_timeout_s: int = Field(7 * 24 * 3600, ge=1)  # how long `wait` pauses the flow
 
 
+class QCConfig(Section):
+    """Test-caption quality control: ``none`` keeps the generated captions as they are (stated in the
+    log and the card), ``decisions_file`` applies the correction files in ``files``, ``wait`` pauses
+    the test branch after ``test_captions`` until correction files are given (then reruns it)."""
+
+    policy: Literal["none", "decisions_file", "wait"] = "none"
+    files: list[str] = []  # caption correction files (CSV or JSONL: sample_key, caption)
+    wait_timeout_s: int = Field(7 * 24 * 3600, ge=1)
+
+
 class GenerationSettings(Section):
     """Settings passed to Qwen2-VL generate()."""
 
@@ -144,7 +159,8 @@ class CaptionsConfig(Section):
     min_words: int = Field(3, ge=0)  # shorter outputs are rejected as empty
     max_words: int = Field(80, ge=1)  # longer ones as runaway (the prompt asks for <= 50)
     reject_unfinished: bool = True  # reject outputs that hit max_new_tokens without ending (runaway)
-    qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"  # test captions only
+    # deprecated, kept so older profiles load: use the `qc` section (qc.policy, qc.files)
+    qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"
     qc_files: list[str] = []
 
 
@@ -274,6 +290,7 @@ class PABConfig(Section):
     pose: PoseConfig = PoseConfig()
     pairs: PairsConfig = PairsConfig()
     review: ReviewConfig = ReviewConfig()
+    qc: QCConfig = QCConfig()
     test_captions: CaptionsConfig = CaptionsConfig()
     prompts: PromptsConfig = PromptsConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -397,7 +414,11 @@ def _resolve_paths(cfg: PABConfig, base: Path) -> PABConfig:
     cfg.fixtures.sample_oops_dir = str(Path(cfg.fixtures.sample_oops_dir).expanduser())
     if cfg.oops.root and cfg.oops.root.startswith("~"):
         cfg.oops.root = str(Path(cfg.oops.root).expanduser())
-    return cfg
+    if cfg.run.models_lock is None:
+        cfg.run.models_lock = str(base / "models.lock.json")
+    from .model_lock import apply_lock, read_lock  # late: model_lock reads this module's types
+
+    return apply_lock(cfg, read_lock(cfg.run.models_lock))
 
 
 def model_path(cfg: PABConfig, name: str) -> str:
@@ -411,6 +432,14 @@ def model_id(cfg: PABConfig, name: str) -> str:
     """What a sample records as the model: the path as written in the profile, plus revision."""
     spec: ModelSpec = getattr(cfg.models, name)
     return spec.path if spec.revision is None else f"{spec.path}@{spec.revision}"
+
+
+def qc_settings(cfg: PABConfig) -> tuple[str, list[str]]:
+    """Test-caption QC policy and correction files. ``qc.policy`` wins; a profile that still sets the
+    older ``test_captions.qc_policy: decisions_file`` (with ``qc_files``) means ``decisions_file``."""
+    if cfg.qc.policy == "none" and cfg.test_captions.qc_policy == "decisions_file":
+        return "decisions_file", list(cfg.test_captions.qc_files)
+    return cfg.qc.policy, list(cfg.qc.files or cfg.test_captions.qc_files)
 
 
 def oops_root(cfg: PABConfig) -> str:

@@ -18,6 +18,11 @@ STAGE_ORDER: list[str] = [
     "prompts", "generate", "gen_pose", "train_captions", "train_attributes", "train_shards",
 ]
 
+# the two branches of the build graph; they run at once (the training branch's `prompts` only needs
+# `pairs` of the test branch, see stages/prompts.py)
+TEST_BRANCH: list[str] = STAGE_ORDER[: STAGE_ORDER.index("test_shards") + 1]
+TRAINING_BRANCH: list[str] = STAGE_ORDER[STAGE_ORDER.index("prompts") :]
+
 # stage names of earlier releases -> today's name (prepare_build renames their outputs)
 RENAMED_STAGES: dict[str, str] = {"attributes": "train_attributes"}
 

@@ -149,17 +149,17 @@ class TransformersBackend:
     """Qwen2VLForConditionalGeneration + AutoProcessor; batched, left-padded ``generate``."""
 
     def __init__(self, path: str, *, model_id: str, device: str, dtype: str, trust_remote_code: bool,
-                 seed: int = 0):
+                 seed: int = 0, revision: str | None = None):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         self.model_id = model_id
         self.device = resolve_device(device)
         self.seed = seed
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         # decoder-only batches must pad on the left, so every row's last token is its prompt's end
         self.processor.tokenizer.padding_side = "left"
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -223,7 +223,7 @@ class VllmBackend:
     """vLLM's offline ``LLM``; needs the ``vllm`` extra and a GPU."""
 
     def __init__(self, path: str, *, model_id: str, device: str, dtype: str, trust_remote_code: bool,
-                 seed: int = 0, settings: GenerationSettings | None = None):
+                 seed: int = 0, settings: GenerationSettings | None = None, revision: str | None = None):
         try:
             import vllm  # only here: optional, GPU-only dependency
         except ImportError as e:
@@ -236,9 +236,9 @@ class VllmBackend:
         self.model_id = model_id
         self.seed = seed
         self._vllm = vllm
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         mm = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels} if settings else {}
-        self.llm = vllm.LLM(model=path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+        self.llm = vllm.LLM(model=path, revision=revision, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
                             limit_mm_per_prompt={"image": 1}, mm_processor_kwargs=mm)
 
     def prompt_length(self, request: VLMRequest, settings: GenerationSettings) -> int:
@@ -267,7 +267,8 @@ def load_backend(cfg: PABConfig, settings: GenerationSettings) -> VLMBackend:
     spec = cfg.models.qwen2_vl
     path = model_path(cfg, "qwen2_vl")
     kwargs: dict[str, Any] = dict(model_id=model_id(cfg, "qwen2_vl"), device=cfg.run.device, dtype=spec.dtype,
-                                  trust_remote_code=cfg.run.trust_remote_code, seed=cfg.run.seed)
+                                  trust_remote_code=cfg.run.trust_remote_code, seed=cfg.run.seed,
+                                  revision=spec.revision)
     key: tuple = ("qwen2_vl", settings.backend, path, tuple(sorted(kwargs.items())))
     if settings.backend == "vllm":  # the engine fixes the image size bounds when it starts
         kwargs["settings"] = settings

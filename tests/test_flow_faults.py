@@ -1,8 +1,10 @@
 """Per-unit failure policy through Prefect: transient failures are retried, a poisoned unit is
-recorded as rejected rows after its retries, and the stage (so the build) completes."""
+recorded as rejected rows after its retries; the stage completes only when run.max_failed_units
+accepts it, and otherwise ends Failed naming the unit's error."""
 
 import pytest
 
+from pab_build.build_outcome import StageFailed
 from pab_build.config import load_config
 from pab_build.manifests import read_manifest, reject
 from pab_build.units import Stage, chunk_units
@@ -33,12 +35,18 @@ def test_retries_then_rejects_poisoned_unit(tmp_path, monkeypatch):
 
     attempts: dict = {}
     monkeypatch.setattr(fb, "get_stage", lambda name: _fault_stage(attempts))
-    cfg = load_config("smoke", ["run.unit_retries=2", "run.retry_delay_s=0"])
+    cfg = load_config("smoke", ["run.unit_retries=2", "run.retry_delay_s=0", "run.max_failed_units=1"])
     out = str(tmp_path / "out")
     with prefect_test_harness(server_startup_timeout=120):
         counts = fb.stage_flow(cfg, out, "frames")
+        first_attempts = dict(attempts)
+        strict = load_config("smoke", ["run.unit_retries=0", "run.retry_delay_s=0"])
+        state = fb.stage_flow(strict, str(tmp_path / "strict"), "frames", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match="stage frames: 1 of 3 units failed.*poisoned input"):
+        state.result()
     assert counts["failed"] == 1 and counts["done"] == 2
-    assert attempts == {"000000": 2, "000001": 1, "000002": 3}  # transient retried once; poisoned 1 + 2 retries
+    assert first_attempts == {"000000": 2, "000001": 1, "000002": 3}  # transient retried once; poisoned 1 + 2 retries
     rows = {r["sample_key"]: r for r in read_manifest(fb.Context.create(cfg, out).store, "frames")}
     assert len(rows) == 6
     assert rows["k0"]["status"] == "ok" and rows["k1"]["reason"] == "no person"

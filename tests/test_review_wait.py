@@ -1,5 +1,6 @@
-"""review.policy=wait: the build pauses (Prefect pause/input) after writing the review sheet, is
-resumed with the reviewers' decision files, and applies them."""
+"""review.policy=wait: only the test branch pauses (a `review-wait` subflow, Prefect pause/input)
+after writing the review sheet; the training branch runs to its shards meanwhile; resumed with the
+reviewers' decision files, the test branch applies them and the build completes."""
 
 import csv
 import os
@@ -30,12 +31,12 @@ def test_flow_pauses_for_review_and_resumes_with_decisions(tmp_path, tiny_model,
     tiny_model("openpose"), tiny_model("resnet50")
     out = str(tmp_path / "out")
     overrides = [f"fixtures.models_dir={models_dir}", "fixtures.build_tiny_models=false",
-                 f"oops.root={sample_oops_root}", "review.policy=wait", "review.wait_timeout_s=300"]
+                 f"oops.root={sample_oops_root}", "review.policy=wait", "review.wait_timeout_s=900"]
     result: dict = {}
     with prefect_test_harness(server_startup_timeout=120):
         worker = threading.Thread(
             target=lambda: result.setdefault("summary", build_pab(profile="smoke", out=out, overrides=overrides,
-                                                                    until="review")), daemon=True)
+                                                                    train_cmp=False)), daemon=True)
         worker.start()
         template = os.path.join(out, "review", "decisions_template.csv")
         paused = None
@@ -47,6 +48,14 @@ def test_flow_pauses_for_review_and_resumes_with_decisions(tmp_path, tiny_model,
                 paused = runs[0] if runs else None
                 time.sleep(0.5)
         assert paused is not None, "the build did not pause for review"
+        assert paused.name == "review-wait"  # the pause is the test branch's, not the whole build's
+        train_shards = os.path.join(out, "manifests", "train_shards.parquet")
+        while not os.path.exists(train_shards) and time.time() < deadline + 600:
+            time.sleep(1)
+        assert os.path.exists(train_shards), "the training branch did not finish while review was pending"
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(paused.id).state.is_paused()
+        assert not os.path.exists(os.path.join(out, "manifests", "test_captions.parquet"))
         assert os.path.exists(template) and os.path.exists(os.path.join(out, "review", "index.html"))
         with open(template, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -60,10 +69,11 @@ def test_flow_pauses_for_review_and_resumes_with_decisions(tmp_path, tiny_model,
                 bad = r["pair_key"] == rejected_pair
                 w.writerow({**r, "decision": "reject" if bad else "accept",
                             "reason": "normal behavior in both" if bad else "", "reviewer": "alice"})
-        resume_flow_run(paused.id, run_input={"decisions_files": [str(decisions)]})
-        worker.join(timeout=240)
+        resume_flow_run(paused.id, run_input={"files": [str(decisions)]})
+        worker.join(timeout=600)
     assert "summary" in result, "the build did not finish after resuming"
     review = read_manifest(Store(out), "review")
     gone = {r["clip_key"] for r in review if r["status"] == "rejected"}
     assert gone == {rejected_pair}
     assert sum(r["status"] == "ok" for r in review) == 8
+    assert os.path.exists(os.path.join(out, "shards", "index.json")) and "release" in result["summary"]

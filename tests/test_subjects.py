@@ -195,9 +195,11 @@ def prompt_ctx(tmp_path):
         cfg = load_config("smoke", {"oops.root": str(root), "fixtures.build_tiny_models": False,
                                     "fixtures.build_sample_oops": False, **overrides})
         ctx = Context.create(cfg, str(tmp_path / f"out-{len(os.listdir(tmp_path))}"))
-        write_manifest(ctx.store, "test_shards", [
-            {"sample_key": f"{clip_key('Test clip')}-{b}", "status": OK, "reason": None} for b in ("normal", "anomaly")
-        ] + [{"sample_key": f"{clip_key('Val clip')}-normal", "status": REJECTED, "reason": "too big"}])
+        write_manifest(ctx.store, "pairs", [
+            {"sample_key": f"{clip_key('Test clip')}-{b}", "clip_key": clip_key("Test clip"), "status": OK,
+             "reason": None} for b in ("normal", "anomaly")
+        ] + [{"sample_key": f"{clip_key('Val clip')}-normal", "clip_key": clip_key("Val clip"), "status": REJECTED,
+              "reason": "pair too similar"}])
         return ctx
 
     return make
@@ -235,18 +237,18 @@ def test_prompts_stage_builds_kinds_links_and_reasons(prompt_ctx):
     assert rows[f"{empty}-ap"]["status"] == REJECTED
 
     test = clip_key("Test clip")
-    assert {rows[f"{test}-{k}"]["reason"] for k in ("n", "a", "ap")} == {"clip is in the test set"}
-    val = clip_key("Val clip")  # its only test_shards row was rejected: not in the test set
+    assert {rows[f"{test}-{k}"]["reason"] for k in ("n", "a", "ap")} == {"clip is a test-set candidate (kept by pairs)"}
+    val = clip_key("Val clip")  # its only pairs row was rejected: not a test candidate
     assert rows[f"{val}-n"]["prompt"] == "two kids play" and rows[f"{val}-ap"]["status"] == OK
 
 
-def test_missing_test_shards_manifest_is_a_clear_error(prompt_ctx):
+def test_missing_pairs_manifest_is_a_clear_error(prompt_ctx):
     ctx = prompt_ctx()
-    ctx.store.remove("manifests/test_shards.parquet")
+    ctx.store.remove("manifests/pairs.parquet")
     with pytest.raises(FileNotFoundError, match="exclude_test_clips"):
         PROMPTS_STAGE.plan_units(ctx)
     ctx = prompt_ctx(**{"prompts.exclude_test_clips": False})
-    ctx.store.remove("manifests/test_shards.parquet")
+    ctx.store.remove("manifests/pairs.parquet")
     run_stage(ctx, PROMPTS_STAGE)
     assert _rows(ctx)[f"{clip_key('Test clip')}-n"]["status"] == OK
 

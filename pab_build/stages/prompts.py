@@ -38,13 +38,16 @@ def join_prompts(goal: str, wentwrong: str) -> str:
 
 
 def _test_set_clip_keys(ctx: Context) -> set[str]:
-    rel = manifest_rel("test_shards")
+    """Every test candidate that survived the automatic filters (``pairs``): a small superset of the
+    clips in the finished test shards (review and caption QC only remove clips), so the training
+    branch never waits for people. The cost: clips people later reject are lost to training too."""
+    rel = manifest_rel("pairs")
     if not ctx.store.exists(rel):
         raise FileNotFoundError(
-            f"prompts.exclude_test_clips is on but {rel} is missing: build the test set first "
-            "(stages frames .. test_shards), or set prompts.exclude_test_clips=false"
+            f"prompts.exclude_test_clips is on but {rel} is missing: run the test branch up to pairs first "
+            "(stages frames .. pairs), or set prompts.exclude_test_clips=false"
         )
-    return {r["sample_key"].rsplit("-", 1)[0] for r in ok_rows(ctx.store, "test_shards", ["sample_key"])}
+    return {r["clip_key"] for r in ok_rows(ctx.store, "pairs", ["clip_key"]) if r.get("clip_key")}
 
 
 def plan_prompt_units(ctx: Context) -> list[Unit]:
@@ -79,7 +82,7 @@ def _annotation_rows(items: dict[str, dict], extra: tuple[list[str], list[str]])
     first = next(iter(items.values()))
     shared_problem = None
     if first["in_test_set"]:
-        shared_problem = "clip is in the test set"
+        shared_problem = "clip is a test-set candidate (kept by pairs)"
     elif first["goal"] is None:
         shared_problem = (f"clip has {first['annotations']} caption annotation(s); "
                           f"annotation_index={first['annotation_index']} is out of range")
@@ -132,6 +135,6 @@ STAGE = Stage(
     plan_units=plan_prompt_units,
     run_unit=run_prompt_unit,
     config_keys=("prompts", "oops"),
-    version="1",
+    version="2",
     data_files=(LEXICON_PATH, wordnet.fingerprint),
 )

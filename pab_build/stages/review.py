@@ -318,7 +318,7 @@ def export_caption_sheet(ctx: Context, rows: list[dict]) -> tuple[str, str]:
         template.append([key, generated, "", ""])
     help_text = (f"{len(rows)} captions. Where a caption is wrong, type the corrected caption (both texts are kept: "
                  "the file holds the generated and the corrected one); leave it empty when it is right. Caption "
-                 "checked: click or Ctrl+Enter. Download decisions saves the CSV to list in test_captions.qc_files.")
+                 "checked: click or Ctrl+Enter. Download decisions saves the CSV to list in qc.files (or to give to the paused caption-qc-wait run when qc.policy is wait).")
     page = render_page(kind="captions", title="PAB test captions: quality control", help_text=help_text,
                        columns=CAPTION_COLUMNS, file_stem="captions-qc", items=page_items)
     ctx.store.write_text(CAPTION_SHEET_REL, page)

@@ -10,6 +10,7 @@ from ..captions import (
     caption_unit,
     image_item,
 )
+from ..config import qc_settings
 from ..manifests import OK, ok_rows, read_manifest
 from ..units import Context, Stage, Unit, chunk_units
 from .review import export_caption_sheet, load_caption_corrections
@@ -21,8 +22,9 @@ def plan_test_caption_units(ctx: Context) -> list[Unit]:
     sec = ctx.cfg.test_captions
     frames = {r["sample_key"]: r for r in read_manifest(ctx.store, "frames")}
     corrections: dict[str, str] = {}
-    if sec.qc_policy == "decisions_file":
-        corrections = load_caption_corrections(list(sec.qc_files), set(frames))
+    policy, files = qc_settings(ctx.cfg)
+    if policy != "none":  # `wait`: the flow pauses for the files after this stage, then replans with them
+        corrections = load_caption_corrections(files, set(frames))
     items = []
     for r in ok_rows(ctx.store, "review"):
         frame = frames.get(r["sample_key"])

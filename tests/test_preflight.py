@@ -1,0 +1,64 @@
+"""Preflight: every problem at once, in seconds, offline, before anything is written under OUT."""
+
+import os
+import subprocess
+import sys
+import time
+
+from pab_build.config import load_config
+from pab_build.preflight import check_oops, check_packages, check_publish, run_checks
+
+
+def test_full_run_without_gpu_or_cached_models_fails_fast_and_writes_nothing(tmp_path):
+    out, root = tmp_path / "X", tmp_path / "R"
+    root.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
+           "CUDA_VISIBLE_DEVICES": ""}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "full", "--out", str(out), "--oops-root", str(root)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    took = time.time() - start
+    assert proc.returncode == 2, proc.stderr
+    assert took < 60
+    err = proc.stderr
+    assert "device" in err and "CUDA is not available" in err
+    for model in ("SG161222/RealVisXL_V4.0", "Qwen/Qwen2-VL-7B-Instruct", "lllyasviel/Annotators",
+                  "torchvision:IMAGENET1K_V1"):
+        assert model in err
+    assert "no clip with a video" in err  # an empty OOPS! root is a problem too
+    assert not out.exists()
+
+
+def test_smoke_profile_passes_and_problems_are_named(tmp_path, sample_oops_root, tiny_model):
+    tiny_model("resnet50")
+    cfg = load_config("smoke", {"oops.root": sample_oops_root, "cmp.train_after_build": False})
+    rows = run_checks(cfg, str(tmp_path / "out"))
+    assert [r for r in rows if r.problem] == [], rows
+    assert not (tmp_path / "out").exists()
+    bad = load_config("smoke", {"oops.root": str(tmp_path / "missing"), "run.task_runner": "ray",
+                                "models.resnet50.path": str(tmp_path / "nope"), "fixtures.build_tiny_models": False,
+                                "test_captions.generation.backend": "vllm"})
+    problems = {r.check: r.detail for r in run_checks(bad, str(tmp_path / "out")) if r.problem}
+    assert "model resnet50" in problems and "OOPS! root" in problems
+    assert any(r.problem for r in check_packages(bad)) == ("vllm" not in sys.modules and
+                                                          __import__("importlib").util.find_spec("vllm") is None)
+
+
+def test_unparseable_annotations_and_missing_credentials_are_problems(tmp_path, monkeypatch):
+    root = tmp_path / "oops"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "transition_times.json").write_text("{not json")
+    cfg = load_config("smoke", {"oops.root": str(root), "fixtures.build_sample_oops": False})
+    rows = check_oops(cfg)
+    assert any(r.problem and r.check == "OOPS! clips" for r in rows)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    start = time.time()
+    (row,) = check_publish(cfg, "s3://bucket/pab")
+    assert row.problem and "no AWS credentials" in row.detail and time.time() - start < 10
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
+    assert not check_publish(cfg, "s3://bucket/pab")[0].problem
