@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.set_defaults(func=_cmd_preflight)
 
     m = sub.add_parser("models", help="models of a profile: fetch them and lock their revisions")
-    msub = m.add_subparsers(dest="models_command", required=True)
+    msub = m.add_subparsers(dest="models_command", required=True, help="what to do with the models")
     mf = msub.add_parser("fetch", help="download every model of PROFILE and write models.lock.json")
     mf.add_argument("profile", help="profile name (configs/<name>.yaml) or a YAML path, e.g. full")
     mf.add_argument("--cache", metavar="DIR", help="download into DIR/huggingface/hub and DIR/torch")
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     mf.set_defaults(func=_cmd_models_fetch)
 
     a = sub.add_parser("automations", help="Prefect automations a deployment needs (on PREFECT_API_URL)")
-    asub = a.add_subparsers(dest="automations_command", required=True)
+    asub = a.add_subparsers(dest="automations_command", required=True, help="what to do with the automations")
     ai = asub.add_parser("install", help="mark flow runs Crashed when their heartbeats stop (lost machine)")
     ai.add_argument("--heartbeat-s", type=int, default=60,
                     help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers (prefect.yaml sets 60)")

@@ -64,8 +64,9 @@ class ProgressDisplay(logging.Handler):
     def __init__(self, verbose: bool = False, console=None, live: bool | None = None):
         super().__init__(logging.INFO)
         self.verbose = verbose
-        self.console_handler = next((h for h in logging.getLogger().handlers
-                                     if type(h).__name__ == "PrefectConsoleHandler"), None)
+        # every Prefect console handler gets the filter (a process that configured Prefect's logging
+        # twice has more than one); the live display redirects the first
+        self.console_handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
         if console is None:  # not Prefect's console: its theme lacks the progress bar's styles
             from rich.console import Console
 
@@ -83,8 +84,9 @@ class ProgressDisplay(logging.Handler):
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> "ProgressDisplay":
-        if not self.verbose and self.console_handler is not None:
-            self.console_handler.addFilter(self._hide)
+        if not self.verbose:
+            for h in self.console_handlers:
+                h.addFilter(self._hide)
         if self.live:
             try:
                 self._start_bars()
@@ -98,8 +100,8 @@ class ProgressDisplay(logging.Handler):
     def __exit__(self, *exc) -> None:
         logging.getLogger(PROGRESS_LOGGER).removeHandler(self)
         self._stop_bars()
-        if self.console_handler is not None:
-            self.console_handler.removeFilter(self._hide)
+        for h in self.console_handlers:
+            h.removeFilter(self._hide)
 
     def _start_bars(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -110,14 +112,18 @@ class ProgressDisplay(logging.Handler):
                              TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
                              console=self.console, transient=False)
         self.bars.start()  # from here sys.stderr is the display's proxy: lines print above the bars
-        prefect_console = getattr(self.console_handler, "console", None)
-        if prefect_console is not None:  # Prefect's log lines go through the display, not across the bars
-            self._prefect_file = prefect_console.file
-            prefect_console.file = _LinesTo(self.console, self._prefect_file)
+        # Prefect's log lines go through the display, not across the bars
+        self._prefect_file = []
+        for h in self.console_handlers:
+            prefect_console = getattr(h, "console", None)
+            if prefect_console is not None:
+                self._prefect_file.append((prefect_console, prefect_console.file))
+                prefect_console.file = _LinesTo(self.console, prefect_console.file)
 
     def _stop_bars(self) -> None:
-        if self._prefect_file is not None:
-            self.console_handler.console.file, self._prefect_file = self._prefect_file, None
+        for prefect_console, file in self._prefect_file or ():
+            prefect_console.file = file
+        self._prefect_file = None
         if self.bars is not None:
             self.bars.stop()
             self.bars = None

@@ -109,12 +109,12 @@ def test_pab_status_reports_units_and_rows(smoke_cfg, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines() if ln.split()}
-    assert table["stage"] == ["stage", "done", "failed", "pending", "ok", "rejected"]
+    assert table["stage"][:6] == ["stage", "done", "failed", "pending", "ok", "rejected"]  # then timings
     units = len(get_stage("frames").plan_units(ctx))
     ok = sum(r["status"] == "ok" for r in rows)
-    assert table["frames"][1:] == [str(units), "0", "0", str(ok), str(len(rows) - ok)]
+    assert table["frames"][1:6] == [str(units), "0", "0", str(ok), str(len(rows) - ok)]
     assert table["pose"][1:4] == ["0", "0", str(len(get_stage("pose").plan_units(ctx)))]  # planned, not run
-    assert table["pose"][4:] == ["-", "-"]
+    assert table["pose"][4:6] == ["-", "-"]
 
 
 # -- "trust_remote_code stays off unless run.trust_remote_code: true" ------------------------------

@@ -140,6 +140,7 @@ def test_names_wordnet_and_plurals(caption, person):
 def test_without_wordnet_the_lexicon_still_decides_and_a_warning_says_so(monkeypatch, caplog):
     wordnet._wordnet.cache_clear()
     wordnet.noun_senses.cache_clear()
+    wordnet.fingerprint.cache_clear()
 
     def missing():
         raise LookupError("Resource wordnet not found.")
@@ -153,6 +154,7 @@ def test_without_wordnet_the_lexicon_still_decides_and_a_warning_says_so(monkeyp
     finally:
         wordnet._wordnet.cache_clear()
         wordnet.noun_senses.cache_clear()
+        wordnet.fingerprint.cache_clear()
 
 
 @pytest.mark.parametrize("caption", ["'", "'s", "the", "and and or", "of of of", "the man's", "there is",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pab_build import vlm
 from pab_build.config import GenerationSettings, model_path
-from pab_build.models import LOAD_COUNTS
+from pab_build.models import LOAD_COUNTS, release_models
 from pab_build.store import Store
 
 PAPER_CAPTION_INSTRUCTION = (
@@ -176,11 +176,17 @@ def test_vllm_backend_is_a_clear_error_without_vllm(smoke_cfg):
 
 def test_load_backend_loads_once_per_process(smoke_cfg, tiny_model):
     tiny_model("qwen2_vl")
+    release_models()  # an earlier test may have loaded it (and a stage end released it)
+    path = model_path(smoke_cfg, "qwen2_vl")
+
+    def loads():
+        return sum(n for k, n in LOAD_COUNTS.items() if k[:3] == ("qwen2_vl", "transformers", path))
+
+    before = loads()
     first = vlm.load_backend(smoke_cfg, smoke_cfg.test_captions.generation)
     again = vlm.load_backend(smoke_cfg, smoke_cfg.train_captions.generation)
     assert first is again and isinstance(first, vlm.TransformersBackend)
-    path = model_path(smoke_cfg, "qwen2_vl")
-    assert [n for k, n in LOAD_COUNTS.items() if k[:3] == ("qwen2_vl", "transformers", path)] == [1]
+    assert loads() == before + 1
     assert first.model_id == "{models_dir}/qwen2_vl"
 
 
