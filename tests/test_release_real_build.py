@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from pab_build.manifests import OK, read_manifest
-from pab_build.release.card import write_dataset_card
 from pab_build.release.official import export_official
 from pab_build.release.publish import publish
 from pab_build.shard_index import verify_shards
