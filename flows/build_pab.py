@@ -283,16 +283,23 @@ def _run_branches(cfg: PABConfig, out: str, until: str | None,
                 update_progress_artifact(build_progress, 100.0 * len(finished) / max(1, len(planned)))
 
         _STAGE_FINISHED.set(stage_finished)
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pab-branch")
-    try:
-        # each thread runs in a copy of this flow run's context, so the stages are its subflows
-        futures = [pool.submit(contextvars.copy_context().run, _test_branch, cfg, out, test_names, test, pairs_done),
-                   pool.submit(contextvars.copy_context().run, _training_branch, cfg, out, train_names, train,
-                               test, pairs_done)]
-        for f in futures:
-            f.result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: never wait for a paused branch
+    if cfg.run.task_runner == "ray":
+        # one Ray runner at a time (a second ray.init in the process fails); Ray spreads each stage's
+        # units over the cluster, so the branches run one after the other
+        _test_branch(cfg, out, test_names, test, pairs_done)
+        _training_branch(cfg, out, train_names, train, test, pairs_done)
+    else:
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pab-branch")
+        try:
+            # each thread runs in a copy of this flow run's context, so the stages are its subflows
+            futures = [pool.submit(contextvars.copy_context().run, _test_branch, cfg, out, test_names, test,
+                                   pairs_done),
+                       pool.submit(contextvars.copy_context().run, _training_branch, cfg, out, train_names, train,
+                                   test, pairs_done)]
+            for f in futures:
+                f.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: never wait for a paused branch
     summary = {n: (test.summary | train.summary)[n] for n in planned if n in test.summary or n in train.summary}
     failures, other = test.failures + train.failures, test.other + train.other
     return summary, (BuildFailed(failures, other) if failures or other else None)

@@ -66,6 +66,8 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args)
+    if args.verbose:  # Prefect's line per task run: the flow keeps them off unless asked
+        overrides.append("run.log_unit_runs=true")
     from pab_build.config import load_config
 
     cfg = load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value

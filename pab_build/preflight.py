@@ -165,12 +165,17 @@ def _count_clips(cfg: PABConfig) -> int:
 
 
 def check_publish(cfg: PABConfig, url: str | None) -> list[Row]:
+    from .redact import redact_url
+
     url = url or cfg.publish.url
     if not url:
         return []
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    in_url = redact_url(url) != url  # s3://KEY:SECRET@bucket/...: credentials ride in the URL
+    url, protocol = redact_url(url), url.split("://", 1)[0] if "://" in url else "file"  # never print them
     if protocol in ("s3", "s3a"):
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never wait on the metadata address
+        if in_url:
+            return [Row("publish credentials", True, f"{url}: from the URL")]
         if cfg.publish.credentials_block or {"key", "secret"} <= set(cfg.publish.storage_options):
             return [Row("publish credentials", True, f"{url}: from {cfg.publish.credentials_block or 'options'}")]
         import botocore.session

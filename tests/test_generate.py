@@ -11,7 +11,7 @@ import torch
 
 from pab_build.config import ConfigError
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
-from pab_build.models import LOAD_COUNTS
+from pab_build.models import LOAD_COUNTS, release_models
 from pab_build.stages import generate
 from pab_build.stages.generate import STAGE as GENERATE_STAGE
 from pab_build.stages.generate import image_key, image_seed
@@ -133,10 +133,16 @@ def test_oom_at_batch_one_still_fails_the_unit(gen_ctx):
 
 # -- loading and fast paths ------------------------------------------------------------------------
 def test_pipeline_loads_once_per_process_with_sdpa_attention(gen_ctx):
+    release_models()  # an earlier test may have loaded it (and a stage end released it)
+    path = generate.model_path(gen_ctx.cfg, "sdxl")
+
+    def loads():
+        return sum(n for k, n in LOAD_COUNTS.items() if k[0] == "sdxl" and k[1] == path)
+
+    before = loads()
     pipe = _pipe(gen_ctx)
     assert _pipe(gen_ctx) is pipe
-    key = next(k for k in LOAD_COUNTS if k[0] == "sdxl" and k[1] == generate.model_path(gen_ctx.cfg, "sdxl"))
-    assert LOAD_COUNTS[key] == 1
+    assert loads() == before + 1
     procs = {*pipe.unet.attn_processors.values(), *pipe.vae.attn_processors.values()}
     assert {type(p).__name__ for p in procs} == {"AttnProcessor2_0"}
 

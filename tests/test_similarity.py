@@ -12,7 +12,7 @@ from PIL import Image
 
 from pab_build import similarity
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
-from pab_build.models import LOAD_COUNTS
+from pab_build.models import LOAD_COUNTS, release_models
 from pab_build.stages import pairs as pairs_stage
 from pab_build.units import Context, execute_unit, run_stage
 
@@ -58,9 +58,11 @@ def test_similarity_problem_rejects_only_above_the_threshold():
 # -- the tiny model and embeddings ----------------------------------------------------------------
 def test_load_resnet50_from_a_folder_is_cached_and_has_no_classifier(tiny_model, tmp_path):
     folder = tiny_model("resnet50")
+    release_models()  # an earlier test may have loaded it (and a stage end released it)
+    before = LOAD_COUNTS.get(("resnet50", folder, "cpu"), 0)
     model = similarity.load_resnet50(folder, "cpu")
     assert similarity.load_resnet50(folder, "cpu") is model
-    assert LOAD_COUNTS[("resnet50", folder, "cpu")] == 1
+    assert LOAD_COUNTS[("resnet50", folder, "cpu")] == before + 1
     assert isinstance(model.fc, torch.nn.Identity) and not model.training
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         similarity.load_resnet50(str(tmp_path), "cpu")
