@@ -36,7 +36,6 @@ ATTRIBUTE_PROMPTS = {"action": "attr_action_v1", "anomaly": "attr_anomaly_v1", "
 QUESTIONS = {"normal": ("action", "scene"), "anomaly": ("anomaly", "scene")}
 
 
-BEHAVIOR_OF_KIND = {"n": "normal", "a": "anomaly", "a+": "anomaly"}  # training prompt kinds
 
 
 # "The answer is ...", "Answer: ...", "Scene category: ..." in front of the phrase itself

@@ -55,7 +55,7 @@ def unit_rows(store, stage: str, unit_id: str) -> tuple[int, int]:
     if marker.status == "failed":
         return 0, marker.rows
     if marker.ok is None:
-        counts = status_counts(read_table(store, store.unit_rows_rel(stage, unit_id)).to_pylist())
+        counts = status_counts(read_table(store, store.unit_rows_rel(stage, unit_id)))  # Arrow, no row dicts
         return counts["ok"], counts["rejected"]
     return marker.ok, marker.rows - marker.ok
 

@@ -36,6 +36,7 @@ from typing import Iterable
 
 from PIL import Image
 
+from ..hard_negatives import BEHAVIOR_OF_KIND
 from ..manifests import OK, manifest_rel, read_manifest
 from ..store import Store
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 FOLDER_OF_KIND = {"n": "goal", "a": "wentrong", "a+": "full"}  # "wentrong": the official spelling
 SOURCE_CODE_OF_KIND = {"n": 0, "a": 1, "a+": 2}
-BEHAVIOR_OF_KIND = {"n": "normal", "a": "anomaly", "a+": "anomaly"}
 KEYS_REL = "annotation/pab_keys.json"
 JPEG_QUALITY = 95
 
