@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, Hashable, TypeVar
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable, Hashable, Iterator, TypeVar
 
 import torch
 
@@ -23,6 +24,72 @@ _GUARD = threading.Lock()
 LOAD_COUNTS: dict[Hashable, int] = {}  # how often each key was loaded in this process (tests, Ray check)
 
 
+class LoadGate:
+    """Loading is exclusive, inference shared. ``from_pretrained`` changes process-wide state while
+    it builds a model: transformers sets torch's default dtype, diffusers (through accelerate's
+    ``init_empty_weights``) patches ``nn.Module.register_parameter`` to put new parameters on the
+    meta device. A model built or run in another thread meanwhile picks that up ("Cannot copy out
+    of meta tensor", or bfloat16 where float32 was meant); the two branches of a build and the units
+    of a stage share one process, so every load waits for running forwards and the reverse."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer: int | None = None
+        self._depth = 0
+        self._writers_waiting = 0
+        self._mine = threading.local()  # shared holds of this thread
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:  # a load may run a forward (warm-up): it already excludes the rest
+                while self._writer is not None or self._writers_waiting:
+                    self._cond.wait()
+            self._readers += 1
+            self._mine.n = getattr(self._mine, "n", 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._mine.n -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:
+                if getattr(self._mine, "n", 0):
+                    raise RuntimeError("a model load inside a forward pass would wait for itself")
+                self._writers_waiting += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                finally:
+                    self._writers_waiting -= 1
+                self._writer = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._writer = None
+                self._cond.notify_all()
+
+
+GATE = LoadGate()
+
+
+def inference() -> AbstractContextManager[None]:
+    """Hold around a model's forward / generate call (see :class:`LoadGate`)."""
+    return GATE.shared()
+
+
 def cached_model(key: Hashable, load: Callable[[], T]) -> T:
     if key in _CACHE:
         return _CACHE[key]  # type: ignore[return-value]
@@ -30,7 +97,8 @@ def cached_model(key: Hashable, load: Callable[[], T]) -> T:
         lock = _LOCKS.setdefault(key, threading.Lock())
     with lock:
         if key not in _CACHE:
-            _CACHE[key] = load()
+            with GATE.exclusive():
+                _CACHE[key] = load()
             LOAD_COUNTS[key] = LOAD_COUNTS.get(key, 0) + 1
             name = key[0] if isinstance(key, tuple) and key else key
             log.info("loaded model %s in process %d", name, os.getpid())

@@ -12,7 +12,7 @@ import os
 import torch
 from PIL import Image
 
-from .models import cached_model, resolve_device, run_halving_on_oom
+from .models import cached_model, inference, resolve_device, run_halving_on_oom
 
 WEIGHTS_FILE = "model.safetensors"  # a local folder holds resnet50's state dict in this file
 
@@ -76,7 +76,7 @@ def embed_images(images: list[Image.Image], model: torch.nn.Module, image_size: 
 
     def run(batch: list[Image.Image]) -> list[torch.Tensor]:
         pixels = torch.stack([preprocess(im, image_size) for im in batch]).to(dev)
-        with torch.inference_mode():
+        with inference(), torch.inference_mode():
             feats = model(pixels).float()
         return list(torch.nn.functional.normalize(feats, dim=1).cpu())
 

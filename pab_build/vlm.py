@@ -30,7 +30,7 @@ from .config import (
     model_path,
     stable_hash,
 )
-from .models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
+from .models import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
 from .store import Store
 
 # the image grid of Qwen2-VL: 14 px patches, merged 2 x 2 into one token
@@ -179,7 +179,7 @@ class TransformersBackend:
         images, _ = process_vision_info(conversations)
         # the lock covers the tokenizer too: a fast tokenizer used from two threads at once can
         # fail with "Already borrowed"
-        with self._lock, torch.inference_mode():
+        with self._lock, inference(), torch.inference_mode():
             texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations]
             inputs = self.processor(
@@ -252,7 +252,8 @@ class VllmBackend:
             repetition_penalty=settings.repetition_penalty,
             seed=self.seed,
         )
-        outputs = self.llm.generate(to_vllm_inputs(requests, self.processor, settings), params, use_tqdm=False)
+        with inference():
+            outputs = self.llm.generate(to_vllm_inputs(requests, self.processor, settings), params, use_tqdm=False)
         return [VLMAnswer(t, f) for t, f in zip(from_vllm_outputs(outputs), vllm_finished(outputs))]
 
 

@@ -77,6 +77,8 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ti
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
+        else:  # a run that ends by itself before its kill point must at least have succeeded
+            assert proc.returncode == 0, f"the run meant to die in {stage} failed on its own (rc={proc.returncode})"
     assert kills >= 5, f"only {kills} kills landed before the build finished"
     proc = _pab_run(out, overrides)
     assert proc.wait(timeout=900) == 0

@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
 from ..manifests import keep, read_manifest, read_manifest_table, reject, sorted_by_key
-from ..models import cached_model, resolve_device, run_halving_on_oom, torch_dtype
+from ..models import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
 from ..units import Context, LazyItems, Stage, Unit
 
@@ -127,7 +127,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], settings: Generat
     """One pipeline call: float32 HxWx3 arrays in [0, 1] (NaN kept, so :func:`image_problem` sees it)."""
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     negative = settings.negative_prompt or None  # None: SDXL's zero negative embedding, as upstream
-    with _PIPELINE_LOCK, torch.inference_mode():
+    with _PIPELINE_LOCK, inference(), torch.inference_mode():
         out = pipe(
             prompt=[full_prompt(p, settings) for p in prompts],
             negative_prompt=[negative] * len(prompts) if negative else None,
