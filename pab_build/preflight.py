@@ -193,6 +193,17 @@ def check_publish(cfg: PABConfig, url: str | None) -> list[Row]:
     return [Row("publish", True, f"{url}: {protocol} filesystem available")]
 
 
+def check_cmp_init(cfg: PABConfig, stages: list[str] | None = None) -> list[Row]:
+    """The whole-model init checkpoint CMP training starts from (X-VLM / APTM / a cmp.pth), when this
+    build trains CMP after itself: found missing after days of generation it would cost the run."""
+    path = cfg.cmp.init_checkpoint
+    if stages is not None or not cfg.cmp.train_after_build or not path:
+        return []
+    if not os.path.isfile(path):
+        return [Row("CMP init checkpoint", False, f"{path}: no such file (cmp.init_checkpoint)")]
+    return [Row("CMP init checkpoint", True, f"{path} ({os.path.getsize(path) / 2**20:.0f} MiB)")]
+
+
 def check_packages(cfg: PABConfig) -> list[Row]:
     needs = []
     if cfg.run.task_runner == "ray":
@@ -215,6 +226,7 @@ def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None, until: 
     checks: list[Callable[[], list[Row]]] = [
         lambda: check_device(cfg), lambda: check_models(cfg, stages), lambda: check_oops(cfg),
         lambda: check_out(cfg, out), lambda: check_publish(cfg, publish_url), lambda: check_packages(cfg),
+        lambda: check_cmp_init(cfg, stages),
     ]
     rows: list[Row] = []
     for check in checks:

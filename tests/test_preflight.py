@@ -26,6 +26,7 @@ def test_full_run_without_gpu_or_cached_models_fails_fast_and_writes_nothing(tmp
                   "torchvision:IMAGENET1K_V1"):
         assert model in err
     assert "no clip with a video" in err  # an empty OOPS! root is a problem too
+    assert "16m_base_model_state_step_199999.th: no such file" in err  # CMP's init, trained after the build
     assert not out.exists()
 
 
@@ -62,3 +63,20 @@ def test_unparseable_annotations_and_missing_credentials_are_problems(tmp_path, 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
     assert not check_publish(cfg, "s3://bucket/pab")[0].problem
+
+
+def test_cmp_init_checkpoint_is_checked_only_when_cmp_trains_after_the_build(tmp_path):
+    from pab_build.preflight import check_cmp_init
+
+    missing = str(tmp_path / "16m_base_model_state_step_199999.th")
+    cfg = load_config("smoke", {"cmp.train_after_build": True, "cmp.init_checkpoint": missing})
+    (row,) = check_cmp_init(cfg)
+    assert row.problem and missing in row.detail
+    assert check_cmp_init(cfg, ["frames", "pose"]) == []  # `--until pose` trains no CMP
+    assert check_cmp_init(load_config("smoke", {"cmp.train_after_build": False, "cmp.init_checkpoint": missing})) == []
+    (tmp_path / "16m_base_model_state_step_199999.th").write_bytes(b"\0" * 1024)
+    (row,) = check_cmp_init(cfg)
+    assert not row.problem
+    os.remove(missing)
+    os.mkdir(missing)  # a folder is not a checkpoint
+    assert check_cmp_init(cfg)[0].problem
