@@ -32,7 +32,7 @@ from pab_build.config import PABConfig, load_config, qc_settings
 from pab_build.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
 from pab_build.prepare import prepare_build
 from pab_build.progress import StageReporter
-from pab_build.redact import redact, redact_url, secret_overrides_from_env
+from pab_build.redact import redact, refuse_stored_credentials, secret_overrides_from_env
 from pab_build.units import (
     Context,
     Unit,
@@ -323,9 +323,7 @@ def build_pab(
     stored by Prefect: ``publish_url`` must hold no credential (use the environment or
     ``publish.credentials_block``; ``pab run --publish`` passes its URL through the environment).
     """
-    if publish_url and redact_url(publish_url) != publish_url:
-        raise ValueError("publish_url holds a password: flow-run parameters are stored in Prefect's database; "
-                         "give credentials through the environment or publish.credentials_block")
+    refuse_stored_credentials(overrides, publish_url=publish_url)
     # overrides that may hold credentials come from the environment (`pab run` puts them there)
     cfg = load_config(profile, (overrides or []) + secret_overrides_from_env())
     logger = get_run_logger()

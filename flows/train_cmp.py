@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pab_build.config import PABConfig, load_config
+from pab_build.redact import refuse_stored_credentials
 
 
 @task(name="train-cmp-model", cache_policy=NO_CACHE)
@@ -41,6 +42,7 @@ def train_cmp_flow(
     ``cmp/`` goes (default ``build_out``); ``resume``: "auto" = skip a finished training of the same
     shards and config, resume an interrupted one; False = from step 0; or a checkpoint folder.
     The evaluation reruns only when its inputs (weights, test shards, config) changed."""
+    refuse_stored_credentials(overrides, shards=shards)
     shards, out = shards or build_out, out or build_out
     if not shards or not out:
         raise ValueError("train-cmp needs build_out, or both shards and out")

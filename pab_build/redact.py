@@ -95,6 +95,29 @@ def is_secret_override(text: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in SECRET_CONFIG_PREFIXES)
 
 
+def stored_credential_problem(overrides: list[str] | None, **urls: str | None) -> str | None:
+    """Flow-run parameters are stored in Prefect's database (and shown in its UI): name the first
+    parameter that holds a credential, so a deployment run started with one fails at once instead of
+    using it. ``pab run`` never sends them (:func:`split_secret_overrides`)."""
+    for o in overrides or []:
+        key, _, value = o.partition("=")
+        key = key.strip()
+        in_options = key.startswith("publish.storage_options.")
+        if redact_url(value) != value or (in_options and is_secret_key(key.rsplit(".", 1)[-1])):
+            return f"override {key} holds a credential"
+    for name, url in urls.items():
+        if url and redact_url(url) != url:
+            return f"{name} holds a password"
+    return None
+
+
+def refuse_stored_credentials(overrides: list[str] | None, **urls: str | None) -> None:
+    problem = stored_credential_problem(overrides, **urls)
+    if problem:
+        raise ValueError(f"{problem}: flow-run parameters are stored in Prefect's database; give credentials "
+                         "through the environment or publish.credentials_block (and rotate this one)")
+
+
 def split_secret_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(overrides safe to pass as flow-run parameters, overrides that may hold credentials)."""
     return ([o for o in overrides if not is_secret_override(o)], [o for o in overrides if is_secret_override(o)])

@@ -68,3 +68,23 @@ def test_credential_bearing_overrides_are_kept_out_of_flow_parameters():
                                              f"publish.storage_options.secret={SECRET}"])
     assert public == ["cmp.lr=0.1", "publish.force=true"]
     assert len(secret) == 2
+
+
+def test_flows_refuse_credentials_in_their_stored_parameters(tmp_path):
+    from flows.build_pab import build_pab
+    from flows.train_cmp import train_cmp_flow
+    from pab_build.redact import stored_credential_problem
+
+    assert stored_credential_problem(["cmp.lr=0.1", "publish.credentials_block=pab-s3",
+                                      "publish.storage_options.endpoint_url=http://minio:9000"]) is None
+    assert "storage_options.secret" in stored_credential_problem([f"publish.storage_options.secret={SECRET}"])
+    assert "publish.url" in stored_credential_problem([f"publish.url=s3://a:{URL_PW}@b"])
+    assert "shards" in stored_credential_problem([], shards=f"https://{SECRET}@hub.example/pab")
+    # the flows themselves (called as a deployment would): refused before anything runs or is written
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="stored in Prefect's database") as err:
+        build_pab.fn(profile="smoke", out=str(out), overrides=[f"publish.storage_options.secret={SECRET}"])
+    assert SECRET not in str(err.value) and not out.exists()
+    with pytest.raises(ValueError, match="stored in Prefect's database") as err:
+        train_cmp_flow.fn(profile="smoke", shards=f"s3://a:{URL_PW}@b/pab", out=str(out))
+    assert URL_PW not in str(err.value) and not out.exists()
