@@ -29,6 +29,8 @@ from flows.dispatch import Progress, dispatch_units, quiet_task_logs, unit_submi
 from pab_build.build_lock import hold_build_lock
 from pab_build.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
 from pab_build.config import PABConfig, load_config, qc_settings
+from pab_build.model_lock import STAGE_MODELS
+from pab_build.models import keep_only_models
 from pab_build.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
 from pab_build.prepare import prepare_build
 from pab_build.progress import StageReporter
@@ -55,6 +57,10 @@ def prepare_task(cfg: PABConfig, out: str) -> None:
 @task(name="unit", cache_policy=NO_CACHE)
 def run_unit_task(cfg: PABConfig, out: str, stage_name: str, unit: Unit) -> str:
     """One unit of one stage; Prefect retries it (config: run.unit_retries) when it raises."""
+    if cfg.run.task_runner == "ray":
+        # a Ray worker process outlives the stage and serves one unit at a time (the branches run one
+        # after the other on Ray): a unit of the next stage frees the previous stage's models
+        keep_only_models(STAGE_MODELS.get(stage_name, ()))
     return execute_unit(Context.create(cfg, out), get_stage(stage_name), unit)
 
 

@@ -21,7 +21,8 @@ from prefect.futures import PrefectFuture, as_completed
 
 from pab_build.config import PABConfig
 from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
-from pab_build.models import release_models
+from pab_build.model_lock import STAGE_MODELS
+from pab_build.models import models_held_for_stage
 from pab_build.units import Unit
 
 WINDOW_PER_WORKER = 4
@@ -119,8 +120,9 @@ def unit_submitter(cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool, un
     """``submit(unit)`` for the stage's units: the plain unit task, or, for a GPU stage over
     several devices (``run.devices`` / every visible GPU), a task that hands the unit to a
     per-device worker process. When the stage ends its models are released: the device workers
-    exit, and a GPU stage's models cached in this process are dropped (CUDA cache emptied)."""
-    try:
+    exit, and the stage's models cached in this process are dropped (CUDA cache emptied) unless a
+    stage of the other branch still uses them."""
+    with models_held_for_stage(STAGE_MODELS.get(stage_name, ())):
         if not wants_device_workers(cfg, uses_gpu):
             yield lambda u: unit_task.submit(cfg, out, stage_name, u)
             return
@@ -139,6 +141,4 @@ def unit_submitter(cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool, un
             pool.close()
             _POOLS.pop(pool_key, None)
             log(f"{stage_name}: units per device worker {dict(pool.units_per_worker)}")
-    finally:
-        if uses_gpu:
-            release_models()
+

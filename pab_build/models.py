@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 from contextlib import AbstractContextManager, contextmanager
-from typing import Callable, Hashable, Iterator, TypeVar
+from typing import Callable, Hashable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -111,22 +111,63 @@ def cached_keys() -> list[Hashable]:
         return list(_CACHE)
 
 
-def release_models() -> int:
-    """Drop every cached model of this process and return CUDA's cached blocks, so the next
-    stage's models get the memory (Qwen2-VL-7B and SDXL together do not fit a 24 GB card).
-    Returns how many models were released."""
+def _model_name(key: Hashable) -> Hashable:
+    return key[0] if isinstance(key, tuple) and key else key
+
+
+def release_models(names: Iterable[str] | None = None) -> int:
+    """Drop this process's cached models (those named in ``names``, or all) and return CUDA's cached
+    blocks, so the next stage's models get the memory (Qwen2-VL-7B and SDXL together do not fit a
+    24 GB card). Returns how many models were released."""
     import gc
 
     with _GUARD:
-        n = len(_CACHE)
-        _CACHE.clear()
-        _LOCKS.clear()
+        keys = [k for k in _CACHE if names is None or _model_name(k) in set(names)]
+        for k in keys:
+            del _CACHE[k]
+            _LOCKS.pop(k, None)
+    n = len(keys)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if n:
         log.info("released %d model(s) in process %d", n, os.getpid())
     return n
+
+
+_HELD: dict[str, int] = {}  # model name -> stages running in this process that use it
+
+
+@contextmanager
+def models_held_for_stage(names: Iterable[str]) -> Iterator[None]:
+    """While a stage runs, its models stay cached; when the last running stage that uses a model
+    ends, that model is released. The test and training branches run at once in one process:
+    ending ``test_captions`` must not drop SDXL under a running ``generate`` (its units would load
+    a second copy), nor Qwen2-VL under a running ``train_captions``."""
+    names = list(dict.fromkeys(names))
+    with _GUARD:
+        for n in names:
+            _HELD[n] = _HELD.get(n, 0) + 1
+    try:
+        yield
+    finally:
+        with _GUARD:
+            for n in names:
+                _HELD[n] -= 1
+            idle = [n for n in names if not _HELD[n]]
+            for n in idle:
+                del _HELD[n]
+        if idle:
+            release_models(idle)
+
+
+def keep_only_models(names: Iterable[str]) -> int:
+    """Release every cached model not in ``names``. For a worker process that serves one stage's
+    unit at a time (a Ray worker): a unit of the next stage frees the previous stage's models."""
+    keep = set(names)
+    with _GUARD:
+        other = {_model_name(k) for k in _CACHE} - keep
+    return release_models(other) if other else 0
 
 
 def torch_dtype(name: str) -> torch.dtype:

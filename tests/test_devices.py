@@ -36,6 +36,30 @@ def test_release_models_empties_the_cache():
     assert models.cached_keys() == [] and gone() is None
 
 
+def test_a_stage_end_releases_only_models_no_running_stage_uses():
+    models.release_models()
+    load = lambda: torch.nn.Linear(2, 2)  # noqa: E731
+    with models.models_held_for_stage(["qwen2_vl"]):  # test_captions (test branch)
+        with models.models_held_for_stage(["sdxl"]):  # generate (training branch), at the same time
+            models.cached_model(("qwen2_vl", "p"), load)
+            models.cached_model(("sdxl", "p"), load)
+            with models.models_held_for_stage(["qwen2_vl"]):  # train_captions starts meanwhile
+                pass  # ... and ends first: test_captions still uses Qwen2-VL
+            assert {k[0] for k in models.cached_keys()} == {"qwen2_vl", "sdxl"}
+        assert [k[0] for k in models.cached_keys()] == ["qwen2_vl"]  # generate ended: SDXL freed
+    assert models.cached_keys() == []
+
+
+def test_a_ray_worker_keeps_only_the_models_of_the_stage_of_its_unit():
+    models.release_models()
+    models.cached_model(("sdxl", "p"), lambda: torch.nn.Linear(2, 2))
+    models.cached_model(("openpose", "p"), lambda: torch.nn.Linear(2, 2))
+    assert models.keep_only_models(["openpose"]) == 1  # a gen_pose unit after generate's
+    assert [k[0] for k in models.cached_keys()] == ["openpose"]
+    assert models.keep_only_models(["openpose"]) == 0
+    models.release_models()
+
+
 def _generate_build(cfg, out: str) -> Context:
     ctx = Context.create(cfg, out)
     write_manifest(ctx.store, "prompts", [
