@@ -345,7 +345,7 @@ def build_pab(
         logger.info("preflight:\n%s", format_table(rows))
         if any(r.problem for r in rows):
             raise PreflightFailed(rows)
-    with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s):
+    with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s, storage_options=cfg.publish.storage_options):
         prepare_task(cfg, out)
         build_progress = create_progress_artifact(0.0, key=build_artifact_key("build-progress", out),
                                                   description=f"stages finished (%) of {out}")

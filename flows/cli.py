@@ -91,7 +91,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     export_secret_overrides(secret)
     stop_on_signals()
     try:
-        with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s):
+        with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s,
+                         storage_options=cfg.publish.storage_options):
             from flows.build_pab import (
                 build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
             )
