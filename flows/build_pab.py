@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +40,6 @@ from pab_build.units import (
     record_failed_unit,
     status_counts,
 )
-
-# the library logs through `logging` (model loads, ...); Prefect forwards the `pab_build` logger into
-# run logs when PREFECT_LOGGING_EXTRA_LOGGERS=pab_build (the `pab` CLI sets it)
-logging.getLogger("pab_build").setLevel(logging.INFO)
-
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(cfg: PABConfig, out: str) -> None:
