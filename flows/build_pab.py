@@ -24,7 +24,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import build_artifact_key
-from flows.dispatch import Progress, dispatch_units, quiet_task_logs, unit_submitter, window_size
+from flows.dispatch import ProgressLog, dispatch_units, quiet_task_logs, unit_submitter, window_size
 from pab_build.build_lock import hold_build_lock
 from pab_build.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
 from pab_build.config import PABConfig, load_config, qc_settings
@@ -87,7 +87,6 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     logger.info("%s: %d units", stage_name, len(units))
     progress = create_progress_artifact(0.0, key=build_artifact_key(f"progress-{stage_name}", out),
                                         description=f"{stage_name}: units finished (%) of {out}")
-    reporter = StageReporter(ctx.store, stage_name, len(units))  # the CLI's live display listens
     unit_task = run_unit_task.with_options(
         name=f"{stage_name}-unit",
         retries=cfg.run.unit_retries,
@@ -95,8 +94,10 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
         tags=["gpu"] if stage.uses_gpu else ["cpu"],
     )
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    tracker = Progress(stage_name, len(units), logger.info,
-                       on_update=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+    # one stream of progress events: the CLI's live display listens on its logger, the run's log
+    # lines and progress artifact (the UI) are made from it here
+    reporter = StageReporter(ctx.store, stage_name, len(units),
+                             listener=ProgressLog(logger, on_update=lambda pct: update_progress_artifact(progress, pct)))
 
     def on_done(unit: Unit, fut) -> None:
         if fut.state.is_completed():
@@ -108,7 +109,6 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
             outcome = "failed"
         counts[outcome] += 1
         reporter.unit_finished(unit.unit_id, outcome)
-        tracker.advance(str(counts))
 
     with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs), \
             unit_submitter(cfg, out, stage_name, stage.uses_gpu, unit_task, logger.info) as submit:

@@ -4,7 +4,8 @@ units per second, ETA and failed units, fed by ``pab_build.progress`` events.
 On a terminal it is a ``rich`` progress table drawn on the console Prefect logs to (so log lines
 scroll above it); elsewhere (CI logs, a pipe) a line per stage every ``LINE_EVERY_S`` and when the
 stage ends. Unless ``verbose``, Prefect's per-task lines (``Task run 'frames-unit-fd9' - Finished
-in state Completed()``) are kept off the console; they still reach the API and the UI.
+in state Completed()``) are kept off the console, and so are the flow's progress lines (made from
+the same events: each figure shows once); both still reach the API and the UI.
 """
 
 from __future__ import annotations
@@ -14,22 +15,9 @@ import logging
 import sys
 import time
 
-from pab_build.progress import PROGRESS_LOGGER, StageProgress
+from pab_build.progress import PROGRESS_LINE, PROGRESS_LOGGER, StageProgress, stage_line
 
 LINE_EVERY_S = 10.0
-
-
-def stage_line(p: StageProgress, started: float) -> str:
-    """``frames: 3/5 units, rows 6 ok / 4 rejected, 0 failed, 0.40 units/s, ETA 5s``."""
-    from pab_build.status import duration_text
-
-    elapsed = max(p.at - started, 1e-6)
-    worked = p.done + p.failed  # skipped units cost nothing: they would inflate the rate
-    rate = worked / elapsed if worked else None
-    left = p.total - p.units_finished
-    eta = "done" if p.finished else (duration_text(left / rate) if rate else "-")
-    return (f"{p.stage}: {p.units_finished}/{p.total} units, rows {p.ok} ok / {p.rejected} rejected, "
-            f"{p.failed} failed, {'-' if rate is None else f'{rate:.2f}'} units/s, ETA {eta}")
 
 
 class _LinesTo(io.TextIOBase):
@@ -53,9 +41,18 @@ class _LinesTo(io.TextIOBase):
         pass
 
 
-class _HideTaskRunLines(logging.Filter):
+class _ConsoleFilter(logging.Filter):
+    """Off the terminal: the flow's progress lines (the display shows the same events) and,
+    unless ``verbose``, Prefect's per-task-run lines. Both still reach the API and the UI."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
+        if getattr(record, PROGRESS_LINE, False):
+            return False
+        return self.verbose or not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
 
 
 class ProgressDisplay(logging.Handler):
@@ -80,13 +77,12 @@ class ProgressDisplay(logging.Handler):
         self.bars = None
         self.task_ids: dict[str, int] = {}
         self.failed_seen: dict[str, int] = {}
-        self._hide = _HideTaskRunLines()
+        self._hide = _ConsoleFilter(verbose)
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> "ProgressDisplay":
-        if not self.verbose:
-            for h in self.console_handlers:
-                h.addFilter(self._hide)
+        for h in self.console_handlers:
+            h.addFilter(self._hide)
         if self.live:
             try:
                 self._start_bars()

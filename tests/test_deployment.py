@@ -406,3 +406,7 @@ def test_pab_build_log_lines_reach_the_runs_logs_on_the_server(stack, tiny_model
         assert time.monotonic() < deadline, [(e["name"], e["message"][:80]) for e in stack.post("/logs/filter", body)]
         time.sleep(0.5)
     assert loads[0]["level"] == logging.INFO and loads[0]["flow_run_id"] != run_id
+    # the stage's progress lines (the CLI keeps them off its terminal) are in the UI's logs
+    lines = [e["message"] for e in stack.post("/logs/filter", body)]
+    assert any(re.fullmatch(r"pose: (\d+)/\1 units, rows \d+ ok / \d+ rejected, 0 failed, .* ETA done", m)
+               for m in lines), lines

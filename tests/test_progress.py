@@ -45,8 +45,8 @@ def test_the_reporter_counts_units_and_rows_and_the_display_prints_them(smoke_cf
         reporter.stage_finished()
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("pose: 0/4 units, rows 0 ok / 0 rejected, 0 failed")
-    assert "pose: 3/4 units, rows 4 ok / 3 rejected, 1 failed" in lines[-2]  # a new failure prints at once
-    assert re.fullmatch(r"pose: 3/4 units, rows 4 ok / 3 rejected, 1 failed, [\d.]+ units/s, ETA done", lines[-1])
+    assert "pose: 3/4 units (1 skipped), rows 4 ok / 3 rejected, 1 failed" in lines[-2]  # a new failure prints at once
+    assert re.fullmatch(r"pose: 3/4 units \(1 skipped\), rows 4 ok / 3 rejected, 1 failed, [\d.]+ units/s, ETA done", lines[-1])
     assert reporter.state == StageProgress("pose", 4, done=1, skipped=1, failed=1, ok=4, rejected=3,
                                            finished=True, at=reporter.state.at)
     assert not [h for h in logging.getLogger(PROGRESS_LOGGER).handlers if isinstance(h, ProgressDisplay)]
@@ -93,6 +93,26 @@ def test_task_run_lines_are_hidden_unless_verbose(prefect_console):
     assert "Completed()" in stream.getvalue()
     handler.handle(task_line)  # the filter leaves with the display
     assert stream.getvalue().count("Completed()") == 2
+
+
+def test_the_flows_progress_lines_reach_the_ui_but_not_the_terminal(prefect_console):
+    """The flow logs its progress lines (for the UI) from the events the display shows: while the
+    display runs they stay off the terminal (each figure once), not off the other handlers."""
+    from pab_build.progress import PROGRESS_LINE
+
+    handler, stream = prefect_console
+    line = logging.makeLogRecord({"name": "prefect.flow_runs", "levelno": logging.INFO, "levelname": "INFO",
+                                  "msg": "frames: 3/5 units, rows 6 ok / 4 rejected", PROGRESS_LINE: True})
+    api = logging.Handler()  # stands for Prefect's API handler: no filter of the display on it
+    shipped = []
+    api.emit = shipped.append
+    for verbose in (False, True):
+        with ProgressDisplay(verbose=verbose, live=False):
+            handler.handle(line)
+            api.handle(line)
+    assert "frames: 3/5" not in stream.getvalue() and len(shipped) == 2
+    handler.handle(line)  # without a display (a worker's flow run): on its console as any log line
+    assert "frames: 3/5" in stream.getvalue()
 
 
 @pytest.mark.slow
