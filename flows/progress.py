@@ -56,14 +56,17 @@ class _ConsoleFilter(logging.Filter):
 
 
 class ProgressDisplay(logging.Handler):
-    """``with ProgressDisplay(verbose=False): build_pab(...)``."""
+    """``with ProgressDisplay(planned=stages) as d: d.note("starting Prefect"); ...; build_pab(...)``.
 
-    def __init__(self, verbose: bool = False, console=None, live: bool | None = None):
+    It shows at once, before Prefect is imported (seconds) and its temporary server has started
+    (seconds more): a status row (``note``) and a waiting row per ``planned`` stage; call
+    ``attach_prefect()`` once Prefect is imported, so its console lines go through the display."""
+
+    def __init__(self, verbose: bool = False, console=None, live: bool | None = None, planned=()):
         super().__init__(logging.INFO)
         self.verbose = verbose
-        # every Prefect console handler gets the filter (a process that configured Prefect's logging
-        # twice has more than one); the live display redirects the first
-        self.console_handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+        self.planned = list(planned)
+        self.console_handlers: list[logging.Handler] = []
         if console is None:  # not Prefect's console: its theme lacks the progress bar's styles
             from rich.console import Console
 
@@ -76,13 +79,12 @@ class ProgressDisplay(logging.Handler):
         self.latest: dict[str, StageProgress] = {}
         self.bars = None
         self.task_ids: dict[str, int] = {}
+        self.status_id = None
         self.failed_seen: dict[str, int] = {}
         self._hide = _ConsoleFilter(verbose)
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> "ProgressDisplay":
-        for h in self.console_handlers:
-            h.addFilter(self._hide)
         if self.live:
             try:
                 self._start_bars()
@@ -91,7 +93,28 @@ class ProgressDisplay(logging.Handler):
                 self._stop_bars()
                 self.live = False
         logging.getLogger(PROGRESS_LOGGER).addHandler(self)
+        self.attach_prefect()
         return self
+
+    def attach_prefect(self) -> None:
+        """Filter Prefect's console handlers (and on a terminal route their lines above the bars);
+        every one of them: a process that configured Prefect's logging twice has more than one."""
+        for h in logging.getLogger().handlers:
+            if type(h).__name__ != "PrefectConsoleHandler" or h in self.console_handlers:
+                continue
+            self.console_handlers.append(h)
+            h.addFilter(self._hide)
+            prefect_console = getattr(h, "console", None)
+            if self.bars is not None and prefect_console is not None:
+                self._prefect_file.append((prefect_console, prefect_console.file))
+                prefect_console.file = _LinesTo(self.console, prefect_console.file)
+
+    def note(self, text: str) -> None:
+        """What the build is doing before its stages report (starting Prefect, ...)."""
+        if self.bars is None:
+            self.console.print(f"pab: {text}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.bars.update(self.status_id, units=text)
 
     def __exit__(self, *exc) -> None:
         logging.getLogger(PROGRESS_LOGGER).removeHandler(self)
@@ -102,19 +125,16 @@ class ProgressDisplay(logging.Handler):
     def _start_bars(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(),
-                             TextColumn("{task.completed:>6.0f}/{task.total:<6.0f} units"),
+        self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.fields[units]}"),
                              TextColumn("{task.fields[rows]}"), TextColumn("{task.fields[rate]}"),
                              TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
                              console=self.console, transient=False)
+        self._prefect_file = []  # Prefect's log lines go through the display (attach_prefect), not across the bars
         self.bars.start()  # from here sys.stderr is the display's proxy: lines print above the bars
-        # Prefect's log lines go through the display, not across the bars
-        self._prefect_file = []
-        for h in self.console_handlers:
-            prefect_console = getattr(h, "console", None)
-            if prefect_console is not None:
-                self._prefect_file.append((prefect_console, prefect_console.file))
-                prefect_console.file = _LinesTo(self.console, prefect_console.file)
+        # the whole build at once: a status row on top (note), each stage waiting for its first event
+        self.status_id = self.bars.add_task("pab", total=None, units="", rows="", rate="", failed="")
+        for stage in self.planned:
+            self.task_ids[stage] = self.bars.add_task(stage, total=None, units="waiting", rows="", rate="", failed="")
 
     def _stop_bars(self) -> None:
         for prefect_console, file in self._prefect_file or ():
@@ -141,7 +161,10 @@ class ProgressDisplay(logging.Handler):
             fields = self._fields(p)
             if p.stage not in self.task_ids:
                 self.task_ids[p.stage] = self.bars.add_task(p.stage, total=max(p.total, 1), **fields)
-            self.bars.update(self.task_ids[p.stage], completed=p.units_finished if p.total else 1, **fields)
+            if self.status_id is not None and len(self.latest) == 1:
+                self.bars.update(self.status_id, units="building")
+            self.bars.update(self.task_ids[p.stage], total=max(p.total, 1),
+                             completed=p.units_finished if p.total else 1, **fields)
             return
         now = time.monotonic()
         due = now - self.last_line.get(p.stage, -LINE_EVERY_S) >= LINE_EVERY_S
@@ -153,6 +176,6 @@ class ProgressDisplay(logging.Handler):
     def _fields(self, p: StageProgress) -> dict:
         elapsed = max(p.at - self.started[p.stage], 1e-6)
         worked = p.done + p.failed
-        return {"rows": f"rows {p.ok} ok / {p.rejected} rejected",
+        return {"units": f"{p.units_finished:>6}/{p.total:<6} units", "rows": f"rows {p.ok} ok / {p.rejected} rejected",
                 "rate": f"{worked / elapsed:.2f} u/s" if worked else "- u/s",
                 "failed": f"[red]{p.failed} failed[/red]" if p.failed else "0 failed"}

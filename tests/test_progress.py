@@ -64,6 +64,25 @@ def test_rate_and_eta_and_the_terminal_table():
     assert "generate" in out and "4/10" in out and "rows 100 ok / 4 rejected" in out and "0.20 u/s" in out
 
 
+def test_the_display_shows_at_once_before_any_stage_reports():
+    """Importing Prefect and starting its temporary server take seconds (a worker's first unit
+    more): the display shows the build's stages and what it is doing from the start."""
+    console, buf = _console(terminal=True)
+    with ProgressDisplay(console=console, live=True, planned=["frames", "pose"]) as display:
+        display.note("starting Prefect")
+        display.bars.refresh()
+        first = buf.getvalue()
+        display.update(StageProgress("frames", total=5, done=2, ok=3, rejected=1, at=1.0))
+    assert re.search(r"pab .* starting Prefect", first) and re.search(r"frames .* waiting", first)
+    assert re.search(r"pose .* waiting", first)
+    last = buf.getvalue()[len(first):]
+    assert re.search(r"pab .* building", last) and re.search(r"frames .* 2/5 +units", last)
+    console, buf = _console(terminal=False)  # a pipe or CI log: one line per note
+    with ProgressDisplay(console=console, live=False, planned=["frames"]) as display:
+        display.note("starting Prefect")
+    assert buf.getvalue() == "pab: starting Prefect\n"
+
+
 @pytest.fixture
 def prefect_console():
     """A Prefect console handler on the root logger, as Prefect sets up: (handler, its stream)."""
@@ -127,6 +146,8 @@ def test_pab_run_prints_stage_progress_and_no_task_lines(tiny_model, sample_oops
     text = quiet.stdout + quiet.stderr
     assert re.search(r"^frames: (\d+)/\1 units, rows \d+ ok / \d+ rejected, 0 failed, .* ETA done$", text, re.M), text
     assert re.search(r"units/s", text) and "Task run '" not in text
+    # the display speaks before Prefect's temporary server has started (seconds)
+    assert 0 <= text.find("pab: starting Prefect") < text.find("Starting temporary server"), text
     verbose = subprocess.run(cmd + ["--verbose"], capture_output=True, text=True, env=env, timeout=600)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Task run 'frames-unit" in verbose.stdout + verbose.stderr
