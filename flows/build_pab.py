@@ -352,11 +352,23 @@ def build_pab(
             if publish_url or cfg.publish.url:
                 summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
             if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
-                from flows.train_cmp import train_cmp_flow
-
-                summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
+                summary["cmp"] = _train_cmp_once(profile, out, overrides or [], summary.get("publish"))
     logger.info("build summary: %s", redact(summary))
     return summary
+
+
+def _train_cmp_once(profile: str, out: str, overrides: list[str], published: dict | None) -> dict[str, Any]:
+    """CMP is trained once per build: when the build published and an automation on this server
+    reacts to the publish event (train-cmp/full's deployment trigger), training is left to it."""
+    from flows.events import downstream_training
+
+    trigger = downstream_training() if published and published.get("ok") else None
+    if trigger is not None:
+        get_run_logger().info("CMP: not trained in this run: the publish event starts it (automation %r)", trigger)
+        return {"trained_by": trigger}
+    from flows.train_cmp import train_cmp_flow
+
+    return train_cmp_flow(profile=profile, build_out=out, overrides=overrides)
 
 
 @task(name="release", cache_policy=NO_CACHE)

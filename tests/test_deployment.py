@@ -381,6 +381,12 @@ def test_a_publish_event_starts_train_cmp_on_the_published_shards(stack, tmp_pat
         time.sleep(1)
     (payload,) = payloads
     assert payload["index_sha256"] == hashlib.sha256(b'{"splits": {}}').hexdigest()
+    # the trigger `prefect deploy` made is what a publishing build sees: it then trains no CMP itself
+    r = subprocess.run([sys.executable, "-c", "from flows.events import downstream_training as d; print(d())"],
+                       cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() not in ("", "None"), r.stdout + r.stderr
+    (automation,) = [a for a in stack.post("/automations/filter", {}) if a["name"] == r.stdout.strip()]
+    assert automation["actions"][0]["deployment_id"] == dep["id"]
 
 
 @pytest.mark.slow
