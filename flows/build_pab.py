@@ -97,7 +97,8 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     # one stream of progress events: the CLI's live display listens on its logger, the run's log
     # lines and progress artifact (the UI) are made from it here
     reporter = StageReporter(ctx.store, stage_name, len(units),
-                             listener=ProgressLog(logger, on_update=lambda pct: update_progress_artifact(progress, pct)))
+                             listener=ProgressLog(_BUILD_LOG.get() or logger,
+                                                  on_update=lambda pct: update_progress_artifact(progress, pct)))
 
     def on_done(unit: Unit, fut) -> None:
         if fut.state.is_completed():
@@ -199,6 +200,9 @@ def _with(cfg: PABConfig, changes: dict[str, Any]) -> PABConfig:
     return cfg
 
 
+# the parent run's logger: the stages' progress lines go there, so the build run's page and
+# `prefect deployment run --watch` (which follows that run's own logs, no subflow's) show them
+_BUILD_LOG: contextvars.ContextVar = contextvars.ContextVar("pab_build_log", default=None)
 # called with a stage's name when it finished (the build-level progress artifact); set per build
 _STAGE_FINISHED: contextvars.ContextVar = contextvars.ContextVar("pab_stage_finished", default=None)
 
@@ -323,6 +327,7 @@ def build_pab(
     # overrides that may hold credentials come from the environment (`pab run` puts them there)
     cfg = load_config(profile, (overrides or []) + secret_overrides_from_env())
     logger = get_run_logger()
+    _BUILD_LOG.set(logger)
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker: end with it, never as an orphan
         from flows.run_control import exit_with_parent
 

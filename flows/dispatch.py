@@ -54,8 +54,8 @@ def quiet_task_logs(quiet: bool = True) -> Iterator[None]:
 class ProgressLog:
     """A stage's progress in the run's logs and progress artifact (what the UI shows), made from
     the ``pab_build.progress`` events (``StageReporter(listener=ProgressLog(...))``): a line every
-    ``log_every`` of the units, at least every ``min_interval_s``, at a new failure and when the
-    stage ends; ``on_update(percent)`` with each line."""
+    ``log_every`` of the units, at least every ``min_interval_s``, at a new failure, when the
+    stage starts and when it ends; ``on_update(percent)`` with each line."""
 
     def __init__(self, logger, log_every: float = 0.05, min_interval_s: float = 60.0,
                  on_update: Callable[[float], None] | None = None):
@@ -65,9 +65,10 @@ class ProgressLog:
 
     def __call__(self, p: StageProgress) -> None:
         step = max(1, int(p.total * self.log_every))
-        if self.started is None:
+        first = self.started is None
+        if first:
             self.started, self.last_log, self.next_at = p.at, p.at, step
-        due = (p.finished or p.units_finished >= self.next_at or p.failed > self.failed_seen
+        due = (first or p.finished or p.units_finished >= self.next_at or p.failed > self.failed_seen
                or (p.units_finished and p.at - self.last_log >= self.min_interval_s))
         if not due:
             return
