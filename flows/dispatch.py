@@ -70,8 +70,8 @@ class ProgressLog:
             self.started, self.last_log, self.next_at = p.at, p.at, step
         due = (first or p.finished or p.units_finished >= self.next_at or p.failed > self.failed_seen
                or (p.units_finished and p.at - self.last_log >= self.min_interval_s))
-        if not due:
-            return
+        if not due or (p.units_finished == p.total and not p.finished and p.failed <= self.failed_seen):
+            return  # (the last unit's line: the stage's finished line follows at once)
         self.next_at = (p.units_finished // step + 1) * step
         self.last_log, self.failed_seen = p.at, p.failed
         self.logger.info("%s", stage_line(p, self.started), extra={PROGRESS_LINE: True})

@@ -77,7 +77,7 @@ def test_progress_log_lines_come_from_the_progress_events():
         log(StageProgress("generate", 100, done=n - (n >= 55), failed=int(n >= 55), ok=2 * n, at=n / 10))
     log(StageProgress("generate", 100, done=99, failed=1, ok=200, finished=True, at=10.0))
     lines = [r.getMessage() for r in records]
-    assert updates == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 55.0, 60.0, 70.0, 80.0, 90.0, 100.0, 100.0]
+    assert updates == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 55.0, 60.0, 70.0, 80.0, 90.0, 100.0]
     assert lines[0] == "generate: 0/100 units, rows 0 ok / 0 rejected, 0 failed, - units/s, ETA -"  # started
     assert lines[1] == "generate: 10/100 units, rows 20 ok / 0 rejected, 0 failed, 10.00 units/s, ETA 9s"
     assert lines[6].startswith("generate: 55/100 units, rows 110 ok / 0 rejected, 1 failed")  # the failure, at once
