@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import build_artifact_key
-from flows.dispatch import Progress, dispatch_units, quiet_task_logs, unit_submitter, window_size
+from flows.dispatch import ProgressLog, dispatch_units, quiet_task_logs, unit_submitter, window_size
 from pab_build.build_lock import hold_build_lock
 from pab_build.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
 from pab_build.config import PABConfig, load_config, qc_settings
@@ -43,11 +42,6 @@ from pab_build.units import (
     record_failed_unit,
     status_counts,
 )
-
-# the library logs through `logging` (model loads, ...); Prefect forwards the `pab_build` logger into
-# run logs when PREFECT_LOGGING_EXTRA_LOGGERS=pab_build (the `pab` CLI sets it)
-logging.getLogger("pab_build").setLevel(logging.INFO)
-
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(cfg: PABConfig, out: str) -> None:
@@ -99,7 +93,6 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
     logger.info("%s: %d units", stage_name, len(units))
     progress = create_progress_artifact(0.0, key=build_artifact_key(f"progress-{stage_name}", out),
                                         description=f"{stage_name}: units finished (%) of {out}")
-    reporter = StageReporter(ctx.store, stage_name, len(units))  # the CLI's live display listens
     unit_task = run_unit_task.with_options(
         name=f"{stage_name}-unit",
         retries=cfg.run.unit_retries,
@@ -107,8 +100,11 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
         tags=["gpu"] if stage.uses_gpu else ["cpu"],
     )
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    tracker = Progress(stage_name, len(units), logger.info,
-                       on_update=lambda done, total: update_progress_artifact(progress, 100.0 * done / total))
+    # one stream of progress events: the CLI's live display listens on its logger, the run's log
+    # lines and progress artifact (the UI) are made from it here
+    reporter = StageReporter(ctx.store, stage_name, len(units),
+                             listener=ProgressLog(_BUILD_LOG.get() or logger,
+                                                  on_update=lambda pct: update_progress_artifact(progress, pct)))
 
     def on_done(unit: Unit, fut) -> None:
         if fut.state.is_completed():
@@ -120,7 +116,6 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
             outcome = "failed"
         counts[outcome] += 1
         reporter.unit_finished(unit.unit_id, outcome)
-        tracker.advance(str(counts))
 
     with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs), \
             unit_submitter(cfg, out, stage_name, stage.uses_gpu, unit_task, logger.info) as submit:
@@ -211,6 +206,9 @@ def _with(cfg: PABConfig, changes: dict[str, Any]) -> PABConfig:
     return cfg
 
 
+# the parent run's logger: the stages' progress lines go there, so the build run's page and
+# `prefect deployment run --watch` (which follows that run's own logs, no subflow's) show them
+_BUILD_LOG: contextvars.ContextVar = contextvars.ContextVar("pab_build_log", default=None)
 # called with a stage's name when it finished (the build-level progress artifact); set per build
 _STAGE_FINISHED: contextvars.ContextVar = contextvars.ContextVar("pab_stage_finished", default=None)
 
@@ -333,6 +331,7 @@ def build_pab(
     # overrides that may hold credentials come from the environment (`pab run` puts them there)
     cfg = load_config(profile, (overrides or []) + secret_overrides_from_env())
     logger = get_run_logger()
+    _BUILD_LOG.set(logger)
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker: end with it, never as an orphan
         from flows.run_control import exit_with_parent
 
@@ -362,11 +361,23 @@ def build_pab(
             if publish_url or cfg.publish.url:
                 summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
             if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
-                from flows.train_cmp import train_cmp_flow
-
-                summary["cmp"] = train_cmp_flow(profile=profile, build_out=out, overrides=overrides or [])
+                summary["cmp"] = _train_cmp_once(profile, out, overrides or [], summary.get("publish"))
     logger.info("build summary: %s", redact(summary))
     return summary
+
+
+def _train_cmp_once(profile: str, out: str, overrides: list[str], published: dict | None) -> dict[str, Any]:
+    """CMP is trained once per build: when the build published and an automation on this server
+    reacts to the publish event (train-cmp/full's deployment trigger), training is left to it."""
+    from flows.events import downstream_training
+
+    trigger = downstream_training() if published and published.get("ok") else None
+    if trigger is not None:
+        get_run_logger().info("CMP: not trained in this run: the publish event starts it (automation %r)", trigger)
+        return {"trained_by": trigger}
+    from flows.train_cmp import train_cmp_flow
+
+    return train_cmp_flow(profile=profile, build_out=out, overrides=overrides)
 
 
 @task(name="release", cache_policy=NO_CACHE)

@@ -73,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
     from pab_build.pipeline import stages_until
 
-    stages_until(args.until)
+    planned = stages_until(args.until)
     if not args.skip_preflight and (code := _preflight(args, overrides)):
         return code
     from flows.run_control import hard_exit, stop_on_signals
@@ -92,16 +92,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop_on_signals()
     try:
         with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s,
-                         storage_options=cfg.publish.storage_options):
+                             storage_options=cfg.publish.storage_options), \
+                ProgressDisplay(verbose=args.verbose, planned=planned) as display:
+            # shown at once: importing Prefect and starting its temporary server take seconds
+            display.note("starting Prefect")
             from flows.build_pab import (
                 build_pab,  # Prefect starts here (an ephemeral server without PREFECT_API_URL)
             )
 
-            with ProgressDisplay(verbose=args.verbose):
-                summary = build_pab(
-                    profile=args.profile, out=out, overrides=public, until=args.until,
-                    train_cmp=False if args.no_cmp else None, skip_preflight=True,
-                )
+            display.attach_prefect()
+            summary = build_pab(
+                profile=args.profile, out=out, overrides=public, until=args.until,
+                train_cmp=False if args.no_cmp else None, skip_preflight=True,
+            )
     except BuildLocked as e:
         print(f"pab: {e}", file=sys.stderr)
         return 2

@@ -4,14 +4,14 @@
 task run and its future up front, and Prefect logs a few lines per task run. Here at most
 ``window`` units are in flight (a few times the workers, so no worker waits for work); each
 finished one is handed to ``on_done`` and replaced by the next; the stage logs a progress line
-every ``log_every`` of the units (and at least once a minute): done/total, rate, ETA.
+every ``log_every`` of the units (and at least once a minute): done/total, rows, rate, ETA, from
+the same progress events the CLI's live display shows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +23,7 @@ from pab_build.config import PABConfig
 from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
 from pab_build.model_lock import STAGE_MODELS
 from pab_build.models import models_held_for_stage
+from pab_build.progress import PROGRESS_LINE, StageProgress, stage_line
 from pab_build.units import Unit
 
 WINDOW_PER_WORKER = 4
@@ -51,33 +52,32 @@ def quiet_task_logs(quiet: bool = True) -> Iterator[None]:
             lg.setLevel(level)
 
 
-class Progress:
-    """``stage: done/total units (pct), rate/s, ETA`` every ``log_every`` of the units or minute."""
+class ProgressLog:
+    """A stage's progress in the run's logs and progress artifact (what the UI shows), made from
+    the ``pab_build.progress`` events (``StageReporter(listener=ProgressLog(...))``): a line every
+    ``log_every`` of the units, at least every ``min_interval_s``, at a new failure, when the
+    stage starts and when it ends; ``on_update(percent)`` with each line."""
 
-    def __init__(self, stage: str, total: int, log: Callable[[str], None], log_every: float = 0.05,
-                 min_interval_s: float = 60.0, on_update: Callable[[int, int], None] | None = None):
-        self.stage, self.total, self.log, self.on_update = stage, total, log, on_update
-        self.step = max(1, int(total * log_every))
-        self.min_interval_s = min_interval_s
-        self.done = 0
-        self.t0 = self.last_log = time.monotonic()
+    def __init__(self, logger, log_every: float = 0.05, min_interval_s: float = 60.0,
+                 on_update: Callable[[float], None] | None = None):
+        self.logger, self.log_every, self.min_interval_s, self.on_update = logger, log_every, min_interval_s, on_update
+        self.started: float | None = None
+        self.next_at, self.last_log, self.failed_seen = 0, 0.0, 0
 
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_text = "?" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
-        return (f"{self.stage}: {self.done}/{self.total} units ({100.0 * self.done / max(self.total, 1):.0f}%), "
-                f"{rate:.2f} units/s, ETA {eta_text}")
-
-    def advance(self, extra: str = "") -> None:
-        self.done += 1
-        now = time.monotonic()
-        if self.done % self.step == 0 or self.done == self.total or now - self.last_log >= self.min_interval_s:
-            self.last_log = now
-            self.log(self.line() + (f" {extra}" if extra else ""))
-            if self.on_update is not None:
-                self.on_update(self.done, self.total)
+    def __call__(self, p: StageProgress) -> None:
+        step = max(1, int(p.total * self.log_every))
+        first = self.started is None
+        if first:
+            self.started, self.last_log, self.next_at = p.at, p.at, step
+        due = (first or p.finished or p.units_finished >= self.next_at or p.failed > self.failed_seen
+               or (p.units_finished and p.at - self.last_log >= self.min_interval_s))
+        if not due or (p.units_finished == p.total and not p.finished and p.failed <= self.failed_seen):
+            return  # (the last unit's line: the stage's finished line follows at once)
+        self.next_at = (p.units_finished // step + 1) * step
+        self.last_log, self.failed_seen = p.at, p.failed
+        self.logger.info("%s", stage_line(p, self.started), extra={PROGRESS_LINE: True})
+        if self.on_update is not None:
+            self.on_update(100.0 * p.units_finished / p.total if p.total else 100.0)
 
 
 def dispatch_units(submit: Callable[[Unit], PrefectFuture], units: Sequence[Unit], window: int,

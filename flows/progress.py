@@ -4,7 +4,8 @@ units per second, ETA and failed units, fed by ``pab_build.progress`` events.
 On a terminal it is a ``rich`` progress table drawn on the console Prefect logs to (so log lines
 scroll above it); elsewhere (CI logs, a pipe) a line per stage every ``LINE_EVERY_S`` and when the
 stage ends. Unless ``verbose``, Prefect's per-task lines (``Task run 'frames-unit-fd9' - Finished
-in state Completed()``) are kept off the console; they still reach the API and the UI.
+in state Completed()``) are kept off the console, and so are the flow's progress lines (made from
+the same events: each figure shows once); both still reach the API and the UI.
 """
 
 from __future__ import annotations
@@ -14,22 +15,9 @@ import logging
 import sys
 import time
 
-from pab_build.progress import PROGRESS_LOGGER, StageProgress
+from pab_build.progress import PROGRESS_LINE, PROGRESS_LOGGER, StageProgress, stage_line
 
 LINE_EVERY_S = 10.0
-
-
-def stage_line(p: StageProgress, started: float) -> str:
-    """``frames: 3/5 units, rows 6 ok / 4 rejected, 0 failed, 0.40 units/s, ETA 5s``."""
-    from pab_build.status import duration_text
-
-    elapsed = max(p.at - started, 1e-6)
-    worked = p.done + p.failed  # skipped units cost nothing: they would inflate the rate
-    rate = worked / elapsed if worked else None
-    left = p.total - p.units_finished
-    eta = "done" if p.finished else (duration_text(left / rate) if rate else "-")
-    return (f"{p.stage}: {p.units_finished}/{p.total} units, rows {p.ok} ok / {p.rejected} rejected, "
-            f"{p.failed} failed, {'-' if rate is None else f'{rate:.2f}'} units/s, ETA {eta}")
 
 
 class _LinesTo(io.TextIOBase):
@@ -53,20 +41,32 @@ class _LinesTo(io.TextIOBase):
         pass
 
 
-class _HideTaskRunLines(logging.Filter):
+class _ConsoleFilter(logging.Filter):
+    """Off the terminal: the flow's progress lines (the display shows the same events) and,
+    unless ``verbose``, Prefect's per-task-run lines. Both still reach the API and the UI."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
+        if getattr(record, PROGRESS_LINE, False):
+            return False
+        return self.verbose or not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
 
 
 class ProgressDisplay(logging.Handler):
-    """``with ProgressDisplay(verbose=False): build_pab(...)``."""
+    """``with ProgressDisplay(planned=stages) as d: d.note("starting Prefect"); ...; build_pab(...)``.
 
-    def __init__(self, verbose: bool = False, console=None, live: bool | None = None):
+    It shows at once, before Prefect is imported (seconds) and its temporary server has started
+    (seconds more): a status row (``note``) and a waiting row per ``planned`` stage; call
+    ``attach_prefect()`` once Prefect is imported, so its console lines go through the display."""
+
+    def __init__(self, verbose: bool = False, console=None, live: bool | None = None, planned=()):
         super().__init__(logging.INFO)
         self.verbose = verbose
-        # every Prefect console handler gets the filter (a process that configured Prefect's logging
-        # twice has more than one); the live display redirects the first
-        self.console_handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+        self.planned = list(planned)
+        self.console_handlers: list[logging.Handler] = []
         if console is None:  # not Prefect's console: its theme lacks the progress bar's styles
             from rich.console import Console
 
@@ -79,14 +79,12 @@ class ProgressDisplay(logging.Handler):
         self.latest: dict[str, StageProgress] = {}
         self.bars = None
         self.task_ids: dict[str, int] = {}
+        self.status_id = None
         self.failed_seen: dict[str, int] = {}
-        self._hide = _HideTaskRunLines()
+        self._hide = _ConsoleFilter(verbose)
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> "ProgressDisplay":
-        if not self.verbose:
-            for h in self.console_handlers:
-                h.addFilter(self._hide)
         if self.live:
             try:
                 self._start_bars()
@@ -95,7 +93,28 @@ class ProgressDisplay(logging.Handler):
                 self._stop_bars()
                 self.live = False
         logging.getLogger(PROGRESS_LOGGER).addHandler(self)
+        self.attach_prefect()
         return self
+
+    def attach_prefect(self) -> None:
+        """Filter Prefect's console handlers (and on a terminal route their lines above the bars);
+        every one of them: a process that configured Prefect's logging twice has more than one."""
+        for h in logging.getLogger().handlers:
+            if type(h).__name__ != "PrefectConsoleHandler" or h in self.console_handlers:
+                continue
+            self.console_handlers.append(h)
+            h.addFilter(self._hide)
+            prefect_console = getattr(h, "console", None)
+            if self.bars is not None and prefect_console is not None:
+                self._prefect_file.append((prefect_console, prefect_console.file))
+                prefect_console.file = _LinesTo(self.console, prefect_console.file)
+
+    def note(self, text: str) -> None:
+        """What the build is doing before its stages report (starting Prefect, ...)."""
+        if self.bars is None:
+            self.console.print(f"pab: {text}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.bars.update(self.status_id, units=text)
 
     def __exit__(self, *exc) -> None:
         logging.getLogger(PROGRESS_LOGGER).removeHandler(self)
@@ -106,19 +125,16 @@ class ProgressDisplay(logging.Handler):
     def _start_bars(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(),
-                             TextColumn("{task.completed:>6.0f}/{task.total:<6.0f} units"),
+        self.bars = Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.fields[units]}"),
                              TextColumn("{task.fields[rows]}"), TextColumn("{task.fields[rate]}"),
                              TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[failed]}"),
                              console=self.console, transient=False)
+        self._prefect_file = []  # Prefect's log lines go through the display (attach_prefect), not across the bars
         self.bars.start()  # from here sys.stderr is the display's proxy: lines print above the bars
-        # Prefect's log lines go through the display, not across the bars
-        self._prefect_file = []
-        for h in self.console_handlers:
-            prefect_console = getattr(h, "console", None)
-            if prefect_console is not None:
-                self._prefect_file.append((prefect_console, prefect_console.file))
-                prefect_console.file = _LinesTo(self.console, prefect_console.file)
+        # the whole build at once: a status row on top (note), each stage waiting for its first event
+        self.status_id = self.bars.add_task("pab", total=None, units="", rows="", rate="", failed="")
+        for stage in self.planned:
+            self.task_ids[stage] = self.bars.add_task(stage, total=None, units="waiting", rows="", rate="", failed="")
 
     def _stop_bars(self) -> None:
         for prefect_console, file in self._prefect_file or ():
@@ -145,7 +161,10 @@ class ProgressDisplay(logging.Handler):
             fields = self._fields(p)
             if p.stage not in self.task_ids:
                 self.task_ids[p.stage] = self.bars.add_task(p.stage, total=max(p.total, 1), **fields)
-            self.bars.update(self.task_ids[p.stage], completed=p.units_finished if p.total else 1, **fields)
+            if self.status_id is not None and len(self.latest) == 1:
+                self.bars.update(self.status_id, units="building")
+            self.bars.update(self.task_ids[p.stage], total=max(p.total, 1),
+                             completed=p.units_finished if p.total else 1, **fields)
             return
         now = time.monotonic()
         due = now - self.last_line.get(p.stage, -LINE_EVERY_S) >= LINE_EVERY_S
@@ -157,6 +176,6 @@ class ProgressDisplay(logging.Handler):
     def _fields(self, p: StageProgress) -> dict:
         elapsed = max(p.at - self.started[p.stage], 1e-6)
         worked = p.done + p.failed
-        return {"rows": f"rows {p.ok} ok / {p.rejected} rejected",
+        return {"units": f"{p.units_finished:>6}/{p.total:<6} units", "rows": f"rows {p.ok} ok / {p.rejected} rejected",
                 "rate": f"{worked / elapsed:.2f} u/s" if worked else "- u/s",
                 "failed": f"[red]{p.failed} failed[/red]" if p.failed else "0 failed"}

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.artifacts import build_artifact_key
 from pab_build.config import PABConfig, load_config
 from pab_build.redact import refuse_stored_credentials
 
@@ -53,12 +54,13 @@ def train_cmp_flow(
                 trained["steps"], trained["checkpoint"])
     metrics = evaluate_task(cfg, trained["checkpoint"], shards, out)
     rows = [{"setting": s, **{k: round(v, 2) for k, v in metrics[s].items()}} for s in ("behavior", "identity")]
-    create_table_artifact(rows, key="cmp-eval", description="CMP text-to-image retrieval on the PAB test shards (%)")
+    create_table_artifact(rows, key=build_artifact_key("cmp-eval", out),
+                          description=f"CMP text-to-image retrieval on the PAB test shards of {out} (%)")
     figure = metrics.get("figure")
     create_markdown_artifact(
         f"# CMP evaluation\n\ncheckpoint: `{trained['checkpoint']}`\n\n"
         f"metrics: `{metrics['eval_json']}`\n\ntop-5 results (green = exact image, blue = same identity, "
         f"red = other): [{figure}]({figure})\n",
-        key="cmp-figure", description="CMP top-5 retrieval examples")
+        key=build_artifact_key("cmp-figure", out), description=f"CMP top-5 retrieval examples of {out}")
     return {"train": {k: v for k, v in trained.items() if k != "losses"},
             "eval": {s: metrics[s] for s in ("behavior", "identity")}}

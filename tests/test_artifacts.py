@@ -54,3 +54,27 @@ def test_a_build_run_keys_its_artifacts_and_reports_build_progress(sample_oops_r
     assert len(progress) == 1 and progress[0].type == "progress" and float(progress[0].data) == 100.0
     assert len(stage) == 1 and float(stage[0].data) == 100.0
     assert progress[0].flow_run_id != stage[0].flow_run_id  # on the parent run, not the stage's
+
+
+@pytest.mark.parametrize("entrypoint", ["flows/build_pab.py:build_pab", "flows/train_cmp.py:train_cmp_flow"])
+def test_a_worker_started_flow_forwards_pab_build_info_lines(entrypoint):
+    """As a worker's flow-run process does (the pool's env, the flow loaded from its entrypoint,
+    no `pab` CLI): pab_build's INFO lines (model loads, CMP metrics) pass the logger's level and
+    reach Prefect's API handler. Prefect's root logger is at WARNING, so without the flows'
+    own level only warnings would reach the UI."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging\n"
+            "from prefect.flows import load_flow_from_entrypoint\n"
+            f"load_flow_from_entrypoint({entrypoint!r})\n"
+            "for name in ('pab_build.models', 'pab_build.cmp.evaluate'):\n"
+            "    assert logging.getLogger(name).isEnabledFor(logging.INFO), name\n"
+            "handlers = [type(h).__name__ for h in logging.getLogger('pab_build').handlers]\n"
+            "assert 'APILogHandler' in handlers, handlers\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_LOGGING_EXTRA_LOGGERS"] = "pab_build"  # the work pools' job variables (test above)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -98,7 +98,10 @@ def test_train_cmp_flow_trains_evaluates_and_publishes_artifacts(tiny_model, mod
             keys = {a.key for a in client.read_artifacts()}
     assert result["train"]["steps"] == 2
     assert set(result["eval"]) == {"behavior", "identity"}
-    assert {"cmp-eval", "cmp-figure"} <= keys
+    from flows.artifacts import build_artifact_key
+
+    # keyed by build, as the build's own artifacts: two builds' evaluations never share a key
+    assert {build_artifact_key("cmp-eval", str(tmp_path)), build_artifact_key("cmp-figure", str(tmp_path))} <= keys
     assert (tmp_path / "cmp" / "eval.json").exists()
 
 

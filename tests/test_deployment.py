@@ -12,6 +12,7 @@ import ast
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -380,3 +381,38 @@ def test_a_publish_event_starts_train_cmp_on_the_published_shards(stack, tmp_pat
         time.sleep(1)
     (payload,) = payloads
     assert payload["index_sha256"] == hashlib.sha256(b'{"splits": {}}').hexdigest()
+    # the trigger `prefect deploy` made is what a publishing build sees: it then trains no CMP itself
+    r = subprocess.run([sys.executable, "-c", "from flows.events import downstream_training as d; print(d())"],
+                       cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() not in ("", "None"), r.stdout + r.stderr
+    (automation,) = [a for a in stack.post("/automations/filter", {}) if a["name"] == r.stdout.strip()]
+    assert automation["actions"][0]["deployment_id"] == dep["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pab_build_log_lines_reach_the_runs_logs_on_the_server(stack, tiny_model, models_dir, tmp_path):
+    """A deployment run's flow process is a worker's subprocess, not `pab`: only the work pool's job
+    variables (PREFECT_LOGGING_EXTRA_LOGGERS) and the flows' own logger level bring pab_build's
+    lines (here the pose stage's model load) into the run's logs, which the UI shows."""
+    tiny_model("openpose")
+    params = {"out": str(tmp_path / "out"), "until": "pose",
+              "overrides": [f"fixtures.models_dir={models_dir}", "fixtures.build_tiny_models=false",
+                            f"fixtures.sample_oops_dir={tmp_path / 'sample-oops'}"]}
+    run_id, r = _run_deployment(stack, params)
+    assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + stack.log_tail("worker")
+    # the model loads in a unit task of the stage-pose subflow: its logs carry the subflow's id
+    runs = [run_id] + [run["id"] for run in stack.post("/flow_runs/filter", {
+        "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})]
+    assert len(runs) == 3, runs  # stage-frames and stage-pose
+    body = {"logs": {"flow_run_id": {"any_": runs}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+    deadline = time.monotonic() + 30  # logs reach the server in batches, possibly after the final state
+    while not (loads := [e for e in stack.post("/logs/filter", body) if e["name"] == "pab_build.models"
+                         and e["message"].startswith("loaded model ")]):
+        assert time.monotonic() < deadline, [(e["name"], e["message"][:80]) for e in stack.post("/logs/filter", body)]
+        time.sleep(0.5)
+    assert loads[0]["level"] == logging.INFO and loads[0]["flow_run_id"] != run_id
+    # the stage's progress lines (the CLI keeps them off its terminal) are in the UI's logs
+    lines = [e["message"] for e in stack.post("/logs/filter", body)]
+    assert any(re.fullmatch(r"pose: (\d+)/\1 units, rows \d+ ok / \d+ rejected, 0 failed, .* ETA done", m)
+               for m in lines), lines

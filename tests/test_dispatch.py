@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prefect.futures import PrefectConcurrentFuture
 
-from flows.dispatch import Progress, dispatch_units, window_size
+from flows.dispatch import ProgressLog, dispatch_units, window_size
 from pab_build.units import Unit
 
 
@@ -55,11 +55,30 @@ def test_at_most_window_units_are_in_flight_and_every_unit_finishes_once():
     assert window_size(2) == 8 and window_size(16) == 64
 
 
-def test_progress_logs_every_few_percent_with_rate_and_eta():
-    lines, updates = [], []
-    p = Progress("generate", 100, lines.append, log_every=0.1, on_update=lambda d, t: updates.append(d))
-    for _ in range(100):
-        p.advance()
-    assert updates == list(range(10, 101, 10))
-    assert lines[0].startswith("generate: 10/100 units (10%), ") and "units/s, ETA " in lines[0]
-    assert "ETA 00:00:00" in lines[-1]
+def test_progress_log_lines_come_from_the_progress_events():
+    """The run's progress lines (and artifact updates) are made from the same events the CLI's
+    display shows: at the start, every 10 % here, at a new failure, when the stage ends; each record marked."""
+    import logging
+
+    from pab_build.progress import PROGRESS_LINE, StageProgress
+
+    records, updates = [], []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("test.progress_log")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Keep())
+    log = ProgressLog(logger, log_every=0.1, on_update=updates.append)
+    log(StageProgress("generate", 100, at=0.0))
+    for n in range(1, 101):
+        log(StageProgress("generate", 100, done=n - (n >= 55), failed=int(n >= 55), ok=2 * n, at=n / 10))
+    log(StageProgress("generate", 100, done=99, failed=1, ok=200, finished=True, at=10.0))
+    lines = [r.getMessage() for r in records]
+    assert updates == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 55.0, 60.0, 70.0, 80.0, 90.0, 100.0]
+    assert lines[0] == "generate: 0/100 units, rows 0 ok / 0 rejected, 0 failed, - units/s, ETA -"  # started
+    assert lines[1] == "generate: 10/100 units, rows 20 ok / 0 rejected, 0 failed, 10.00 units/s, ETA 9s"
+    assert lines[6].startswith("generate: 55/100 units, rows 110 ok / 0 rejected, 1 failed")  # the failure, at once
+    assert lines[-1].endswith("ETA done") and all(getattr(r, PROGRESS_LINE) for r in records)

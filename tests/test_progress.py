@@ -45,8 +45,8 @@ def test_the_reporter_counts_units_and_rows_and_the_display_prints_them(smoke_cf
         reporter.stage_finished()
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("pose: 0/4 units, rows 0 ok / 0 rejected, 0 failed")
-    assert "pose: 3/4 units, rows 4 ok / 3 rejected, 1 failed" in lines[-2]  # a new failure prints at once
-    assert re.fullmatch(r"pose: 3/4 units, rows 4 ok / 3 rejected, 1 failed, [\d.]+ units/s, ETA done", lines[-1])
+    assert "pose: 3/4 units (1 skipped), rows 4 ok / 3 rejected, 1 failed" in lines[-2]  # a new failure prints at once
+    assert re.fullmatch(r"pose: 3/4 units \(1 skipped\), rows 4 ok / 3 rejected, 1 failed, [\d.]+ units/s, ETA done", lines[-1])
     assert reporter.state == StageProgress("pose", 4, done=1, skipped=1, failed=1, ok=4, rejected=3,
                                            finished=True, at=reporter.state.at)
     assert not [h for h in logging.getLogger(PROGRESS_LOGGER).handlers if isinstance(h, ProgressDisplay)]
@@ -62,6 +62,25 @@ def test_rate_and_eta_and_the_terminal_table():
         display.update(p)
     out = buf.getvalue()
     assert "generate" in out and "4/10" in out and "rows 100 ok / 4 rejected" in out and "0.20 u/s" in out
+
+
+def test_the_display_shows_at_once_before_any_stage_reports():
+    """Importing Prefect and starting its temporary server take seconds (a worker's first unit
+    more): the display shows the build's stages and what it is doing from the start."""
+    console, buf = _console(terminal=True)
+    with ProgressDisplay(console=console, live=True, planned=["frames", "pose"]) as display:
+        display.note("starting Prefect")
+        display.bars.refresh()
+        first = buf.getvalue()
+        display.update(StageProgress("frames", total=5, done=2, ok=3, rejected=1, at=1.0))
+    assert re.search(r"pab .* starting Prefect", first) and re.search(r"frames .* waiting", first)
+    assert re.search(r"pose .* waiting", first)
+    last = buf.getvalue()[len(first):]
+    assert re.search(r"pab .* building", last) and re.search(r"frames .* 2/5 +units", last)
+    console, buf = _console(terminal=False)  # a pipe or CI log: one line per note
+    with ProgressDisplay(console=console, live=False, planned=["frames"]) as display:
+        display.note("starting Prefect")
+    assert buf.getvalue() == "pab: starting Prefect\n"
 
 
 @pytest.fixture
@@ -95,6 +114,26 @@ def test_task_run_lines_are_hidden_unless_verbose(prefect_console):
     assert stream.getvalue().count("Completed()") == 2
 
 
+def test_the_flows_progress_lines_reach_the_ui_but_not_the_terminal(prefect_console):
+    """The flow logs its progress lines (for the UI) from the events the display shows: while the
+    display runs they stay off the terminal (each figure once), not off the other handlers."""
+    from pab_build.progress import PROGRESS_LINE
+
+    handler, stream = prefect_console
+    line = logging.makeLogRecord({"name": "prefect.flow_runs", "levelno": logging.INFO, "levelname": "INFO",
+                                  "msg": "frames: 3/5 units, rows 6 ok / 4 rejected", PROGRESS_LINE: True})
+    api = logging.Handler()  # stands for Prefect's API handler: no filter of the display on it
+    shipped = []
+    api.emit = shipped.append
+    for verbose in (False, True):
+        with ProgressDisplay(verbose=verbose, live=False):
+            handler.handle(line)
+            api.handle(line)
+    assert "frames: 3/5" not in stream.getvalue() and len(shipped) == 2
+    handler.handle(line)  # without a display (a worker's flow run): on its console as any log line
+    assert "frames: 3/5" in stream.getvalue()
+
+
 @pytest.mark.slow
 def test_pab_run_prints_stage_progress_and_no_task_lines(tiny_model, sample_oops_root, tmp_path):
     models = os.path.dirname(tiny_model("openpose"))
@@ -107,6 +146,8 @@ def test_pab_run_prints_stage_progress_and_no_task_lines(tiny_model, sample_oops
     text = quiet.stdout + quiet.stderr
     assert re.search(r"^frames: (\d+)/\1 units, rows \d+ ok / \d+ rejected, 0 failed, .* ETA done$", text, re.M), text
     assert re.search(r"units/s", text) and "Task run '" not in text
+    # the display speaks before Prefect's temporary server has started (seconds)
+    assert 0 <= text.find("pab: starting Prefect") < text.find("Starting temporary server"), text
     verbose = subprocess.run(cmd + ["--verbose"], capture_output=True, text=True, env=env, timeout=600)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Task run 'frames-unit" in verbose.stdout + verbose.stderr
