@@ -9,7 +9,6 @@ columns for people; this module is what the code writes and checks.
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,9 +111,13 @@ def rows_to_table(stage: str, rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=sch)
 
 
+ROW_GROUP_ROWS = 1024 * 1024  # pyarrow's default; the streamed manifest writer cuts row groups here too
+PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": False, "store_schema": False}
+
+
 def write_parquet(table: pa.Table, sink) -> None:
     """Parquet with fixed writer settings, so equal tables (in one chunk) give equal bytes."""
-    pq.write_table(table, sink, compression="zstd", write_statistics=False, store_schema=False)
+    pq.write_table(table, sink, row_group_size=min(table.num_rows, ROW_GROUP_ROWS) or None, **PARQUET_OPTIONS)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -144,7 +147,7 @@ def write_manifest_table(store: Store, stage: str, table: pa.Table) -> pa.Table:
         if pc.any(same).as_py():
             dup = pc.unique(keys.slice(1).filter(same)).to_pylist()
             raise ValueError(f"{stage}: duplicate sample_key in manifest: {sorted(dup)[:5]}")
-    table = table.combine_chunks()  # a no-op for concat_unit_tables' result
+    table = table.combine_chunks()  # a no-op for unit_manifests.concat_unit_tables' result
     with store.open_atomic(manifest_rel(stage)) as f:  # streamed: the file's bytes are never all in memory
         write_parquet(table, f)
     return table
@@ -171,43 +174,6 @@ def sorted_by_key(table: pa.Table) -> pa.Table:
 def is_sorted(keys: pa.ChunkedArray | pa.Array) -> bool:
     n = len(keys)
     return n < 2 or bool(pc.all(pc.less_equal(keys.slice(0, n - 1), keys.slice(1))).as_py())
-
-
-UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap
-UNIT_BLOCK = 256  # unit files combined per block: thousands of tiny tables never coexist, and a block
-# (held twice while it is combined) stays a small part of the manifest
-
-
-def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
-    """The rows of a stage's unit files as one table sorted by ``sample_key``, without Python row
-    objects: files are read concurrently, each sorted, and the blocks concatenated in key order
-    (units of most stages cover disjoint key ranges, so no global sort is needed then)."""
-    sch = schema(stage)
-
-    def read(rel: str) -> pa.Table:
-        t = conform(stage, read_table(store, rel))
-        return t if is_sorted(t["sample_key"]) else t.take(pc.sort_indices(t["sample_key"]))
-
-    blocks: list[pa.Table] = []
-    with ThreadPoolExecutor(max_workers=UNIT_READ_THREADS) as pool:
-        for start in range(0, len(rels), UNIT_BLOCK):
-            tables = [t for t in pool.map(read, rels[start : start + UNIT_BLOCK]) if t.num_rows]
-            tables.sort(key=lambda t: t["sample_key"][0].as_py())
-            if tables:
-                blocks.append(pa.concat_tables(tables).combine_chunks())
-            del tables
-            pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages otherwise
-    blocks.sort(key=lambda t: t["sample_key"][0].as_py())
-    if not blocks:
-        return sch.empty_table()
-    # one contiguous chunk per column (Parquet bytes depend on chunking), combined column by column
-    # and each column's blocks dropped at once, so the rows are never held twice
-    arrays = []
-    for name in sch.names:
-        arrays.append(pa.concat_arrays([b.column(name).chunk(0) for b in blocks]))
-        blocks = [b.drop_columns([name]) for b in blocks]
-    pa.default_memory_pool().release_unused()  # hand the blocks' freed pages back to the OS now
-    return pa.Table.from_arrays(arrays, schema=sch)
 
 
 def read_parquet_bytes(data: bytes) -> pa.Table:
