@@ -9,12 +9,20 @@ columns for people; this module is what the code writes and checks.
 from __future__ import annotations
 
 import io
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .store import Store
+
+# Arrow's default pool (mimalloc) keeps the pages a freed table leaves: a stage that drops one large
+# table and builds the next holds both. The system allocator hands them back (release_unused trims
+# it): at the paper's size ~20% less peak memory planning and finalizing (bench/bench_scale.py).
+# ARROW_DEFAULT_MEMORY_POOL, when set, still chooses.
+if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+    pa.set_memory_pool(pa.system_memory_pool())
 
 OK = "ok"
 REJECTED = "rejected"
@@ -202,6 +210,30 @@ def read_manifest_table(store: Store, stage: str, columns: list[str] | None = No
         if columns is not None and "status" not in columns:
             table = table.drop_columns(["status"])
     return table
+
+
+def left_join(table: pa.Table, right: pa.Table, key: str, flag: str | None = None,
+              dictionary: bool = False) -> pa.Table:
+    """``table`` (row order kept) with the other columns of ``right``'s row of the same ``key``
+    (unique there; null keys match nothing), null where there is none; ``flag`` (when given) is
+    true where there is one, else null. A lookup and a take per column: ``Table.join`` would hold
+    both sides again in its own row format, and lose the order. ``dictionary``: the columns are
+    dictionary arrays over ``right``'s (4 bytes a row: for a small ``right`` many rows point at,
+    like the prompts of a million images; their values read back the same)."""
+    found = pc.index_in(table[key], value_set=right[key], skip_nulls=True)
+    for name in right.column_names:
+        if name != key:
+            column = right[name].combine_chunks()
+            table = table.append_column(name, pa.DictionaryArray.from_arrays(found, column) if dictionary
+                                        else column.take(found))
+    if flag is not None:
+        table = table.append_column(flag, has_match(found))
+    return table
+
+
+def has_match(found: pa.Array) -> pa.Array:
+    """True where a lookup found a row, else null (what a left outer join leaves)."""
+    return pc.if_else(pc.is_null(found), pa.scalar(None, pa.bool_()), True)
 
 
 def read_manifest(store: Store, stage: str, columns: list[str] | None = None) -> list[dict]:

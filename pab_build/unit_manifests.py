@@ -10,6 +10,7 @@ two units wrote) are noticed on the way; the manifest is then built whole by :fu
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -17,42 +18,51 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import manifests
-from .manifests import conform, is_sorted, manifest_rel, read_table, schema, write_manifest_table
+from .manifests import conform, manifest_rel, read_table, schema, write_manifest_table
 from .store import Store
 
-UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap
-UNIT_BLOCK = 64  # unit files read per block: thousands of tiny tables never coexist
+UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap (local reads
+# are CPU-bound: one thread per core, more only contend for the interpreter lock)
+UNIT_BLOCK = 256  # unit files read per block, then made one table: thousands of tiny tables never coexist
 
 
 class _Overlap(Exception):
     """The unit files are not in key order (or share a key): build the manifest whole."""
 
 
-def _read_sorted(store: Store, stage: str, rel: str) -> pa.Table:
+def _read_sorted(store: Store, stage: str, rel: str) -> tuple[pa.Table, bool]:
+    """A unit file's rows sorted by key, and whether its keys are unique."""
     t = conform(stage, read_table(store, rel))
-    return t if is_sorted(t["sample_key"]) else t.take(pc.sort_indices(t["sample_key"]))
+    keys = t["sample_key"]
+    n = t.num_rows
+    if n < 2 or pc.all(pc.less(keys.slice(0, n - 1), keys.slice(1))).as_py():
+        return t, True  # strictly increasing: sorted, no key twice
+    t = t.take(pc.sort_indices(keys))
+    keys = t["sample_key"]
+    return t, not pc.any(pc.equal(keys.slice(0, n - 1), keys.slice(1))).as_py()
 
 
 def _unit_blocks(store: Store, stage: str, rels: list[str]):
-    """The unit files' tables (each sorted, empty ones skipped) in ``rels`` order, read concurrently,
-    a block of ``UNIT_BLOCK`` files at a time."""
-    with ThreadPoolExecutor(max_workers=UNIT_READ_THREADS) as pool:
+    """The unit files' tables (each sorted, empty ones skipped; with whether their keys are unique)
+    in ``rels`` order, read concurrently, a block of ``UNIT_BLOCK`` files at a time."""
+    threads = min(UNIT_READ_THREADS, os.cpu_count() or 1) if store.is_local else UNIT_READ_THREADS
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(rels), UNIT_BLOCK):
-            tables = pool.map(lambda rel: _read_sorted(store, stage, rel), rels[start : start + UNIT_BLOCK])
-            yield [t for t in tables if t.num_rows]
+            read = pool.map(lambda rel: _read_sorted(store, stage, rel), rels[start : start + UNIT_BLOCK])
+            yield [(t, unique) for t, unique in read if t.num_rows]
 
 
-def _contiguous(tables: list[pa.Table], sch: pa.Schema) -> pa.Table:
+def _contiguous(tables: list[pa.Table], sch: pa.Schema, trim: bool = False) -> pa.Table:
     """One chunk per column (Parquet bytes depend on chunking), combined column by column, each
-    column's pieces dropped from ``tables`` (emptied in place: the caller hands them over) at once,
-    so the rows are never held twice."""
+    column's pieces dropped at once (``tables`` is emptied: the caller hands them over), so the
+    rows are never held twice; ``trim``: give freed memory back to the OS after each column."""
+    pieces = {name: [c for t in tables for c in t.column(name).chunks] for name in sch.names}
+    tables.clear()
     arrays = []
     for name in sch.names:
-        arrays.append(pa.concat_arrays([c for t in tables for c in t.column(name).chunks]))
-        tables[:] = [t.drop_columns([name]) for t in tables]
-        pa.default_memory_pool().release_unused()
-    tables.clear()
-    pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages otherwise
+        arrays.append(pa.concat_arrays(pieces.pop(name)))
+        if trim:
+            pa.default_memory_pool().release_unused()
     return pa.Table.from_arrays(arrays, schema=sch)
 
 
@@ -65,15 +75,13 @@ def write_unit_manifest(store: Store, stage: str, rels: list[str]) -> None:
         write_manifest_table(store, stage, concat_unit_tables(store, stage, rels))
 
 
-def _after(tables: list[pa.Table], last: str | None) -> str | None:
+def _after(tables: list[tuple[pa.Table, bool]], last: str | None) -> str | None:
     """The last key of ``tables``, which follow a table ending at ``last``; raises _Overlap unless
     every key is greater than the one before."""
-    for t in tables:
-        keys = t["sample_key"]
-        if (last is not None and keys[0].as_py() <= last) or (
-                t.num_rows > 1 and pc.any(pc.equal(keys.slice(1), keys.slice(0, t.num_rows - 1))).as_py()):
+    for t, unique in tables:
+        if not unique or (last is not None and t["sample_key"][0].as_py() <= last):
             raise _Overlap
-        last = keys[-1].as_py()
+        last = t["sample_key"][-1].as_py()
     return last
 
 
@@ -87,7 +95,8 @@ def _stream(store: Store, stage: str, rels: list[str]) -> None:
         for tables in _unit_blocks(store, stage, rels):
             last = _after(tables, last)
             if tables:
-                pending.append(_contiguous(tables, sch))
+                pending.append(_contiguous([t for t, _ in tables], sch))
+                del tables
                 n_pending += pending[-1].num_rows
             while n_pending >= rows:
                 group = pa.concat_tables(pending)
@@ -95,20 +104,20 @@ def _stream(store: Store, stage: str, rels: list[str]) -> None:
                 rest = group.slice(rows)
                 del group
                 writer = writer or pq.ParquetWriter(f, sch, **manifests.PARQUET_OPTIONS)
-                writer.write_table(_contiguous(pending, sch), row_group_size=rows)
+                writer.write_table(_contiguous(pending, sch, trim=True), row_group_size=rows)
                 pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
                 del rest
         if writer is None and not pending:
             raise _Overlap  # no rows: the whole path writes the empty manifest
         writer = writer or pq.ParquetWriter(f, sch, **manifests.PARQUET_OPTIONS)
         if pending:
-            writer.write_table(_contiguous(pending, sch), row_group_size=rows)
+            writer.write_table(_contiguous(pending, sch, trim=True), row_group_size=rows)
         writer.close()
 
 
 def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
     """The rows of a stage's unit files as one table sorted by ``sample_key`` (tables ordered by
     their first key; ``write_manifest_table`` sorts what still overlaps)."""
-    tables = sorted((t for block in _unit_blocks(store, stage, rels) for t in block),
+    tables = sorted((t for block in _unit_blocks(store, stage, rels) for t, _ in block),
                     key=lambda t: t["sample_key"][0].as_py())
     return _contiguous(tables, schema(stage)) if tables else schema(stage).empty_table()

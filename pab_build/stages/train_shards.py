@@ -27,7 +27,7 @@ from ..shard_packing import (
     write_shard_unit,
 )
 from ..shard_writer import ATTRIBUTE_FIELDS, SPLIT_MODELS, key_problem, safe_keys, tar_bytes
-from ..manifests import sorted_by_key
+from ..manifests import has_match, left_join, sorted_by_key
 from ..units import Context, LazyItems, Stage, Unit
 
 STAGE_NAME = "train_shards"
@@ -46,24 +46,17 @@ def joined_table(store) -> pa.Table:
     (null where a manifest has no ok row; ``has_<manifest>`` says which)."""
     table = sorted_by_key(read_upstream(store, "train_attributes", ["sample_key", *ATTRIBUTE_FIELDS], STAGE_NAME))
     for stage, columns in _SOURCES:
-        table = _left_join(table, read_upstream(store, stage, columns, STAGE_NAME), "sample_key", f"has_{stage}")
+        # one column at a time: a million rows of a manifest's columns never sit beside their copy
+        found = pc.index_in(table["sample_key"], skip_nulls=True,
+                            value_set=read_upstream(store, stage, ["sample_key"], STAGE_NAME)["sample_key"])
+        for name in columns[1:]:
+            table = table.append_column(name, read_upstream(store, stage, [name], STAGE_NAME)[name].take(found))
+        table = table.append_column(f"has_{stage}", has_match(found))
+        del found
+        pa.default_memory_pool().release_unused()
     prompts = read_upstream(store, "prompts", ["sample_key", "clip_name", "prompt"], STAGE_NAME)
     prompts = prompts.rename_columns(["prompt_key", "clip_name", "source_caption"])
-    return _left_join(table, prompts, "prompt_key", "has_prompts").drop_columns(["prompt_key"])
-
-
-def _left_join(table: pa.Table, right: pa.Table, key: str, flag: str) -> pa.Table:
-    """``table`` (row order kept) with the columns of ``right``'s row of the same ``key`` (unique
-    there), null where there is none, and ``flag`` set where there is one. A lookup and a take per
-    column: a hash join would hold both sides again in its own row format."""
-    found = pc.index_in(table[key], value_set=right[key], skip_nulls=True)
-    for name in right.column_names:
-        if name != key:
-            table = table.append_column(name, right[name].take(found))
-    table = table.append_column(flag, pc.if_else(pc.is_null(found), pa.scalar(None, pa.bool_()), True))
-    del right, found
-    pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages otherwise
-    return table
+    return left_join(table, prompts, "prompt_key", "has_prompts", dictionary=True).drop_columns(["prompt_key"])
 
 
 def _reasons(table: pa.Table, suspect: pa.Array, reason) -> pa.Array:
@@ -120,6 +113,7 @@ def _file_rejections(store, table: pa.Table, reject: pa.Array) -> tuple[pa.Array
     sized = table.select(columns).append_column("jpg_size", sizes[0]).append_column("pose_size", sizes[1])
     found = _reasons(sized, missing, lambda r: "file missing: " + ", ".join(
         r[c] for c, z in zip(columns, ("jpg_size", "pose_size")) if r[z] is None))
+    pa.default_memory_pool().release_unused()
     return pc.coalesce(reject, found), sizes[0], sizes[1]
 
 
@@ -160,6 +154,7 @@ def plan_train_shards(ctx: Context) -> list[Unit]:
     max_samples, max_bytes = cfg.shards.max_samples_per_shard, cfg.shards.max_bytes_per_shard
     models = split_models(cfg, "train")
     table = joined_table(store)
+    pa.default_memory_pool().release_unused()  # the upstream tables are gone: hand their memory back
     n = table.num_rows
     reject = _first_rejections(table)
     built = pc.is_null(reject)
