@@ -212,6 +212,18 @@ def read_manifest_table(store: Store, stage: str, columns: list[str] | None = No
     return table
 
 
+def read_manifest_row(store: Store, stage: str, row: int) -> dict:
+    """Row number ``row`` of a stage's manifest, decoding the file a batch at a time up to it (a
+    row of a 1.5M-row manifest without the manifest in memory)."""
+    with store.fs.open(store.path(manifest_rel(stage)), "rb") as f:
+        start = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64 * 1024, use_threads=False):
+            if 0 <= row - start < batch.num_rows:
+                return batch.slice(row - start, 1).to_pylist()[0]
+            start += batch.num_rows
+    raise IndexError(f"{stage} manifest has {start} rows, not row {row}")
+
+
 def left_join(table: pa.Table, right: pa.Table, key: str, flag: str | None = None,
               dictionary: bool = False) -> pa.Table:
     """``table`` (row order kept) with the other columns of ``right``'s row of the same ``key``

@@ -7,6 +7,8 @@ import io
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,3 +148,15 @@ def test_finalize_streams_row_groups_with_the_bytes_of_one_table(tmp_path, monke
     assert store.read_bytes(manifest_rel("pairs")) == expected
     assert len(whole) == shuffle  # streamed when the units are in key order
     assert table.column_names == ["sample_key", "status"] and status_counts(table) == status_counts(rows)
+
+
+def test_planning_and_finalizing_import_no_model_library():
+    """Stage modules import torch, diffusers and transformers only where a model loads or runs:
+    a flow process that plans and finalizes ~61k units does not carry ~500 MiB for them."""
+    code = ("import sys; from pab_build.pipeline import STAGE_ORDER, get_stage; import pab_build.status; "
+            "[get_stage(s) for s in STAGE_ORDER]; "
+            "print([m for m in ('torch', 'diffusers', 'transformers', 'torchvision') if m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "[]"

@@ -28,10 +28,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
-from ..manifests import keep, read_manifest, read_manifest_table, reject, sorted_by_key
+from ..manifests import keep, read_manifest_row, read_manifest_table, reject, sorted_by_key
 from ..models import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
 from ..units import Context, LazyItems, Stage, Unit
@@ -278,7 +279,9 @@ def regenerate_image(cfg: PABConfig, sample_key_or_row: str | dict, store: Store
     else:
         if store is None:
             raise ValueError("regenerate_image needs the store to look up a sample key")
-        found = [r for r in read_manifest(store, GENERATE) if r["sample_key"] == sample_key_or_row]
+        keys = read_manifest_table(store, GENERATE, ["sample_key"])["sample_key"]  # 1.5M keys, then one row
+        at = pc.index(keys, sample_key_or_row).as_py()
+        found = [read_manifest_row(store, GENERATE, at)] if at >= 0 else []
         if not found:
             raise KeyError(f"{sample_key_or_row!r} is not in the generate manifest")
         row = found[0]
