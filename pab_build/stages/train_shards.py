@@ -1,10 +1,12 @@
 """Stage ``train_shards``: the synthetic training set as WebDataset shards, with identity hard negatives.
 
 Planning works at the paper's scale (a million samples) in Arrow: the five upstream manifests are
-read column by column and joined (``pyarrow.Table.join``), the files' sizes come from a listing
-joined on path, and each unit (one shard) keeps a slice of the joined table; an item's nested dict
-(files, json) is made only when its unit runs. Per-row Python in the planner is limited to the
-checks (keys, kinds, paths), the hard-negative choice and each sample's exact tar size.
+read column by column and looked up by key (:func:`~pab_build.manifests.left_join`), the files'
+sizes come from a listing looked up by path, the hard negatives from
+:func:`~pab_build.hard_negatives.hard_negative_rows` (numpy), and each unit (one shard) keeps a
+slice of the joined table; an item's nested dict (files, json) is made only when its unit runs.
+Per-row Python in the planner is limited to the reasons of the few suspect rows and each sample's
+exact tar size (its json, 20,000 samples at a time).
 """
 
 from __future__ import annotations
@@ -98,8 +100,11 @@ def _file_rejections(store, table: pa.Table, reject: pa.Array) -> tuple[pa.Array
     columns = ("image_path", "pose_path")
     ok = pc.is_null(reject)
     unsafe = pc.and_(ok, pc.or_(*(_unsafe_paths(table[c]) for c in columns)))
-    found = _reasons(table.select(columns), unsafe, lambda r: "unsafe file path(s) in the manifests: " + ", ".join(
-        repr(p) for p in (r[c] for c in columns) if path_problem(store, p)))
+    def unsafe_reason(r: dict) -> str | None:
+        bad = [repr(p) for p in (r[c] for c in columns) if path_problem(store, p)]
+        return f"unsafe file path(s) in the manifests: {', '.join(bad)}" if bad else None
+
+    found = _reasons(table.select(columns), unsafe, unsafe_reason)
     reject = pc.coalesce(reject, found)
     ok = pc.is_null(reject)
     wanted = pa.concat_arrays([pc.filter(table[c], ok).combine_chunks() for c in columns]) if table.num_rows \
