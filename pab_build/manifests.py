@@ -9,13 +9,20 @@ columns for people; this module is what the code writes and checks.
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .store import Store
+
+# Arrow's default pool (mimalloc) keeps the pages a freed table leaves: a stage that drops one large
+# table and builds the next holds both. The system allocator hands them back (release_unused trims
+# it): at the paper's size ~20% less peak memory planning and finalizing (bench/bench_scale.py).
+# ARROW_DEFAULT_MEMORY_POOL, when set, still chooses.
+if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+    pa.set_memory_pool(pa.system_memory_pool())
 
 OK = "ok"
 REJECTED = "rejected"
@@ -112,9 +119,13 @@ def rows_to_table(stage: str, rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=sch)
 
 
+ROW_GROUP_ROWS = 1024 * 1024  # pyarrow's default; the streamed manifest writer cuts row groups here too
+PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": False, "store_schema": False}
+
+
 def write_parquet(table: pa.Table, sink) -> None:
     """Parquet with fixed writer settings, so equal tables (in one chunk) give equal bytes."""
-    pq.write_table(table, sink, compression="zstd", write_statistics=False, store_schema=False)
+    pq.write_table(table, sink, row_group_size=min(table.num_rows, ROW_GROUP_ROWS) or None, **PARQUET_OPTIONS)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -144,7 +155,7 @@ def write_manifest_table(store: Store, stage: str, table: pa.Table) -> pa.Table:
         if pc.any(same).as_py():
             dup = pc.unique(keys.slice(1).filter(same)).to_pylist()
             raise ValueError(f"{stage}: duplicate sample_key in manifest: {sorted(dup)[:5]}")
-    table = table.combine_chunks()  # a no-op for concat_unit_tables' result
+    table = table.combine_chunks()  # a no-op for unit_manifests.concat_unit_tables' result
     with store.open_atomic(manifest_rel(stage)) as f:  # streamed: the file's bytes are never all in memory
         write_parquet(table, f)
     return table
@@ -173,43 +184,6 @@ def is_sorted(keys: pa.ChunkedArray | pa.Array) -> bool:
     return n < 2 or bool(pc.all(pc.less_equal(keys.slice(0, n - 1), keys.slice(1))).as_py())
 
 
-UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap
-UNIT_BLOCK = 256  # unit files combined per block: thousands of tiny tables never coexist, and a block
-# (held twice while it is combined) stays a small part of the manifest
-
-
-def concat_unit_tables(store: Store, stage: str, rels: list[str]) -> pa.Table:
-    """The rows of a stage's unit files as one table sorted by ``sample_key``, without Python row
-    objects: files are read concurrently, each sorted, and the blocks concatenated in key order
-    (units of most stages cover disjoint key ranges, so no global sort is needed then)."""
-    sch = schema(stage)
-
-    def read(rel: str) -> pa.Table:
-        t = conform(stage, read_table(store, rel))
-        return t if is_sorted(t["sample_key"]) else t.take(pc.sort_indices(t["sample_key"]))
-
-    blocks: list[pa.Table] = []
-    with ThreadPoolExecutor(max_workers=UNIT_READ_THREADS) as pool:
-        for start in range(0, len(rels), UNIT_BLOCK):
-            tables = [t for t in pool.map(read, rels[start : start + UNIT_BLOCK]) if t.num_rows]
-            tables.sort(key=lambda t: t["sample_key"][0].as_py())
-            if tables:
-                blocks.append(pa.concat_tables(tables).combine_chunks())
-            del tables
-            pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages otherwise
-    blocks.sort(key=lambda t: t["sample_key"][0].as_py())
-    if not blocks:
-        return sch.empty_table()
-    # one contiguous chunk per column (Parquet bytes depend on chunking), combined column by column
-    # and each column's blocks dropped at once, so the rows are never held twice
-    arrays = []
-    for name in sch.names:
-        arrays.append(pa.concat_arrays([b.column(name).chunk(0) for b in blocks]))
-        blocks = [b.drop_columns([name]) for b in blocks]
-    pa.default_memory_pool().release_unused()  # hand the blocks' freed pages back to the OS now
-    return pa.Table.from_arrays(arrays, schema=sch)
-
-
 def read_parquet_bytes(data: bytes) -> pa.Table:
     # use_threads=False: pyarrow's reader thread pool makes the interpreter abort at exit
     # ("terminate called without an active exception") on our CI machines, after the work is done
@@ -236,6 +210,42 @@ def read_manifest_table(store: Store, stage: str, columns: list[str] | None = No
         if columns is not None and "status" not in columns:
             table = table.drop_columns(["status"])
     return table
+
+
+def read_manifest_row(store: Store, stage: str, row: int) -> dict:
+    """Row number ``row`` of a stage's manifest, decoding the file a batch at a time up to it (a
+    row of a 1.5M-row manifest without the manifest in memory)."""
+    with store.fs.open(store.path(manifest_rel(stage)), "rb") as f:
+        start = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64 * 1024, use_threads=False):
+            if 0 <= row - start < batch.num_rows:
+                return batch.slice(row - start, 1).to_pylist()[0]
+            start += batch.num_rows
+    raise IndexError(f"{stage} manifest has {start} rows, not row {row}")
+
+
+def left_join(table: pa.Table, right: pa.Table, key: str, flag: str | None = None,
+              dictionary: bool = False) -> pa.Table:
+    """``table`` (row order kept) with the other columns of ``right``'s row of the same ``key``
+    (unique there; null keys match nothing), null where there is none; ``flag`` (when given) is
+    true where there is one, else null. A lookup and a take per column: ``Table.join`` would hold
+    both sides again in its own row format, and lose the order. ``dictionary``: the columns are
+    dictionary arrays over ``right``'s (4 bytes a row: for a small ``right`` many rows point at,
+    like the prompts of a million images; their values read back the same)."""
+    found = pc.index_in(table[key], value_set=right[key], skip_nulls=True)
+    for name in right.column_names:
+        if name != key:
+            column = right[name].combine_chunks()
+            table = table.append_column(name, pa.DictionaryArray.from_arrays(found, column) if dictionary
+                                        else column.take(found))
+    if flag is not None:
+        table = table.append_column(flag, has_match(found))
+    return table
+
+
+def has_match(found: pa.Array) -> pa.Array:
+    """True where a lookup found a row, else null (what a left outer join leaves)."""
+    return pc.if_else(pc.is_null(found), pa.scalar(None, pa.bool_()), True)
 
 
 def read_manifest(store: Store, stage: str, columns: list[str] | None = None) -> list[dict]:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from contextlib import AbstractContextManager, contextmanager
-from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Iterator, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a model is loaded or run, never at import: planning and finalizing a stage
+# import its module, and torch alone is ~500 MiB of resident memory before any row
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -128,8 +133,7 @@ def release_models(names: Iterable[str] | None = None) -> int:
             _LOCKS.pop(k, None)
     n = len(keys)
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _empty_cuda_cache()
     if n:
         log.info("released %d model(s) in process %d", n, os.getpid())
     return n
@@ -170,12 +174,22 @@ def keep_only_models(names: Iterable[str]) -> int:
     return release_models(other) if other else 0
 
 
+def _empty_cuda_cache() -> None:
+    torch = sys.modules.get("torch")  # a process that never imported torch holds no CUDA memory
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def resolve_device(device: str) -> torch.device:
     """``cuda`` without a GPU is a configuration error, not a silent fall-back to the CPU."""
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={device!r} but no CUDA device is available")
@@ -184,7 +198,8 @@ def resolve_device(device: str) -> torch.device:
 
 def is_oom(err: BaseException) -> bool:
     """True for CUDA (or CPU allocator) out-of-memory errors."""
-    if isinstance(err, torch.OutOfMemoryError):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
@@ -203,8 +218,7 @@ def run_halving_on_oom(items: list, batch_size: int, fn: Callable[[list], list])
             if not is_oom(e) or bs == 1:
                 raise
             bs = max(1, bs // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _empty_cuda_cache()
             continue
         i += len(batch)
     return out

@@ -94,21 +94,27 @@ def list_file_sizes(store: Store, tops: list[str]) -> pa.Table:
 def file_size_table(store: Store, rels: pa.Array) -> pa.Table:
     """``path`` and ``size`` of those of ``rels`` (relative paths, unique) that exist: one
     listing per top-level folder (a request per 1000 objects on object stores) instead of one
-    stat per file; a path the listing spells differently is asked for on its own."""
-    first = pc.list_element(pc.split_pattern(rels, "/", max_splits=1), 0)
-    tops = sorted(t for t in pc.unique(first).to_pylist() if t)
-    listed = list_file_sizes(store, tops)
-    listed = listed.filter(pc.is_in(listed["path"], value_set=rels))
-    unlisted = pc.filter(rels, pc.invert(pc.is_in(rels, value_set=listed["path"].combine_chunks())))
-    extra_paths, extra_sizes = [], []
-    for rel in unlisted.to_pylist():
-        try:
-            extra_sizes.append(int(store.fs.size(store.path(rel))))
-            extra_paths.append(rel)
-        except (FileNotFoundError, OSError, ValueError):
-            continue
-    extra = pa.table({"path": pa.array(extra_paths, pa.string()), "size": pa.array(extra_sizes, pa.int64())})
-    return pa.concat_tables([listed, extra]).combine_chunks()
+    stat per file; a path the listing spells differently is asked for on its own. One folder's
+    listing in memory at a time (the generated images alone are 1.5M paths)."""
+    tops = pc.unique(pc.replace_substring_regex(rels, r"(?s)/.*", "")).to_pylist()
+    sizes = pa.nulls(len(rels), pa.int64())
+    for top in sorted(t for t in tops if t):
+        listed = list_file_sizes(store, [top])
+        sizes = pc.coalesce(sizes, pc.take(listed["size"], pc.index_in(rels, value_set=listed["path"])))
+        del listed
+        pa.default_memory_pool().release_unused()  # hand the listing back before the next one
+    sizes = sizes.combine_chunks() if isinstance(sizes, pa.ChunkedArray) else sizes
+    unlisted = pc.is_null(sizes)
+    if pc.any(unlisted).as_py():
+        extra = []
+        for rel in pc.filter(rels, unlisted).to_pylist():
+            try:
+                extra.append(int(store.fs.size(store.path(rel))))
+            except (FileNotFoundError, OSError, ValueError):
+                extra.append(None)
+        sizes = pc.replace_with_mask(sizes, unlisted, pa.array(extra, pa.int64()))
+    table = pa.table({"path": rels, "size": sizes})
+    return table.filter(pc.is_valid(sizes))
 
 
 def _file_sizes(store: Store, rels: Iterable[str]) -> dict[str, int]:

@@ -19,6 +19,9 @@ import re
 import tarfile
 from typing import Any, BinaryIO, Iterable, Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +59,12 @@ def key_problem(key: Any) -> str | None:
         return (f"sample key {key!r} is not a safe WebDataset key "
                 "(only letters, digits, '_' and '-'; no dots, slashes or '..')")
     return None
+
+
+def safe_keys(keys) -> pa.Array:
+    """``key_problem(key) is None`` for a column of keys, in Arrow (a million keys, no Python loop)."""
+    ok = pc.and_(pc.match_substring_regex(keys, r"^[A-Za-z0-9_-]+$"), pc.less_equal(pc.utf8_length(keys), MAX_KEY_LEN))
+    return pc.fill_null(ok, False)
 
 
 def member_name(key: str, ext: str) -> str:

@@ -8,11 +8,14 @@ similarity between normal and anomaly images, filtering out pairs with a similar
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from .models import cached_model, inference, resolve_device, run_halving_on_oom
+
+if TYPE_CHECKING:
+    import torch  # imported where features are computed: planning and finalizing never pay for it
 
 WEIGHTS_FILE = "model.safetensors"  # a local folder holds resnet50's state dict in this file
 
@@ -35,6 +38,7 @@ def load_resnet50(spec_path: str, device: str) -> torch.nn.Module:
     dev = resolve_device(device)
 
     def load() -> torch.nn.Module:
+        import torch
         from torchvision.models import ResNet50_Weights, resnet50
 
         if spec_path.startswith(TORCHVISION_PREFIX):
@@ -62,6 +66,7 @@ def load_resnet50(spec_path: str, device: str) -> torch.nn.Module:
 def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     """The whole frame squeezed to ``image_size`` square (a centre crop would ignore the sides of a
     wide video frame, where the two frames may differ), ImageNet-normalised: 3 x S x S."""
+    import torch
     from torchvision.transforms.v2 import functional as F
 
     pixels = F.pil_to_tensor(image.convert("RGB"))
@@ -72,6 +77,8 @@ def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
 def embed_images(images: list[Image.Image], model: torch.nn.Module, image_size: int, batch_size: int,
                  device: str) -> torch.Tensor:
     """L2-normalised ResNet-50 features, N x 2048 (float32, CPU); batches halve on out-of-memory."""
+    import torch
+
     dev = resolve_device(device)
 
     def run(batch: list[Image.Image]) -> list[torch.Tensor]:
@@ -86,6 +93,8 @@ def embed_images(images: list[Image.Image], model: torch.nn.Module, image_size: 
 
 def pair_cosines(normal_feats: torch.Tensor, anomaly_feats: torch.Tensor) -> list[float]:
     """Cosine similarity of row i of ``normal_feats`` with row i of ``anomaly_feats``."""
+    import torch
+
     if normal_feats.shape != anomaly_feats.shape:
         raise ValueError(f"feature shapes differ: {tuple(normal_feats.shape)} vs {tuple(anomaly_feats.shape)}")
     cosines = torch.nn.functional.cosine_similarity(normal_feats, anomaly_feats, dim=1)

@@ -32,12 +32,12 @@ from .config import PABConfig, stable_hash
 from .manifests import (
     OK,
     REJECTED,
-    concat_unit_tables,
     rows_to_table,
     table_bytes,
-    write_manifest_table,
+    read_manifest_table,
 )
 from .store import Marker, Store
+from .unit_manifests import write_unit_manifest
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Stage:
     version: str = "1"  # bump when the stage's logic changes its outputs
     uses_gpu: bool = False
     finalize: Callable[[Context, pa.Table], None] | None = None
+    finalize_columns: tuple[str, ...] | None = None  # the manifest columns ``finalize`` reads (None: all)
     extra: dict[str, Any] = field(default_factory=dict)
     # data the stage reads besides its config: file paths (their content is hashed) or functions
     # returning a fingerprint (e.g. of WordNet); editing one redoes this stage, not source comments
@@ -255,10 +256,12 @@ def record_failed_unit(ctx: Context, stage: Stage, unit: Unit, error: BaseExcept
 
 def finalize_stage(ctx: Context, stage: Stage, units: list[Unit]) -> pa.Table:
     """Concatenate the planned units' rows into ``manifests/<stage>.parquet`` (sorted by key), in
-    Arrow from file to file; returns the manifest table."""
-    rels = [Store.unit_rows_rel(stage.name, u.unit_id) for u in units]
-    table = concat_unit_tables(ctx.store, stage.name, rels)
-    write_manifest_table(ctx.store, stage.name, table)
+    Arrow from file to file, one row group in memory at a time; returns the manifest's
+    ``finalize_columns`` (all when the stage has a finalize hook and names none; else the key and
+    status), the table the hook gets."""
+    write_unit_manifest(ctx.store, stage.name, [Store.unit_rows_rel(stage.name, u.unit_id) for u in units])
+    columns = stage.finalize_columns or (None if stage.finalize is not None else ["sample_key", "status"])
+    table = read_manifest_table(ctx.store, stage.name, None if columns is None else list(columns))
     if stage.finalize is not None:
         stage.finalize(ctx, table)
     return table

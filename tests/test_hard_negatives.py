@@ -92,3 +92,37 @@ def test_every_shipped_link_points_at_a_shipped_sample_of_the_same_identity_and_
         assert neg["behavior"] != s["json"]["behavior"]
         assert s["json"]["hard_negative_caption"] == samples[neg_key]["txt"]
     assert samples[f"{ck_full}-n-000"]["json"]["hard_negative_key"] == f"{ck_full}-a-001"  # a-000 is gone
+
+
+def _dict_rule(samples: list[dict]) -> dict[str, str | None]:
+    """The rule as first written, one sample at a time: the oracle of the Arrow form."""
+    by_identity_kind: dict[tuple, list[tuple[int, str]]] = {}
+    for s in samples:
+        by_identity_kind.setdefault((s["clip_key"], s["kind"]), []).append((int(s["index"]), s["sample_key"]))
+    for cands in by_identity_kind.values():
+        cands.sort()
+    links: dict[str, str | None] = {}
+    for s in samples:
+        index, order = int(s["index"]), {"n": ("a", "a+"), "a": ("n",), "a+": ("n",)}[s["kind"]]
+        if s["kind"] == "n" and index % 2 == 1:
+            order = order[::-1]
+        links[s["sample_key"]] = None
+        for kind in order:
+            if cands := by_identity_kind.get((s["clip_key"], kind)):
+                same = [key for i, key in cands if i == index]
+                links[s["sample_key"]] = same[0] if same else cands[index % len(cands)][1]
+                break
+    return links
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_arrow_choice_equals_the_rule_one_sample_at_a_time(seed):
+    rng = random.Random(seed)
+    samples = []
+    for i in range(rng.randrange(1, 400)):
+        samples.append({"sample_key": f"{rng.choice('aZé_')}{rng.randrange(10**4)}-{i}",
+                        "clip_key": rng.choice([None, "c0", "c1", "c2", "é3", ""]), "kind": rng.choice(["n", "a", "a+"]),
+                        "index": rng.choice([rng.randrange(5), rng.randrange(-3, 80)])})
+    rng.shuffle(samples)
+    assert choose_hard_negatives(samples) == _dict_rule(samples)
+    assert choose_hard_negatives([]) == {}

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from pab_build import manifests, unit_manifests
 from pab_build.manifests import manifest_rel, rows_to_table, table_bytes, write_manifest
 from pab_build.shard_writer import ShardTooBig, build_shard, write_shard
 from pab_build.store import Store
@@ -115,3 +120,43 @@ def test_a_shard_that_fails_or_grows_too_big_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path / "shards" / "train")) == ["train-000000.tar"]  # no temporary file left
     with pytest.raises(ValueError, match="not sorted"):
         write_shard(store, rel, iter(from_files[::-1]))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_finalize_streams_row_groups_with_the_bytes_of_one_table(tmp_path, monkeypatch, shuffle):
+    """Units in key order are streamed one row group at a time; out of order they are built whole.
+    Either way the manifest has the bytes of one table written at once (several row groups here)."""
+    monkeypatch.setattr(manifests, "ROW_GROUP_ROWS", 700)
+    store = Store(str(tmp_path))
+    rows = sorted(_pair_rows(3000), key=lambda r: r["sample_key"])
+    write_manifest(store, "pairs", rows)
+    expected = store.read_bytes(manifest_rel("pairs"))
+    assert pq.ParquetFile(io.BytesIO(expected)).num_row_groups == 5
+    units = []
+    for n, start in enumerate(range(0, len(rows), 97)):
+        part = rows[start:start + 97]
+        units.append(Unit("pairs", f"{n:06d}", tuple({"sample_key": r["sample_key"]} for r in part)))
+        store.write_bytes(Store.unit_rows_rel("pairs", units[-1].unit_id), table_bytes(rows_to_table("pairs", part)))
+    if shuffle:
+        random.Random(3).shuffle(units)
+    store.remove(manifest_rel("pairs"))
+    whole = []
+    monkeypatch.setattr(unit_manifests, "concat_unit_tables", lambda *a, f=unit_manifests.concat_unit_tables: whole.append(
+        a) or f(*a))
+    no_hook = Stage(name="pairs", plan_units=lambda ctx: [], run_unit=lambda ctx, u: [], config_keys=())
+    table = finalize_stage(Context(cfg=None, store=store), no_hook, units)
+    assert store.read_bytes(manifest_rel("pairs")) == expected
+    assert len(whole) == shuffle  # streamed when the units are in key order
+    assert table.column_names == ["sample_key", "status"] and status_counts(table) == status_counts(rows)
+
+
+def test_planning_and_finalizing_import_no_model_library():
+    """Stage modules import torch, diffusers and transformers only where a model loads or runs:
+    a flow process that plans and finalizes ~61k units does not carry ~500 MiB for them."""
+    code = ("import sys; from pab_build.pipeline import STAGE_ORDER, get_stage; import pab_build.status; "
+            "[get_stage(s) for s in STAGE_ORDER]; "
+            "print([m for m in ('torch', 'diffusers', 'transformers', 'torchvision') if m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "[]"

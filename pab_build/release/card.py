@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..manifests import OK, STAGE_COLUMNS, read_manifest
+from ..manifests import OK, STAGE_COLUMNS, read_manifest, schema
 from ..shard_index import ratio_text
 from ..store import Store
 from .card_figures import class_chart_png, example_grid_png
@@ -37,6 +37,9 @@ SPLIT_TITLES = {"train": ("Training set", "Synthesis"), "test": ("Test set", "Re
 SPLIT_CAPTIONS = {"train": "train_captions", "test": "test_captions"}
 SPLIT_ATTRIBUTES = {"train": "train_attributes", "test": "test_attributes"}
 ATTRIBUTE_OF_BEHAVIOR = {"action": "normal", "anomaly": "anomaly", "scene": None}  # None: every sample
+# the columns the card reads; the rest of a million-row manifest (keypoints, prompts, hashes) stays on disk
+CARD_COLUMNS = ("sample_key", "status", "reason", "model_id", "caption", "behavior", "hard_negative_key",
+                "image_path", *ATTRIBUTE_OF_BEHAVIOR)
 
 
 @dataclass
@@ -343,7 +346,8 @@ def write_dataset_card(out: str) -> str:
     shard index and config; return the card's path."""
     store = Store(out)
     stages = manifest_stages(store)
-    manifests = {s: read_manifest(store, s) for s in stages}
+    manifests = {s: read_manifest(store, s, [c for c in schema(s).names if c in CARD_COLUMNS] if s in STAGE_COLUMNS
+                                  else None) for s in stages}
     index = store.read_json("shards/index.json") if store.exists("shards/index.json") else {}
     config_sha256 = profile = None
     configured_models: dict = {}

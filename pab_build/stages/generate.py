@@ -25,17 +25,20 @@ import io
 import logging
 import threading
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+import pyarrow.compute as pc
 from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
-from ..manifests import keep, read_manifest, read_manifest_table, reject, sorted_by_key
+from ..manifests import keep, read_manifest_row, read_manifest_table, reject, sorted_by_key
 from ..models import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
 from ..units import Context, LazyItems, Stage, Unit
+
+if TYPE_CHECKING:
+    import torch  # imported where images are made: planning and finalizing never pay for it
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ def _load_sdxl_pipeline(path: str, device: str, dtype: str, settings: GenerateCo
 
 
 def apply_fast_paths(pipe, settings: GenerateConfig, device: torch.device) -> None:
+    import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     # SDPA is diffusers' default on torch 2, but a checkpoint's saved processors could override it
@@ -125,6 +129,8 @@ def load_pipeline_for(cfg: PABConfig):
 # -- generating ----------------------------------------------------------------------------------
 def generate_batch(pipe, prompts: list[str], seeds: list[int], settings: GenerateConfig) -> list[np.ndarray]:
     """One pipeline call: float32 HxWx3 arrays in [0, 1] (NaN kept, so :func:`image_problem` sees it)."""
+    import torch
+
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     negative = settings.negative_prompt or None  # None: SDXL's zero negative embedding, as upstream
     with _PIPELINE_LOCK, inference(), torch.inference_mode():
@@ -273,7 +279,9 @@ def regenerate_image(cfg: PABConfig, sample_key_or_row: str | dict, store: Store
     else:
         if store is None:
             raise ValueError("regenerate_image needs the store to look up a sample key")
-        found = [r for r in read_manifest(store, GENERATE) if r["sample_key"] == sample_key_or_row]
+        keys = read_manifest_table(store, GENERATE, ["sample_key"])["sample_key"]  # 1.5M keys, then one row
+        at = pc.index(keys, sample_key_or_row).as_py()
+        found = [read_manifest_row(store, GENERATE, at)] if at >= 0 else []
         if not found:
             raise KeyError(f"{sample_key_or_row!r} is not in the generate manifest")
         row = found[0]

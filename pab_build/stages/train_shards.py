@@ -1,21 +1,24 @@
 """Stage ``train_shards``: the synthetic training set as WebDataset shards, with identity hard negatives.
 
 Planning works at the paper's scale (a million samples) in Arrow: the five upstream manifests are
-read column by column and joined (``pyarrow.Table.join``), the files' sizes come from a listing
-joined on path, and each unit (one shard) keeps a slice of the joined table; an item's nested dict
-(files, json) is made only when its unit runs. Per-row Python in the planner is limited to the
-checks (keys, kinds, paths), the hard-negative choice and each sample's exact tar size.
+read column by column and looked up by key (:func:`~pab_build.manifests.left_join`), the files'
+sizes come from a listing looked up by path, the hard negatives from
+:func:`~pab_build.hard_negatives.hard_negative_rows` (numpy), and each unit (one shard) keeps a
+slice of the joined table; an item's nested dict (files, json) is made only when its unit runs.
+Per-row Python in the planner is limited to the reasons of the few suspect rows and each sample's
+exact tar size (its json, 20,000 samples at a time).
 """
 
 from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..hard_negatives import BEHAVIOR_OF_KIND, choose_hard_negatives
-from ..shard_index import finalize_shards
+from ..hard_negatives import BEHAVIOR_OF_KIND, hard_negative_rows
+from ..shard_index import INDEX_COLUMNS, finalize_shards
 from ..shard_packing import (
     file_size_table,
     fit_problem,
@@ -25,7 +28,8 @@ from ..shard_packing import (
     split_models,
     write_shard_unit,
 )
-from ..shard_writer import ATTRIBUTE_FIELDS, FILE_EXTENSIONS, SPLIT_MODELS, key_problem, tar_bytes
+from ..shard_writer import ATTRIBUTE_FIELDS, SPLIT_MODELS, key_problem, safe_keys, tar_bytes
+from ..manifests import has_match, left_join, sorted_by_key
 from ..units import Context, LazyItems, Stage, Unit
 
 STAGE_NAME = "train_shards"
@@ -42,51 +46,80 @@ _SOURCES = [
 def joined_table(store) -> pa.Table:
     """One row per ok ``train_attributes`` sample, sorted by key, with the ok upstream rows' columns
     (null where a manifest has no ok row; ``has_<manifest>`` says which)."""
-    table = read_upstream(store, "train_attributes", ["sample_key", *ATTRIBUTE_FIELDS], STAGE_NAME)
+    table = sorted_by_key(read_upstream(store, "train_attributes", ["sample_key", *ATTRIBUTE_FIELDS], STAGE_NAME))
     for stage, columns in _SOURCES:
-        right = read_upstream(store, stage, columns, STAGE_NAME)
-        right = right.append_column(f"has_{stage}", pa.repeat(True, right.num_rows))
-        table = table.join(right, "sample_key", join_type="left outer", use_threads=False)
+        # one column at a time: a million rows of a manifest's columns never sit beside their copy
+        found = pc.index_in(table["sample_key"], skip_nulls=True,
+                            value_set=read_upstream(store, stage, ["sample_key"], STAGE_NAME)["sample_key"])
+        for name in columns[1:]:
+            table = table.append_column(name, read_upstream(store, stage, [name], STAGE_NAME)[name].take(found))
+        table = table.append_column(f"has_{stage}", has_match(found))
+        del found
+        pa.default_memory_pool().release_unused()
     prompts = read_upstream(store, "prompts", ["sample_key", "clip_name", "prompt"], STAGE_NAME)
     prompts = prompts.rename_columns(["prompt_key", "clip_name", "source_caption"])
-    prompts = prompts.append_column("has_prompts", pa.repeat(True, prompts.num_rows))
-    table = table.join(prompts, "prompt_key", join_type="left outer", use_threads=False)
-    return table.drop_columns(["prompt_key"]).sort_by("sample_key")
+    return left_join(table, prompts, "prompt_key", "has_prompts", dictionary=True).drop_columns(["prompt_key"])
 
 
-def _first_rejections(table: pa.Table) -> list[str | None]:
+def _reasons(table: pa.Table, suspect: pa.Array, reason) -> pa.Array:
+    """Per row: ``reason(row)`` where ``suspect`` (vectorised, a superset of the rows with a
+    problem; usually a few), else null. Only the suspect rows become Python dicts."""
+    suspect = pc.fill_null(suspect, True)
+    suspect = suspect.combine_chunks() if isinstance(suspect, pa.ChunkedArray) else suspect
+    found = [reason(r) for r in table.filter(suspect).to_pylist()]
+    return pc.replace_with_mask(pa.nulls(table.num_rows, pa.string()), suspect, pa.array(found, pa.string()))
+
+
+def _first_rejections(table: pa.Table) -> pa.Array:
     """Per row: a missing upstream row, an unsafe key or an unknown kind (the item is not built)."""
-    keys, kinds = table["sample_key"].to_pylist(), table["kind"].to_pylist()
-    has = {s: table[f"has_{s}"].to_pylist() for s in ("generate", "gen_pose", "train_captions", "prompts")}
-    out: list[str | None] = []
-    for i, key in enumerate(keys):
-        lacking = [s for s, flags in has.items() if not flags[i]]
+    sources = ("generate", "gen_pose", "train_captions", "prompts")
+
+    def reason(r: dict) -> str | None:
+        lacking = [s for s in sources if not r[f"has_{s}"]]
         if lacking:
-            out.append(f"no ok row in the {', '.join(lacking)} manifest(s)")
-        else:
-            out.append(key_problem(key) or (None if kinds[i] in BEHAVIOR_OF_KIND
-                                            else f"kind {kinds[i]!r} is not n, a or a+"))
-    return out
+            return f"no ok row in the {', '.join(lacking)} manifest(s)"
+        return key_problem(r["sample_key"]) or (None if r["kind"] in BEHAVIOR_OF_KIND
+                                               else f"kind {r['kind']!r} is not n, a or a+")
+
+    suspect = pc.invert(pc.and_(safe_keys(table["sample_key"]),
+                                pc.is_in(table["kind"], value_set=pa.array(list(BEHAVIOR_OF_KIND)))))
+    for s in sources:
+        suspect = pc.or_(suspect, pc.is_null(table[f"has_{s}"]))
+    columns = ["sample_key", "kind", *(f"has_{s}" for s in sources)]
+    return _reasons(table.select(columns), suspect, reason)
 
 
-def _file_rejections(store, table: pa.Table, reject: list[str | None]) -> tuple[pa.Array, pa.Array]:
-    """Reject built items with an unsafe or missing file (in place); return the files' sizes."""
-    paths = {e: table[c].to_pylist() for e, c in zip(FILE_EXTENSIONS, ("image_path", "pose_path"))}
-    for i in range(table.num_rows):
-        if reject[i] is None and (bad := [paths[e][i] for e in FILE_EXTENSIONS if path_problem(store, paths[e][i])]):
-            reject[i] = f"unsafe file path(s) in the manifests: {', '.join(map(repr, bad))}"
-    wanted = pa.array([p for e in FILE_EXTENSIONS for i, p in enumerate(paths[e]) if reject[i] is None],
-                      pa.string())
+def _unsafe_paths(paths) -> pa.Array:
+    """:func:`path_problem` in Arrow: null, only slashes, or a ``..`` component."""
+    return pc.fill_null(pc.or_(pc.equal(pc.utf8_trim(paths, "/"), ""),
+                               pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)")), True)
+
+
+def _file_rejections(store, table: pa.Table, reject: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Reject built items with an unsafe or missing file; return the rejections and the files' sizes."""
+    columns = ("image_path", "pose_path")
+    ok = pc.is_null(reject)
+    unsafe = pc.and_(ok, pc.or_(*(_unsafe_paths(table[c]) for c in columns)))
+    def unsafe_reason(r: dict) -> str | None:
+        bad = [repr(p) for p in (r[c] for c in columns) if path_problem(store, p)]
+        return f"unsafe file path(s) in the manifests: {', '.join(bad)}" if bad else None
+
+    found = _reasons(table.select(columns), unsafe, unsafe_reason)
+    reject = pc.coalesce(reject, found)
+    ok = pc.is_null(reject)
+    wanted = pa.concat_arrays([pc.filter(table[c], ok).combine_chunks() for c in columns]) if table.num_rows \
+        else pa.array([], pa.string())
     listing = file_size_table(store, pc.unique(wanted))
-    sizes = {}
-    for e, col in zip(FILE_EXTENSIONS, ("image_path", "pose_path")):
-        found = pc.index_in(table[col], value_set=listing["path"])
-        sizes[e] = pc.take(listing["size"], found).combine_chunks() if table.num_rows else pa.array([], pa.int64())
-    size_lists = {e: sizes[e].to_pylist() for e in FILE_EXTENSIONS}
-    for i in range(table.num_rows):
-        if reject[i] is None and (missing := [paths[e][i] for e in FILE_EXTENSIONS if size_lists[e][i] is None]):
-            reject[i] = f"file missing: {', '.join(missing)}"
-    return sizes["jpg"], sizes["pose.png"]
+    del wanted
+    sizes = [pc.take(listing["size"], pc.index_in(table[c], value_set=listing["path"])).combine_chunks()
+             if table.num_rows else pa.array([], pa.int64()) for c in columns]
+    del listing
+    missing = pc.and_(ok, pc.or_(*(pc.is_null(z) for z in sizes)))
+    sized = table.select(columns).append_column("jpg_size", sizes[0]).append_column("pose_size", sizes[1])
+    found = _reasons(sized, missing, lambda r: "file missing: " + ", ".join(
+        r[c] for c, z in zip(columns, ("jpg_size", "pose_size")) if r[z] is None))
+    pa.default_memory_pool().release_unused()
+    return pc.coalesce(reject, found), sizes[0], sizes[1]
 
 
 def train_unit_items(table: pa.Table, start: int, stop: int, models: dict) -> list[dict]:
@@ -126,65 +159,64 @@ def plan_train_shards(ctx: Context) -> list[Unit]:
     max_samples, max_bytes = cfg.shards.max_samples_per_shard, cfg.shards.max_bytes_per_shard
     models = split_models(cfg, "train")
     table = joined_table(store)
+    pa.default_memory_pool().release_unused()  # the upstream tables are gone: hand their memory back
     n = table.num_rows
     reject = _first_rejections(table)
-    built = [r is None for r in reject]
-    jpg_size, pose_size = _file_rejections(store, table, reject)  # a sample whose files are missing is no one's negative
-    sized = [r is None for r in reject]
-    table = table.append_column("built", pa.array(built)).append_column("sized", pa.array(sized))
+    built = pc.is_null(reject)
+    reject, jpg_size, pose_size = _file_rejections(store, table, reject)  # a sample whose files are missing is no one's negative
+    table = table.append_column("built", built).append_column("sized", pc.is_null(reject))
     table = table.append_column("jpg_size", jpg_size).append_column("pose_size", pose_size)
-    keys, clip_keys = table["sample_key"].to_pylist(), table["clip_key"].to_pylist()
-    kinds, indexes = table["kind"].to_pylist(), table["index"].to_pylist()
-    position = {k: i for i, k in enumerate(keys)}
-    hn_pos: list[int | None] = [None] * n
-    sizes: list[int] = [0] * n
+    sizes, hn_pos = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     # Links are chosen only among items that will be shipped; an item too big for a shard is
     # dropped, and the links chosen again until nothing more drops (each round only removes items).
     while True:
-        shipped = [i for i in range(n) if reject[i] is None]
-        links = choose_hard_negatives([{"sample_key": keys[i], "clip_key": clip_keys[i], "kind": kinds[i],
-                                        "index": indexes[i]} for i in shipped])
-        for i in shipped:
-            neg = links[keys[i]]
-            if neg is None:
-                reject[i] = "no counterpart image of the same identity"
-            else:
-                hn_pos[i] = position[neg]
-        del links
-        current = _with_links(table, reject, hn_pos, keys)
-        too_big = 0
+        shipped = np.flatnonzero(pc.is_null(reject).to_numpy(zero_copy_only=False))
+        s = table.select(["clip_key", "kind", "index", "sample_key"]).take(pa.array(shipped, pa.int64()))
+        neg = hard_negative_rows(s["clip_key"], s["kind"], s["index"], s["sample_key"])
+        del s
+        found = neg >= 0  # a link chosen in an earlier round stays on an item dropped since (as it always did)
+        hn_pos[shipped[found]] = shipped[neg[found]]
+        lonely = np.zeros(n, bool)
+        lonely[shipped[neg < 0]] = True
+        reject = pc.if_else(pa.array(lonely), "no counterpart image of the same identity", reject)
+        current = _with_links(table, reject, hn_pos)
+        too_big: dict[int, str] = {}
         for start in range(0, n, BATCH):
-            for i, it in enumerate(train_unit_items(current, start, min(n, start + BATCH), models), start):
-                if reject[i] is None:
+            stop = min(n, start + BATCH)
+            whys = current["reject"].slice(start, stop - start).to_pylist()
+            for i, (it, why) in enumerate(zip(train_unit_items(current, start, stop, models), whys), start):
+                if why is None:
                     sizes[i] = sample_tar_bytes(it)
-                    if why := fit_problem([it], max_samples, max_bytes):
-                        reject[i], too_big = why, too_big + 1
+                    if problem := fit_problem([it], max_samples, max_bytes):
+                        too_big[i] = problem
+        del current
         if not too_big:
             break
-    return chunk_shards(_with_links(table, reject, hn_pos, keys), reject, sizes, max_samples, max_bytes, models)
+        mask = np.zeros(n, bool)
+        mask[list(too_big)] = True
+        reject = pc.replace_with_mask(reject, pa.array(mask), pa.array([too_big[i] for i in sorted(too_big)], pa.string()))
+    return chunk_shards(_with_links(table, reject, hn_pos), sizes, max_samples, max_bytes, models)
 
 
-def _with_links(table: pa.Table, reject: list, hn_pos: list, keys: list) -> pa.Table:
-    hn_key = [None if p is None else keys[p] for p in hn_pos]
-    return (table.append_column("reject", pa.array(reject, pa.string()))
-            .append_column("hn_pos", pa.array(hn_pos, pa.int64()))
-            .append_column("hn_key", pa.array(hn_key, pa.string())))
+def _with_links(table: pa.Table, reject: pa.Array, hn_pos: np.ndarray) -> pa.Table:
+    pos = pa.array(hn_pos, pa.int64(), mask=hn_pos < 0)
+    return (table.append_column("reject", reject).append_column("hn_pos", pos)
+            .append_column("hn_key", pc.take(table["sample_key"], pos)))
 
 
-def chunk_shards(table: pa.Table, reject: list, sizes: list[int], max_samples: int, max_bytes: int,
+def chunk_shards(table: pa.Table, sizes: np.ndarray, max_samples: int, max_bytes: int,
                  models: dict) -> list[Unit]:
     """Shards in key order, a new one when the next sample would exceed either bound; a shard's
     unit is its rows' key range (rejected items included), the first unit also taking those
     before the first shard, as :func:`~pab_build.shard_packing.pack_units` places them."""
     starts: list[int] = []
     count = total = 0
-    for i, why in enumerate(reject):
-        if why is not None:
-            continue
-        if not starts or count + 1 > max_samples or tar_bytes(total + sizes[i]) > max_bytes:
+    shipped = np.flatnonzero(pc.is_null(table["reject"]).to_numpy(zero_copy_only=False))
+    for i, size in zip(shipped.tolist(), sizes[shipped].tolist()):  # sequential by nature: ints only
+        if not starts or count + 1 > max_samples or tar_bytes(total + size) > max_bytes:
             starts.append(i)
             count = total = 0
-        count, total = count + 1, total + sizes[i]
+        count, total = count + 1, total + size
     n = table.num_rows
     if not n:
         return []
@@ -208,4 +240,5 @@ STAGE = Stage(
     run_unit=run_train_shards_unit,
     config_keys=("shards", *(f"models.{m}" for m in SPLIT_MODELS["train"])),
     finalize=finalize_train_shards,
+    finalize_columns=tuple(INDEX_COLUMNS),
 )
