@@ -60,7 +60,8 @@ def test_an_s3_out_is_locked_by_a_conditional_put(s3):  # noqa: F811
         held = lock_file(out, options).read()
         assert held.pid == os.getpid() and held.host == socket.gethostname()
         # a second build (another host: the same pid here would count as re-entering) refuses
-        info = {**json.loads(first.file.fs.cat_file(first.path)), "host": "other-node", "pid": 1}
+        info = {**json.loads(first.file.fs.cat_file(first.path)), "host": "other-node", "pid": 1,
+                "heartbeat": time.time(), "heartbeat_s": 30.0}
         first._stop.set()
         first._thread.join()
         first.file.replace(json.dumps(info).encode())
