@@ -287,9 +287,16 @@ def test_smoke_deployment_run_then_rerun_skips_finished_units(stack, tmp_path):
     assert _mtimes(out, "frames/*.jpg") | _mtimes(out, "_markers/frames/*.json") == before
 
 
+def is_flow_run_process(proc: psutil.Process) -> bool:
+    try:
+        return "prefect.engine" in " ".join(proc.cmdline())
+    except psutil.Error:  # a short-lived child of the worker that just exited (a zombie) or is gone
+        return False
+
+
 def _flow_run_processes(stack: PrefectStack) -> list[psutil.Process]:
     worker = psutil.Process(stack.procs["worker"].pid)
-    return [p for p in worker.children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+    return [p for p in worker.children(recursive=True) if is_flow_run_process(p)]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from test_deployment import CPU_POOL, GPU_POOL, EXTRA_OVERRIDES, PrefectStack, _free_port
+from test_deployment import CPU_POOL, EXTRA_OVERRIDES, GPU_POOL, PrefectStack, _free_port, is_flow_run_process
 
 pytestmark = pytest.mark.slow
 HEARTBEAT_S = 30  # Prefect's minimum
@@ -34,8 +34,7 @@ def _busy_engine(stack, run_id: str, worker, out) -> psutil.Process:
     while not engines or _markers(out) < 1:
         assert time.monotonic() < deadline, stack.log_tail("worker")
         time.sleep(0.01)
-        engines = [p for p in psutil.Process(worker.pid).children(recursive=True)
-                   if "prefect.engine" in " ".join(p.cmdline())]
+        engines = [p for p in psutil.Process(worker.pid).children(recursive=True) if is_flow_run_process(p)]
     engines[0].suspend()
     assert stack.flow_run(run_id)["state_type"] == "RUNNING"
     return engines[0]
