@@ -89,6 +89,18 @@ def annotator_file(path: str, filename: str, revision: str | None = None) -> str
     return hf_hub_download(path, filename, revision=revision)
 
 
+
+def import_open_pose():
+    """controlnet-aux's package import pulls in timm, torch.jit and mediapipe helpers that warn about
+    their own deprecations (a dozen lines at the top of every build log): imported once, quietly."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        import controlnet_aux.open_pose
+    return controlnet_aux.open_pose
+
 def load_pose_detector(path: str, device: str, hand_and_face: bool = False, revision: str | None = None):
     """controlnet-aux's ``OpenposeDetector`` over the checkpoints in ``path`` (folder or hub id),
     loaded once per process.
@@ -100,6 +112,7 @@ def load_pose_detector(path: str, device: str, hand_and_face: bool = False, revi
     dev = resolve_device(device)
 
     def load():
+        import_open_pose()
         from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector
 
         body = Body(annotator_file(path, BODY_FILE, revision)).to(dev)
@@ -141,6 +154,7 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
     """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops."""
     import cv2
     import torch
+    import_open_pose()
     from controlnet_aux.open_pose import PoseResult as DrawnPose
     from controlnet_aux.open_pose import draw_poses
     from controlnet_aux.open_pose.body import BodyResult
