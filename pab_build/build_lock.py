@@ -170,9 +170,10 @@ def lock_file(out: str, storage_options: dict | None = None) -> LocalLockFile | 
 
 
 class BuildLock:
-    def __init__(self, out: str, heartbeat_s: float = 30.0, storage_options: dict | None = None):
+    def __init__(self, out: str, heartbeat_s: float = 30.0, storage_options: dict | None = None,
+                 file: LocalLockFile | ObjectLockFile | None = None):
         self.out = out
-        file = lock_file(out, storage_options)
+        file = file or lock_file(out, storage_options)
         if file is None:
             raise ValueError(f"{out}: this store cannot create a file exclusively, so it cannot hold a build lock")
         self.file = file
@@ -247,12 +248,13 @@ class BuildLock:
 def hold_build_lock(out: str, heartbeat_s: float = 30.0,
                     storage_options: dict | None = None) -> Iterator[BuildLock | None]:
     """Hold OUT's lock for the duration of the block (a no-op on a store without exclusive create)."""
-    if lock_file(out, storage_options) is None:
+    file = lock_file(out, storage_options)
+    if file is None:
         log.warning("OUT %s is on a store without exclusive create: the one-build-per-OUT lock is not "
                     "enforced there", out)
         yield None
         return
-    lock = BuildLock(out, heartbeat_s, storage_options)
+    lock = BuildLock(out, heartbeat_s, file=file)
     lock.acquire()
     try:
         yield lock

@@ -126,8 +126,9 @@ def release_models(names: Iterable[str] | None = None) -> int:
     24 GB card). Returns how many models were released."""
     import gc
 
+    wanted = None if names is None else set(names)
     with _GUARD:
-        keys = [k for k in _CACHE if names is None or _model_name(k) in set(names)]
+        keys = [k for k in _CACHE if wanted is None or _model_name(k) in wanted]
         for k in keys:
             del _CACHE[k]
             _LOCKS.pop(k, None)
