@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 	$(BIN)/pip install -q -e ".[dev,ray]"
-	$(BIN)/python -m pab_build.wordnet || echo "WordNet not installed (no apt-get?): the subject filter uses its lexicon file only"  # from Debian's wordnet-base
+	$(BIN)/python -m pab_build.text.wordnet || echo "WordNet not installed (no apt-get?): the subject filter uses its lexicon file only"  # from Debian's wordnet-base
 	touch $@
 
 install: $(VENV)/.installed

@@ -36,7 +36,7 @@ from gpu_common import Results, add_common_args, device_name, device_or_exit, ra
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
 from pab_build.fixtures.tiny_openpose import build_tiny_openpose  # noqa: E402
-from pab_build.openpose import detect_poses, load_pose_detector  # noqa: E402
+from pab_build.models.openpose import detect_poses, load_pose_detector  # noqa: E402
 
 
 def network_input(image: Image.Image, detect_resolution: int) -> np.ndarray:

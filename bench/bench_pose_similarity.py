@@ -18,11 +18,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.fixtures import build_tiny_models  # noqa: E402
-from pab_build.openpose import (
+from pab_build.models.openpose import (
     detect_poses,
     load_pose_detector,  # noqa: E402
 )
-from pab_build.similarity import (
+from pab_build.models.similarity import (
     embed_images,
     load_resnet50,  # noqa: E402
 )

@@ -1,5 +1,5 @@
 """Prefect's overhead on a build: the smoke build through the `build-pab` flow vs. the same stage
-functions called in a plain loop (`pab_build.units.run_stage`), both from scratch, same config.
+functions called in a plain loop (`pab_build.engine.units.run_stage`), both from scratch, same config.
 
     python bench/bench_prefect_overhead.py [--until STAGE]
     python bench/bench_prefect_overhead.py --units 10000 [--workers 2]
@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 def noop_stage(n_units: int):
     """A stage named ``pairs`` (any stage's schema takes rows of the common columns) whose units
     do nothing but return their one ok row."""
-    from pab_build.units import Stage, Unit
+    from pab_build.engine.units import Stage, Unit
 
     def plan(ctx):
         return [Unit("pairs", f"{i:06d}", ({"sample_key": f"k{i:06d}"},)) for i in range(n_units)]
@@ -45,7 +45,7 @@ def bench_noop_units(n_units: int, workers: int) -> None:
     import flows.build_pab as build_pab
     from bench.bench_scale import PeakRSS
     from pab_build.config import load_config
-    from pab_build.units import Context, run_stage
+    from pab_build.engine.units import Context, run_stage
 
     cfg = load_config("smoke", [f"run.max_workers={workers}"])
     stage = noop_stage(n_units)
@@ -76,9 +76,9 @@ def main() -> None:
     if args.units:
         return bench_noop_units(args.units, args.workers)
     from pab_build.config import load_config
-    from pab_build.pipeline import get_stage, stages_until
-    from pab_build.prepare import prepare_build
-    from pab_build.units import Context, run_stage
+    from pab_build.engine.pipeline import get_stage, stages_until
+    from pab_build.engine.prepare import prepare_build
+    from pab_build.engine.units import Context, run_stage
 
     overrides = ["cmp.train_after_build=false"]
     cfg = load_config("smoke", overrides)

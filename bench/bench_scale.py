@@ -155,13 +155,13 @@ def fake_listing(store):
 
 
 def run_stage_child(stage_name: str, out: str, images_per_prompt: int) -> dict:
-    from pab_build import shard_packing
+    from pab_build.shards import packing as shard_packing
     from pab_build.config import load_config
     import pyarrow as pa
 
     from pab_build.manifests import schema, table_bytes
-    from pab_build.pipeline import get_stage
-    from pab_build.units import Context, finalize_stage
+    from pab_build.engine.pipeline import get_stage
+    from pab_build.engine.units import Context, finalize_stage
 
     cfg = load_config("full", [f"generate.images_per_caption={images_per_prompt}"])
     ctx = Context.create(cfg, out)

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
 from pab_build.fixtures.tiny_sdxl import _build_tokenizer  # noqa: E402  (offline CLIP BPE tables)
 from pab_build.stages.generate import apply_fast_paths, generate_arrays  # noqa: E402
-from pab_build.models import torch_dtype  # noqa: E402
+from pab_build.models.loading import torch_dtype  # noqa: E402
 
 PROMPT = "A man is riding a skateboard down a ramp in a parking lot and falls off, realistic photo"
 PHASES = ("fp32_default", "fp16_plain", "batched", "channels_last", "compile")

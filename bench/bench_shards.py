@@ -1,4 +1,4 @@
-"""Shard writing: the project's streamed writer (`pab_build.shard_writer.write_shard`: tar members
+"""Shard writing: the project's streamed writer (`pab_build.shards.writer.write_shard`: tar members
 copied from the source files in chunks into `Store.open_atomic`) vs. a plain `tarfile`
 copy of the same files to disk followed by an fsync (the baseline).
 
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.bench_scale import PeakRSS  # noqa: E402
-from pab_build.shard_writer import write_shard  # noqa: E402
+from pab_build.shards.writer import write_shard  # noqa: E402
 from pab_build.store import Store  # noqa: E402
 
 TXT = b"a man in a red jacket falls off his bike " * 3

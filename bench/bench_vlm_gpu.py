@@ -7,8 +7,8 @@ No model hub is reachable, so Qwen2-VL is built from its published config with r
 (speed does not depend on them), saved with ``save_pretrained`` next to an offline processor
 (the tokenizer of :mod:`pab_build.fixtures.tiny_qwen2vl`; the embedding keeps the published
 vocabulary size, whose extra rows the tokenizer never produces), and loaded back through
-:class:`pab_build.vlm.TransformersBackend`. Requests are 1024x1024 images with the caption prompt
-(and an attribute prompt), sent through :func:`pab_build.vlm.generate_answer_records` with
+:class:`pab_build.models.vlm.TransformersBackend`. Requests are 1024x1024 images with the caption prompt
+(and an attribute prompt), sent through :func:`pab_build.models.vlm.generate_answer_records` with
 configs/full.yaml's ``train_captions`` / ``attributes`` generation settings. The default size is
 the full profile's (``models.qwen2_vl``: 7B). Phases, for captions and for attributes:
 
@@ -38,7 +38,7 @@ from gpu_common import Results, add_common_args, device_name, device_or_exit, ra
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pab_build.config import load_config  # noqa: E402
 from pab_build.fixtures.tiny_qwen2vl import CHAT_TEMPLATE, SPECIAL_TOKENS, _build_tokenizer  # noqa: E402
-from pab_build.vlm import (  # noqa: E402
+from pab_build.models.vlm import (  # noqa: E402
     TransformersBackend, VLMRequest, VllmBackend, fill_prompt, generate_answer_records, image_tokens, load_prompt,
 )
 

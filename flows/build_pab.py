@@ -1,8 +1,8 @@
 """Prefect orchestration of a PAB build: the parent flow ``build-pab`` and one subflow per stage.
 
 Only orchestration lives here: retries, fan-out over units, logging, pause for human review,
-artifacts. The work itself is ``pab_build.units.execute_unit`` over a stage from
-``pab_build.pipeline``; markers on disk, not Prefect's cache, decide what is already done.
+artifacts. The work itself is ``pab_build.engine.units.execute_unit`` over a stage from
+``pab_build.engine.pipeline``; markers on disk, not Prefect's cache, decide what is already done.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import build_artifact_key
 from flows.dispatch import ProgressLog, dispatch_units, quiet_task_logs, unit_submitter, window_size
-from pab_build.build_lock import hold_build_lock
-from pab_build.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
+from pab_build.engine.build_lock import hold_build_lock
+from pab_build.engine.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
 from pab_build.config import PABConfig, load_config, qc_settings
 from pab_build.model_lock import STAGE_MODELS
-from pab_build.models import keep_only_models
-from pab_build.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
-from pab_build.prepare import prepare_build
-from pab_build.progress import StageReporter
+from pab_build.models.loading import keep_only_models
+from pab_build.engine.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
+from pab_build.engine.prepare import prepare_build
+from pab_build.engine.progress import StageReporter
 from pab_build.redact import redact, refuse_stored_credentials, secret_overrides_from_env
-from pab_build.units import (
+from pab_build.engine.units import (
     Context,
     Unit,
     execute_unit,
@@ -337,7 +337,7 @@ def build_pab(
 
         exit_with_parent()
     if not skip_preflight:
-        from pab_build.preflight import PreflightFailed, format_table, run_checks
+        from pab_build.engine.preflight import PreflightFailed, format_table, run_checks
 
         wants_cmp = cfg.cmp.train_after_build if train_cmp is None else train_cmp
         rows = run_checks(_with(cfg, {"cmp.train_after_build": wants_cmp}), out, publish_url, until)
@@ -401,7 +401,7 @@ def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
     ok = bool(getattr(report, "ok", True))
     if ok:  # downstream training (train-cmp/full's deployment trigger) starts on this event
         from flows.events import emit_shards_published
-        from pab_build.shard_index import INDEX_REL
+        from pab_build.shards.index import INDEX_REL
         from pab_build.store import Store
 
         emit_shards_published(report.url, Store(out).read_bytes(INDEX_REL), out, cfg.profile)

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from pab_build.status import require_build
+from pab_build.engine.status import require_build
 
 # failures a person fixes by changing what they typed or set up, not by reading a traceback;
 # errors whose class lives in an optional dependency are matched by name
@@ -47,7 +47,7 @@ def _default_out(args: argparse.Namespace) -> str:
 def _preflight(args: argparse.Namespace, overrides: list[str]) -> int:
     """Print the preflight table; 0 when every check passed, else 2."""
     from pab_build.config import load_config
-    from pab_build.preflight import format_table, run_checks
+    from pab_build.engine.preflight import format_table, run_checks
 
     if getattr(args, "no_cmp", False):
         overrides = overrides + ["cmp.train_after_build=false"]  # CMP's models are not needed
@@ -71,14 +71,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pab_build.config import load_config
 
     cfg = load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
-    from pab_build.pipeline import stages_until
+    from pab_build.engine.pipeline import stages_until
 
     planned = stages_until(args.until)
     if not args.skip_preflight and (code := _preflight(args, overrides)):
         return code
     from flows.run_control import hard_exit, stop_on_signals
-    from pab_build.build_lock import BuildLocked, hold_build_lock
-    from pab_build.build_outcome import BuildFailed
+    from pab_build.engine.build_lock import BuildLocked, hold_build_lock
+    from pab_build.engine.build_outcome import BuildFailed
 
     from flows.progress import ProgressDisplay
 
@@ -139,13 +139,13 @@ def _cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pab_build.status import build_status, format_status
+    from pab_build.engine.status import build_status, format_status
 
     print(format_status(build_status(args.out), as_json=args.json))
     if args.json:
         return 0
-    from pab_build.build_lock import LOCK_NAME, read_lock, stale_reason
-    from pab_build.build_outcome import failure_report
+    from pab_build.engine.build_lock import LOCK_NAME, read_lock, stale_reason
+    from pab_build.engine.build_outcome import failure_report
 
     for line in failure_report(args.out):
         print(line)
@@ -157,7 +157,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from pab_build.shard_index import verify_shards
+    from pab_build.shards.index import verify_shards
 
     if "://" not in args.target:
         require_build(args.target)

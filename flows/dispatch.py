@@ -20,11 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
 from pab_build.config import PABConfig
-from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
+from pab_build.engine.devices import DevicePool, resolve_devices, wants_device_workers
 from pab_build.model_lock import STAGE_MODELS
-from pab_build.models import models_held_for_stage
-from pab_build.progress import PROGRESS_LINE, StageProgress, stage_line
-from pab_build.units import Unit
+from pab_build.models.loading import models_held_for_stage
+from pab_build.engine.progress import PROGRESS_LINE, StageProgress, stage_line
+from pab_build.engine.units import Unit
 
 WINDOW_PER_WORKER = 4
 # Prefect's per-task-run lines ("Finished in state Completed()", ...) come through these loggers
@@ -54,7 +54,7 @@ def quiet_task_logs(quiet: bool = True) -> Iterator[None]:
 
 class ProgressLog:
     """A stage's progress in the run's logs and progress artifact (what the UI shows), made from
-    the ``pab_build.progress`` events (``StageReporter(listener=ProgressLog(...))``): a line every
+    the ``pab_build.engine.progress`` events (``StageReporter(listener=ProgressLog(...))``): a line every
     ``log_every`` of the units, at least every ``min_interval_s``, at a new failure, when the
     stage starts and when it ends; ``on_update(percent)`` with each line."""
 

@@ -1,5 +1,5 @@
 """The live progress display of ``pab run``: per stage, units done / total, rows ok / rejected,
-units per second, ETA and failed units, fed by ``pab_build.progress`` events.
+units per second, ETA and failed units, fed by ``pab_build.engine.progress`` events.
 
 On a terminal it is a ``rich`` progress table drawn on the console Prefect logs to (so log lines
 scroll above it); elsewhere (CI logs, a pipe) a line per stage every ``LINE_EVERY_S`` and when the
@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from pab_build.progress import PROGRESS_LINE, PROGRESS_LOGGER, StageProgress, stage_line
+from pab_build.engine.progress import PROGRESS_LINE, PROGRESS_LOGGER, StageProgress, stage_line
 
 LINE_EVERY_S = 10.0
 

@@ -65,7 +65,7 @@ def smoke_cfg(models_dir, sample_oops_root):
 
 @pytest.fixture
 def ctx(smoke_cfg, tmp_path):
-    from pab_build.units import Context
+    from pab_build.engine.units import Context
 
     return Context.create(smoke_cfg, str(tmp_path / "out"))
 
@@ -94,10 +94,10 @@ def real_build(tmp_path_factory, tiny_models_dir, sample_oops_root) -> str:
     tiny models and the bundled sample, plus its dataset card: what the release, card, publish
     and golden tests read. Built once per session; tests must not modify it (copy it first)."""
     from pab_build.config import load_config
-    from pab_build.pipeline import STAGE_ORDER, get_stage
-    from pab_build.prepare import prepare_build
+    from pab_build.engine.pipeline import STAGE_ORDER, get_stage
+    from pab_build.engine.prepare import prepare_build
     from pab_build.release.card import write_dataset_card
-    from pab_build.units import Context, run_stage
+    from pab_build.engine.units import Context, run_stage
 
     cfg = load_config("smoke", {"fixtures.models_dir": tiny_models_dir, "fixtures.build_tiny_models": False,
                                 "fixtures.build_sample_oops": False, "oops.root": sample_oops_root})

@@ -10,7 +10,7 @@ from glob import glob
 import numpy as np
 from PIL import Image
 
-from pab_build.shard_writer import SPLITS, iter_shard_samples
+from pab_build.shards.writer import SPLITS, iter_shard_samples
 
 
 def python_blocks(markdown: str, after: str | None = None) -> list[str]:
@@ -71,7 +71,7 @@ def assert_split_equals_shards(dataset, out: str, split: str) -> int:
 def assert_loads_every_field(namespace: dict, out: str, both: str, one: str, one_split: str) -> None:
     """``namespace[both]`` is a DatasetDict of every split in the shards; ``namespace[one]`` is
     ``one_split`` with exactly that split's fields."""
-    from pab_build.shard_writer import hf_features
+    from pab_build.shards.writer import hf_features
 
     pab = namespace[both]
     present = [s for s in SPLITS if glob(os.path.join(out, "shards", s, "*.tar"))]

@@ -69,7 +69,7 @@ def test_a_worker_started_flow_forwards_pab_build_info_lines(entrypoint):
     code = ("import logging\n"
             "from prefect.flows import load_flow_from_entrypoint\n"
             f"load_flow_from_entrypoint({entrypoint!r})\n"
-            "for name in ('pab_build.models', 'pab_build.cmp.evaluate'):\n"
+            "for name in ('pab_build.models.loading', 'pab_build.cmp.evaluate'):\n"
             "    assert logging.getLogger(name).isEnabledFor(logging.INFO), name\n"
             "handlers = [type(h).__name__ for h in logging.getLogger('pab_build').handlers]\n"
             "assert 'APILogHandler' in handlers, handlers\n")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pab_build import attributes, vlm
+from pab_build.models import attributes, vlm
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.stages import test_attributes as test_attributes_stage
 from pab_build.stages import train_attributes as train_attributes_stage
-from pab_build.units import Context, run_stage
+from pab_build.engine.units import Context, run_stage
 
 
 def _write_jpeg(store, rel: str, seed: int) -> str:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pab_build.build_lock import LOCK_NAME, BuildLock, BuildLocked, hold_build_lock, lock_file, read_lock
+from pab_build.engine.build_lock import LOCK_NAME, BuildLock, BuildLocked, hold_build_lock, lock_file, read_lock
 from test_publish import BUCKET, s3  # noqa: F401 - fixture (moto's S3 server)
 
 

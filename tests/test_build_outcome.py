@@ -3,7 +3,7 @@ each stage, the count and the first distinct errors."""
 
 import pytest
 
-from pab_build.build_outcome import BuildFailed, allowed_failures, stage_failures
+from pab_build.engine.build_outcome import BuildFailed, allowed_failures, stage_failures
 from pab_build.config import ConfigError, load_config
 from pab_build.store import Marker, Store
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pab_build import captions, vlm
+from pab_build.models import captions, vlm
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.stages import test_captions as test_captions_stage
 from pab_build.stages import train_captions as train_captions_stage
-from pab_build.units import Context, execute_unit, run_stage
+from pab_build.engine.units import Context, execute_unit, run_stage
 
 
 def _write_jpeg(store, rel: str, seed: int) -> str:

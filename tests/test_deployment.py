@@ -308,8 +308,8 @@ def test_crashed_run_resumes_from_markers_when_retried(stack, tmp_path):
     (The process is frozen with SIGSTOP as soon as the first unit's marker appears, so the kill
     lands mid-stage; a FIFO posing as a video no longer hangs a unit: frames rejects it.)"""
     from pab_build.fixtures.sample_oops import write_sample_oops
-    from pab_build.pipeline import get_stage
-    from pab_build.units import Context, run_stage
+    from pab_build.engine.pipeline import get_stage
+    from pab_build.engine.units import Context, run_stage
 
     oops_root = tmp_path / "oops"
     write_sample_oops(str(oops_root), seed=0)
@@ -414,7 +414,7 @@ def test_pab_build_log_lines_reach_the_runs_logs_on_the_server(stack, tiny_model
     assert len(runs) == 3, runs  # stage-frames and stage-pose
     body = {"logs": {"flow_run_id": {"any_": runs}}, "sort": "TIMESTAMP_ASC", "limit": 200}
     deadline = time.monotonic() + 30  # logs reach the server in batches, possibly after the final state
-    while not (loads := [e for e in stack.post("/logs/filter", body) if e["name"] == "pab_build.models"
+    while not (loads := [e for e in stack.post("/logs/filter", body) if e["name"] == "pab_build.models.loading"
                          and e["message"].startswith("loaded model ")]):
         assert time.monotonic() < deadline, [(e["name"], e["message"][:80]) for e in stack.post("/logs/filter", body)]
         time.sleep(0.5)

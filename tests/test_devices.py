@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from pab_build import models
-from pab_build.devices import DevicePool, resolve_devices, wants_device_workers
+from pab_build.models import loading as models
+from pab_build.engine.devices import DevicePool, resolve_devices, wants_device_workers
 from pab_build.manifests import OK, manifest_rel, write_manifest
 from pab_build.stages.generate import STAGE as GENERATE_STAGE
-from pab_build.units import Context, finalize_stage, run_stage
+from pab_build.engine.units import Context, finalize_stage, run_stage
 
 
 def test_devices_come_from_the_config_or_the_single_device(smoke_cfg):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prefect.futures import PrefectConcurrentFuture
 
 from flows.dispatch import ProgressLog, dispatch_units, window_size
-from pab_build.units import Unit
+from pab_build.engine.units import Unit
 
 
 class _Future(PrefectConcurrentFuture):
@@ -60,7 +60,7 @@ def test_progress_log_lines_come_from_the_progress_events():
     display shows: at the start, every 10 % here, at a new failure, when the stage ends; each record marked."""
     import logging
 
-    from pab_build.progress import PROGRESS_LINE, StageProgress
+    from pab_build.engine.progress import PROGRESS_LINE, StageProgress
 
     records, updates = [], []
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pab_build.manifests import read_manifest
-from pab_build.pipeline import STAGE_ORDER
+from pab_build.engine.pipeline import STAGE_ORDER
 from pab_build.store import Store
 
 pytestmark = pytest.mark.slow
@@ -45,8 +45,8 @@ def test_every_stage_ran_with_reasons_and_shards_match_manifests(smoke_builds):
         assert rows, stage
         assert all(r["reason"] for r in rows if r["status"] == "rejected"), stage
         assert summary[stage]["failed"] == 0, (stage, summary[stage])
-    from pab_build.shard_index import verify_shards
-    from pab_build.shard_writer import iter_shard_samples
+    from pab_build.shards.index import verify_shards
+    from pab_build.shards.writer import iter_shard_samples
 
     for split in ("test", "train"):
         ok = sorted(r["sample_key"] for r in read_manifest(store, f"{split}_shards") if r["status"] == "ok")

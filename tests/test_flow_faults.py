@@ -4,10 +4,10 @@ accepts it, and otherwise ends Failed naming the unit's error."""
 
 import pytest
 
-from pab_build.build_outcome import StageFailed
+from pab_build.engine.build_outcome import StageFailed
 from pab_build.config import load_config
 from pab_build.manifests import read_manifest, reject
-from pab_build.units import Stage, chunk_units
+from pab_build.engine.units import Stage, chunk_units
 
 pytestmark = pytest.mark.slow
 

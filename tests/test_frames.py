@@ -7,7 +7,7 @@ import pytest
 from pab_build.config import load_config
 from pab_build.manifests import read_manifest
 from pab_build.stages import frames
-from pab_build.units import Context, run_stage
+from pab_build.engine.units import Context, run_stage
 
 SHARED_VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "testdata", "videos")
 

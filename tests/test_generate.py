@@ -11,12 +11,12 @@ import torch
 
 from pab_build.config import ConfigError
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
-from pab_build.models import LOAD_COUNTS, release_models
+from pab_build.models.loading import LOAD_COUNTS, release_models
 from pab_build.stages import generate
 from pab_build.stages.generate import STAGE as GENERATE_STAGE
 from pab_build.stages.generate import image_key, image_seed
 from pab_build.store import Store
-from pab_build.units import execute_unit, finalize_stage, run_stage
+from pab_build.engine.units import execute_unit, finalize_stage, run_stage
 
 PROMPTS = {
     "c0000000001-n": ("n", "a man is riding a skateboard in a parking lot"),
@@ -293,7 +293,7 @@ def test_nan_image_and_empty_prompt_become_rejected_rows(gen_ctx, monkeypatch):
 
 
 def test_manifest_is_byte_identical_across_output_folders(gen_ctx, tmp_path):
-    from pab_build.units import Context
+    from pab_build.engine.units import Context
 
     other = Context.create(gen_ctx.cfg, str(tmp_path / "elsewhere"))
     for c in (gen_ctx, other):

@@ -22,7 +22,7 @@ import pytest
 
 from pab_build.config import load_config
 from pab_build.manifests import read_manifest
-from pab_build.pipeline import STAGE_ORDER, get_stage
+from pab_build.engine.pipeline import STAGE_ORDER, get_stage
 from pab_build.store import Store
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def _environment() -> dict[str, str]:
     import torch
     import transformers
 
-    from pab_build import wordnet
+    from pab_build.text import wordnet
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "numpy": numpy.__version__, "machine": platform.machine(), "wordnet": wordnet.fingerprint()}

@@ -7,12 +7,12 @@ import random
 import pytest
 from test_shards import shard_paths, write_train_build
 
-from pab_build import shard_writer
-from pab_build.hard_negatives import behavior_of_kind, choose_hard_negatives
+from pab_build.shards import writer as shard_writer
+from pab_build.shards.hard_negatives import behavior_of_kind, choose_hard_negatives
 from pab_build.manifests import OK, REJECTED, read_manifest
 from pab_build.oops import clip_key
 from pab_build.stages import train_shards as train_shards_stage
-from pab_build.units import run_stage
+from pab_build.engine.units import run_stage
 
 CODES = {"n": "n", "a": "a", "a+": "ap"}
 

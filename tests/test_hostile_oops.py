@@ -13,7 +13,7 @@ import pytest
 
 from pab_build.manifests import read_manifest
 from pab_build.stages import frames
-from pab_build.units import Context, run_stage
+from pab_build.engine.units import Context, run_stage
 
 GOOD = "Girl falls off trampoline (FailArmy)0"
 CAFE = "Café fail – waiter trips"

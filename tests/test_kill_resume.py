@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pab_build.manifests import read_manifest
-from pab_build.pipeline import STAGE_ORDER
+from pab_build.engine.pipeline import STAGE_ORDER
 from pab_build.store import Store
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 
-from pab_build.models import GATE, cached_model, inference, release_models
+from pab_build.models.loading import GATE, cached_model, inference, release_models
 
 
 @pytest.fixture(autouse=True)

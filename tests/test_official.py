@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pab_build.hard_negatives import choose_hard_negatives
+from pab_build.shards.hard_negatives import choose_hard_negatives
 from pab_build.manifests import OK, REJECTED, write_manifest
 from pab_build.oops import clip_key
 from pab_build.release.official import export_official
-from pab_build.shard_writer import build_shard
+from pab_build.shards.writer import build_shard
 from pab_build.store import Store
 
 KIND_CODES = {"n": "n", "a": "a", "a+": "ap"}

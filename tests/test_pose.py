@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pab_build import openpose
+from pab_build.models import openpose
 from pab_build.config import GenPoseConfig
 from pab_build.fixtures.tiny_openpose import build_tiny_openpose
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
-from pab_build.models import LOAD_COUNTS, release_models
+from pab_build.models.loading import LOAD_COUNTS, release_models
 from pab_build.stages import gen_pose as gen_pose_stage
 from pab_build.stages import pose as pose_stage
-from pab_build.units import Context, execute_unit, run_stage
+from pab_build.engine.units import Context, execute_unit, run_stage
 
 
 def _jpeg(seed: int, size=(96, 64)) -> bytes:

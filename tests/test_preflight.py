@@ -6,7 +6,7 @@ import sys
 import time
 
 from pab_build.config import load_config
-from pab_build.preflight import check_oops, check_packages, check_publish, run_checks
+from pab_build.engine.preflight import check_oops, check_packages, check_publish, run_checks
 
 
 def test_full_run_without_gpu_or_cached_models_fails_fast_and_writes_nothing(tmp_path):
@@ -66,7 +66,7 @@ def test_unparseable_annotations_and_missing_credentials_are_problems(tmp_path, 
 
 
 def test_cmp_init_checkpoint_is_checked_only_when_cmp_trains_after_the_build(tmp_path):
-    from pab_build.preflight import check_cmp_init
+    from pab_build.engine.preflight import check_cmp_init
 
     missing = str(tmp_path / "16m_base_model_state_step_199999.th")
     cfg = load_config("smoke", {"cmp.train_after_build": True, "cmp.init_checkpoint": missing})

@@ -1,5 +1,5 @@
 """The live progress of `pab run`: per stage units done / total, rows ok / rejected, rate, ETA,
-failures, fed by `pab_build.progress` events; Prefect's per-task lines only with --verbose."""
+failures, fed by `pab_build.engine.progress` events; Prefect's per-task lines only with --verbose."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from rich.console import Console
 
 from flows.progress import ProgressDisplay, stage_line
-from pab_build.progress import PROGRESS_LOGGER, StageProgress, StageReporter
+from pab_build.engine.progress import PROGRESS_LOGGER, StageProgress, StageReporter
 from pab_build.store import Marker, Store
-from pab_build.units import Context, Unit, record_failed_unit
+from pab_build.engine.units import Context, Unit, record_failed_unit
 
 
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:
@@ -32,7 +32,7 @@ def test_the_reporter_counts_units_and_rows_and_the_display_prints_them(smoke_cf
 
     store.write_bytes(store.unit_rows_rel("pose", "000001"), table_bytes(rows_to_table("pose", [
         {"sample_key": "a", "status": "ok", "reason": None}, {"sample_key": "b", "status": "rejected", "reason": "x"}])))
-    from pab_build.pipeline import get_stage
+    from pab_build.engine.pipeline import get_stage
 
     record_failed_unit(Context(smoke_cfg, store), get_stage("pose"), Unit("pose", "000002", ({"sample_key": "c"},)),
                        RuntimeError("boom"))
@@ -117,7 +117,7 @@ def test_task_run_lines_are_hidden_unless_verbose(prefect_console):
 def test_the_flows_progress_lines_reach_the_ui_but_not_the_terminal(prefect_console):
     """The flow logs its progress lines (for the UI) from the events the display shows: while the
     display runs they stay off the terminal (each figure once), not off the other handlers."""
-    from pab_build.progress import PROGRESS_LINE
+    from pab_build.engine.progress import PROGRESS_LINE
 
     handler, stream = prefect_console
     line = logging.makeLogRecord({"name": "prefect.flow_runs", "levelno": logging.INFO, "levelname": "INFO",

@@ -12,7 +12,7 @@ import pytest
 from test_publish import BUCKET, release, s3  # noqa: F401 - fixtures
 
 from pab_build.release.publish import PublishError, publish
-from pab_build.shard_index import update_shard_index, verify_shards
+from pab_build.shards.index import update_shard_index, verify_shards
 from pab_build.store import Marker, Store
 
 

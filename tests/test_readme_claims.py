@@ -11,9 +11,9 @@ import yaml
 
 from pab_build.config import config_from_dict, load_config
 from pab_build.manifests import read_manifest
-from pab_build.pipeline import STAGE_ORDER, get_stage
-from pab_build.prepare import prepare_build
-from pab_build.units import Context, run_stage
+from pab_build.engine.pipeline import STAGE_ORDER, get_stage
+from pab_build.engine.prepare import prepare_build
+from pab_build.engine.units import Context, run_stage
 
 
 # -- "units of GPU stages ask Ray for run.gpus_per_unit GPUs, all for run.cpus_per_unit CPUs" -------
@@ -122,7 +122,7 @@ def test_pab_status_reports_units_and_rows(smoke_cfg, tmp_path):
 def test_trust_remote_code_reaches_the_vlm_loaders(monkeypatch, opt_in):
     import transformers
 
-    from pab_build import vlm
+    from pab_build.models import vlm
 
     seen = []
 

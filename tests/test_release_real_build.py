@@ -14,8 +14,8 @@ from PIL import Image
 from pab_build.manifests import OK, read_manifest
 from pab_build.release.official import export_official
 from pab_build.release.publish import publish
-from pab_build.shard_index import verify_shards
-from pab_build.shard_writer import iter_shard_samples
+from pab_build.shards.index import verify_shards
+from pab_build.shards.writer import iter_shard_samples
 from pab_build.store import Store
 
 pytestmark = pytest.mark.slow

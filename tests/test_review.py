@@ -20,7 +20,7 @@ from pab_build.stages.review import (
     load_decisions,
     merge_decisions,
 )
-from pab_build.units import run_stage
+from pab_build.engine.units import run_stage
 
 CLIPS = ["Girl falls off trampoline", "Man slips on ice", "Waiter trips"]
 

@@ -20,7 +20,7 @@ from pab_build.manifests import ok_rows, read_manifest
 from pab_build.stages import review
 from pab_build.stages.review import STAGE as REVIEW_STAGE
 from pab_build.stages.review import load_caption_corrections, load_decisions
-from pab_build.units import run_stage
+from pab_build.engine.units import run_stage
 
 CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
 

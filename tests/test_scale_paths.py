@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pab_build import manifests, unit_manifests
+from pab_build import manifests
+from pab_build.engine import unit_manifests
 from pab_build.manifests import manifest_rel, rows_to_table, table_bytes, write_manifest
-from pab_build.shard_writer import ShardTooBig, build_shard, write_shard
+from pab_build.shards.writer import ShardTooBig, build_shard, write_shard
 from pab_build.store import Store
-from pab_build.units import Context, LazyItems, Stage, Unit, chunk_table_units, chunk_units, finalize_stage, status_counts
+from pab_build.engine.units import Context, LazyItems, Stage, Unit, chunk_table_units, chunk_units, finalize_stage, status_counts
 
 
 def _pair_rows(n: int) -> list[dict]:
@@ -153,7 +154,7 @@ def test_finalize_streams_row_groups_with_the_bytes_of_one_table(tmp_path, monke
 def test_planning_and_finalizing_import_no_model_library():
     """Stage modules import torch, diffusers and transformers only where a model loads or runs:
     a flow process that plans and finalizes ~61k units does not carry ~500 MiB for them."""
-    code = ("import sys; from pab_build.pipeline import STAGE_ORDER, get_stage; import pab_build.status; "
+    code = ("import sys; from pab_build.engine.pipeline import STAGE_ORDER, get_stage; import pab_build.engine.status; "
             "[get_stage(s) for s in STAGE_ORDER]; "
             "print([m for m in ('torch', 'diffusers', 'transformers', 'torchvision') if m in sys.modules])")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),

@@ -15,7 +15,7 @@ from test_official import build_release_tree
 from test_publish import BUCKET, s3  # noqa: F401 - fixture
 
 from pab_build.config import CONFIGS_DIR
-from pab_build.units import Stage
+from pab_build.engine.units import Stage
 
 pytestmark = pytest.mark.slow  # a Prefect test server and two flow runs
 

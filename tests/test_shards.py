@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pab_build import shard_index, shard_packing, shard_writer
+from pab_build.shards import index as shard_index, packing as shard_packing, writer as shard_writer
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.oops import clip_key
 from pab_build.stages import test_shards as test_shards_stage
 from pab_build.stages import train_shards as train_shards_stage
-from pab_build.units import Context, run_stage
+from pab_build.engine.units import Context, run_stage
 
 # -- hand-built upstream manifests -------------------------------------------------------------
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pab_build import similarity
+from pab_build.models import similarity
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
-from pab_build.models import LOAD_COUNTS, release_models
+from pab_build.models.loading import LOAD_COUNTS, release_models
 from pab_build.stages import pairs as pairs_stage
-from pab_build.units import Context, execute_unit, run_stage
+from pab_build.engine.units import Context, execute_unit, run_stage
 
 
 def _picture(seed: int, size=(80, 64)) -> Image.Image:

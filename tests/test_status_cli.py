@@ -10,9 +10,9 @@ import pytest
 
 from flows import cli
 from pab_build.stages import frames, pose
-from pab_build.status import marker_timings
+from pab_build.engine.status import marker_timings
 from pab_build.store import Marker
-from pab_build.units import record_failed_unit, run_stage
+from pab_build.engine.units import record_failed_unit, run_stage
 
 
 def _pab(capsys, *argv) -> tuple[int, str, str]:

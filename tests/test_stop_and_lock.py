@@ -12,9 +12,9 @@ import time
 import psutil
 import pytest
 
-from pab_build.build_lock import LOCK_NAME
+from pab_build.engine.build_lock import LOCK_NAME
 from pab_build.manifests import read_manifest
-from pab_build.pipeline import STAGE_ORDER
+from pab_build.engine.pipeline import STAGE_ORDER
 from pab_build.store import Store
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.oops import clip_key
 from pab_build.stages import prompts as prompts_stage
 from pab_build.stages.prompts import STAGE as PROMPTS_STAGE
-from pab_build import subjects, wordnet
-from pab_build.subjects import analyse_subject, find_subject, is_person_subject
-from pab_build.units import Context, run_stage
+from pab_build.text import subjects, wordnet
+from pab_build.text.subjects import analyse_subject, find_subject, is_person_subject
+from pab_build.engine.units import Context, run_stage
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -38,7 +38,7 @@ def _accuracy(name: str) -> tuple[float, list[str]]:
 
 def _require_wordnet():
     if not wordnet.available():
-        message = "WordNet is not installed: python -m pab_build.wordnet (make install does it)"
+        message = "WordNet is not installed: python -m pab_build.text.wordnet (make install does it)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
 
 
@@ -288,7 +288,7 @@ def test_prompt_keys_follow_the_convention():
 def test_the_prompts_stage_hash_follows_its_lexicon_file_and_wordnet(tmp_path):
     import dataclasses
 
-    from pab_build.pipeline import STAGE_ORDER, get_stage
+    from pab_build.engine.pipeline import STAGE_ORDER, get_stage
 
     assert subjects.LEXICON_PATH in PROMPTS_STAGE.data_files and wordnet.fingerprint in PROMPTS_STAGE.data_files
     cfg = load_config("smoke")

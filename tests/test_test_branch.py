@@ -8,7 +8,7 @@ from pab_build.manifests import read_manifest
 from pab_build.stages import frames as frames_stage
 from pab_build.stages import pairs as pairs_stage
 from pab_build.stages import pose as pose_stage
-from pab_build.units import Context, run_stage
+from pab_build.engine.units import Context, run_stage
 
 pytestmark = pytest.mark.slow
 

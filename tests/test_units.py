@@ -11,7 +11,7 @@ import pytest
 from pab_build.config import load_config
 from pab_build.manifests import read_manifest, reject
 from pab_build.store import Store
-from pab_build.units import Context, Stage, Unit, chunk_units, execute_unit, run_stage
+from pab_build.engine.units import Context, Stage, Unit, chunk_units, execute_unit, run_stage
 
 
 def test_atomic_write_leaves_no_partial_file_on_error(tmp_path, monkeypatch):
@@ -100,7 +100,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     from pab_build.store import Store
     from pab_build.config import load_config
-    from pab_build.units import Context, run_stage
+    from pab_build.engine.units import Context, run_stage
     sys.path.insert(0, {tests!r})
     from test_units import _toy_stage
     real_write = Store.write_bytes
@@ -145,7 +145,7 @@ def test_sigkill_mid_unit_leaves_nothing_visible_and_rerun_completes(tmp_path, k
 def test_renamed_stage_outputs_are_migrated(tmp_path):
     """A build made when ``train_attributes`` was called ``attributes`` keeps its finished units."""
     from pab_build.manifests import manifest_rel
-    from pab_build.prepare import migrate_renamed_stages
+    from pab_build.engine.prepare import migrate_renamed_stages
 
     store = Store(str(tmp_path))
     store.write_json("_markers/attributes/000000.json", {"status": "done"})

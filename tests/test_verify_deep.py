@@ -11,9 +11,9 @@ import tarfile
 
 from test_shards import built  # noqa: F401 - fixture
 
-from pab_build import shard_index
+from pab_build.shards import index as shard_index
 from pab_build.manifests import read_manifest, write_manifest
-from pab_build.shard_writer import build_shard
+from pab_build.shards.writer import build_shard
 
 REL = "shards/test/test-000001.tar"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pab_build import vlm
+from pab_build.models import vlm
 from pab_build.config import GenerationSettings, model_path
-from pab_build.models import LOAD_COUNTS, release_models
+from pab_build.models.loading import LOAD_COUNTS, release_models
 from pab_build.store import Store
 
 PAPER_CAPTION_INSTRUCTION = (

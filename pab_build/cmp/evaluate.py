@@ -36,7 +36,7 @@ from pab_build.cmp.model import CMPModel, load_cmp
 from pab_build.cmp.official import evaluation_gaps, load_init_checkpoint
 from pab_build.config import (ConfigError, PABConfig, apply_override, config_from_dict, load_config, model_id,
                               model_path, parse_override, stable_hash)
-from pab_build.models import resolve_device
+from pab_build.models.loading import resolve_device
 from pab_build.store import Store
 
 log = logging.getLogger(__name__)

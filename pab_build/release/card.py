@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from ..manifests import OK, STAGE_COLUMNS, read_manifest, schema
-from ..shard_index import ratio_text
+from ..shards.index import ratio_text
 from ..store import Store
 from .card_figures import class_chart_png, example_grid_png
 
@@ -198,7 +198,7 @@ def union_features(split_names: list[str]):
     loads as null there rather than being dropped from the other."""
     from datasets import Features
 
-    from ..shard_writer import hf_features
+    from ..shards.writer import hf_features
 
     def merge(a: dict, b: dict) -> dict:
         out = dict(a)
@@ -219,7 +219,7 @@ def dataset_info(index: dict) -> tuple[list[dict], list[dict]]:
     keep ``datasets`` from guessing a schema from each split's first samples."""
     from datasets import DatasetInfo
 
-    from ..shard_writer import hf_features
+    from ..shards.writer import hf_features
 
     shard_splits = [s for s in ("train", "test") if s in index.get("splits", {})]
     sizes = {s: {"name": s, "num_bytes": index["splits"][s]["totals"]["bytes"],

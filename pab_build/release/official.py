@@ -36,7 +36,7 @@ from typing import Iterable
 
 from PIL import Image
 
-from ..hard_negatives import BEHAVIOR_OF_KIND
+from ..shards.hard_negatives import BEHAVIOR_OF_KIND
 from ..manifests import OK, manifest_rel, read_manifest
 from ..store import Store
 

@@ -23,7 +23,7 @@ touched (``force`` overrides). Remote shards the new index no longer lists (an e
 build) are left in place and reported unless ``delete`` is given, and are then removed only after
 the new release has verified. Only regular files inside OUT are read (no symlink out of OUT).
 
-Verification. :func:`pab_build.shard_index.verify_shards` re-hashes the remote shards against the
+Verification. :func:`pab_build.shards.index.verify_shards` re-hashes the remote shards against the
 remote index; card files are re-hashed against the local ones. Shards it finds missing or altered
 are uploaded once more and verified again.
 
@@ -49,7 +49,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..redact import redact, scrub as scrub_text, secret_values
-from ..shard_index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
+from ..shards.index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
 from .guards import release_problems
 from ..store import Store
 

@@ -20,8 +20,8 @@ from PIL import Image
 from .. import oops
 from ..config import oops_root
 from ..manifests import keep, reject
-from ..pairing import BEHAVIORS
-from ..units import Context, Stage, Unit, chunk_units
+from ..shards.pairing import BEHAVIORS
+from ..engine.units import Context, Stage, Unit, chunk_units
 
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from ..config import model_path
 from ..manifests import read_manifest_table, sorted_by_key
-from ..openpose import (
+from ..models.openpose import (
     detect_items,
     generated_image_problem,
     load_pose_detector,
     pose_row,
     write_pose_map,
 )
-from ..units import Context, Stage, Unit, chunk_table_units
+from ..engine.units import Context, Stage, Unit, chunk_table_units
 
 
 # -- stage: gen_pose (generated training images) --------------------------------------------------

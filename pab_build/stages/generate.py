@@ -33,9 +33,9 @@ from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
 from ..manifests import keep, read_manifest_row, read_manifest_table, reject, sorted_by_key
-from ..models import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
+from ..models.loading import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
 from ..store import Store
-from ..units import Context, LazyItems, Stage, Unit
+from ..engine.units import Context, LazyItems, Stage, Unit
 
 if TYPE_CHECKING:
     import torch  # imported where images are made: planning and finalizing never pay for it

@@ -6,14 +6,14 @@ from PIL import Image
 
 from ..config import model_path
 from ..manifests import keep, ok_rows, reject
-from ..pairing import pair_problem
-from ..similarity import (
+from ..shards.pairing import pair_problem
+from ..models.similarity import (
     embed_images,
     load_resnet50,
     pair_cosines,
     similarity_problem,
 )
-from ..units import Context, Stage, Unit, chunk_units
+from ..engine.units import Context, Stage, Unit, chunk_units
 
 
 # -- stage ----------------------------------------------------------------------------------------

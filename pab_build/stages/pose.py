@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import model_path
 from ..manifests import OK, read_manifest
-from ..openpose import (
+from ..models.openpose import (
     PoseResult,
     detect_items,
     load_pose_detector,
@@ -12,7 +12,7 @@ from ..openpose import (
     pose_row,
     write_pose_map,
 )
-from ..units import Context, Stage, Unit, chunk_units
+from ..engine.units import Context, Stage, Unit, chunk_units
 from .frames import sample_key as frame_sample_key
 
 

@@ -1,7 +1,7 @@
 """Stage ``prompts``: C_n / C_a / C_a+ prompts of the training set from person-subject captions.
 
 Paper 3.2: "for cases where both C_n and C_a are retained, we concatenate them to form a new C_a+."
-The subject filter itself is :mod:`pab_build.subjects`.
+The subject filter itself is :mod:`pab_build.text.subjects`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 from .. import oops
 from ..config import oops_root
 from ..manifests import decide, manifest_rel, ok_rows
-from .. import wordnet
-from ..subjects import LEXICON_PATH, analyse_subject
-from ..units import Context, Stage, Unit, chunk_units
+from ..text import wordnet
+from ..text.subjects import LEXICON_PATH, analyse_subject
+from ..engine.units import Context, Stage, Unit, chunk_units
 
 PROMPTS = "prompts"
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import fsspec
 
 from ..manifests import OK, keep, manifest_rel, read_manifest, reject
-from ..pairing import pair_problem
+from ..shards.pairing import pair_problem
 from ..review_page import image_data_uri, render_page
-from ..units import Context, Stage, Unit, chunk_units
+from ..engine.units import Context, Stage, Unit, chunk_units
 
 REVIEW = "review"
 CLIPS_PER_UNIT = 256

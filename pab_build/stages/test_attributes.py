@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..attributes import (
+from ..models.attributes import (
     ATTRIBUTE_STAGE_VERSION,
     TEST_ATTRIBUTES,
     run_attribute_unit,
 )
 from ..manifests import ok_rows
-from ..units import Context, Stage, Unit, chunk_units
+from ..engine.units import Context, Stage, Unit, chunk_units
 
 
 # -- planning -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..captions import (
+from ..models.captions import (
     CAPTION_STAGE_VERSION,
     TEST_CAPTIONS,
     caption_unit,
@@ -12,7 +12,7 @@ from ..captions import (
 )
 from ..config import qc_settings
 from ..manifests import OK, ok_rows, read_manifest
-from ..units import Context, Stage, Unit, chunk_units
+from ..engine.units import Context, Stage, Unit, chunk_units
 from .review import export_caption_sheet, load_caption_corrections
 
 

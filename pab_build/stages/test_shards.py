@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..manifests import OK, manifest_rel
-from ..pairing import other_behavior
-from ..shard_index import finalize_shards
-from ..shard_packing import (
+from ..shards.pairing import other_behavior
+from ..shards.index import finalize_shards
+from ..shards.packing import (
     attach_file_sizes,
     attribute_fields,
     ok_row,
@@ -15,8 +15,8 @@ from ..shard_packing import (
     why_dropped,
     write_shard_unit,
 )
-from ..shard_writer import SPLIT_MODELS, key_problem
-from ..units import Context, Stage, Unit
+from ..shards.writer import SPLIT_MODELS, key_problem
+from ..engine.units import Context, Stage, Unit
 from .frames import sample_key as frame_sample_key
 
 # the test branch in order; review may key its rows by image or by clip (and may be absent)

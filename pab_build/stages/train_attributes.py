@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..attributes import (
+from ..models.attributes import (
     ATTRIBUTE_STAGE_VERSION,
     TRAIN_ATTRIBUTES,
     run_attribute_unit,
 )
-from ..hard_negatives import BEHAVIOR_OF_KIND
+from ..shards.hard_negatives import BEHAVIOR_OF_KIND
 from ..manifests import left_join, read_manifest_table, sorted_by_key
-from ..units import Context, Stage, Unit, chunk_table_units
+from ..engine.units import Context, Stage, Unit, chunk_table_units
 
 
 def plan_train_attribute_units(ctx: Context) -> list[Unit]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..captions import (
+from ..models.captions import (
     CAPTION_STAGE_VERSION,
     TRAIN_CAPTIONS,
     caption_unit,
 )
 from ..manifests import read_manifest_table, sorted_by_key
-from ..units import Context, Stage, Unit, chunk_table_units
+from ..engine.units import Context, Stage, Unit, chunk_table_units
 
 
 def plan_train_caption_units(ctx: Context) -> list[Unit]:

@@ -3,7 +3,7 @@
 Planning works at the paper's scale (a million samples) in Arrow: the five upstream manifests are
 read column by column and looked up by key (:func:`~pab_build.manifests.left_join`), the files'
 sizes come from a listing looked up by path, the hard negatives from
-:func:`~pab_build.hard_negatives.hard_negative_rows` (numpy), and each unit (one shard) keeps a
+:func:`~pab_build.shards.hard_negatives.hard_negative_rows` (numpy), and each unit (one shard) keeps a
 slice of the joined table; an item's nested dict (files, json) is made only when its unit runs.
 Per-row Python in the planner is limited to the reasons of the few suspect rows and each sample's
 exact tar size (its json, 20,000 samples at a time).
@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..hard_negatives import BEHAVIOR_OF_KIND, hard_negative_rows
-from ..shard_index import INDEX_COLUMNS, finalize_shards
-from ..shard_packing import (
+from ..shards.hard_negatives import BEHAVIOR_OF_KIND, hard_negative_rows
+from ..shards.index import INDEX_COLUMNS, finalize_shards
+from ..shards.packing import (
     file_size_table,
     fit_problem,
     path_problem,
@@ -28,9 +28,9 @@ from ..shard_packing import (
     split_models,
     write_shard_unit,
 )
-from ..shard_writer import ATTRIBUTE_FIELDS, SPLIT_MODELS, key_problem, safe_keys, tar_bytes
+from ..shards.writer import ATTRIBUTE_FIELDS, SPLIT_MODELS, key_problem, safe_keys, tar_bytes
 from ..manifests import has_match, left_join, sorted_by_key
-from ..units import Context, LazyItems, Stage, Unit
+from ..engine.units import Context, LazyItems, Stage, Unit
 
 STAGE_NAME = "train_shards"
 BATCH = 20_000  # rows turned into dicts at a time while sizing samples
@@ -208,7 +208,7 @@ def chunk_shards(table: pa.Table, sizes: np.ndarray, max_samples: int, max_bytes
                  models: dict) -> list[Unit]:
     """Shards in key order, a new one when the next sample would exceed either bound; a shard's
     unit is its rows' key range (rejected items included), the first unit also taking those
-    before the first shard, as :func:`~pab_build.shard_packing.pack_units` places them."""
+    before the first shard, as :func:`~pab_build.shards.packing.pack_units` places them."""
     starts: list[int] = []
     count = total = 0
     shipped = np.flatnonzero(pc.is_null(table["reject"]).to_numpy(zero_copy_only=False))

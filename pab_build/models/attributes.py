@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 from .captions import load_unit_images
-from .config import model_id
-from .manifests import keep, reject
-from .units import Context, Unit
+from ..config import model_id
+from ..manifests import keep, reject
+from ..engine.units import Context, Unit
 from .vlm import (
     VLMRequest,
     answer_requests,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .models import cached_model, inference, resolve_device, run_halving_on_oom
+from .loading import cached_model, inference, resolve_device, run_halving_on_oom
 
 if TYPE_CHECKING:
     import torch  # imported where features are computed: planning and finalizing never pay for it

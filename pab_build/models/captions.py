@@ -12,9 +12,9 @@ asks for it, generation stopped at ``max_new_tokens`` without an end token).
 
 from __future__ import annotations
 
-from .config import CaptionsConfig, model_id
-from .manifests import keep, reject
-from .units import Context, Unit
+from ..config import CaptionsConfig, model_id
+from ..manifests import keep, reject
+from ..engine.units import Context, Unit
 from .vlm import (
     VLMRequest,
     answer_requests,

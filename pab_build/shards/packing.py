@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import model_id
-from .manifests import OK, keep, manifest_rel, read_manifest, read_manifest_table, reject
-from .shard_writer import (
+from ..config import model_id
+from ..manifests import OK, keep, manifest_rel, read_manifest, read_manifest_table, reject
+from .writer import (
     ATTRIBUTE_FIELDS,
     FILE_EXTENSIONS,
     SPLIT_MODELS,
@@ -28,8 +28,8 @@ from .shard_writer import (
     tar_bytes,
     write_shard,
 )
-from .store import Store
-from .units import Context, Unit
+from ..store import Store
+from ..engine.units import Context, Unit
 
 
 # -- planning ---------------------------------------------------------------------------------

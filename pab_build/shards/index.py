@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from .config import REPO_ROOT
+from ..config import REPO_ROOT
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .manifests import OK, manifest_rel, read_manifest_table
-from .shard_writer import EXTENSIONS, SPLITS, key_problem
-from .store import Store
-from .units import Context
+from ..manifests import OK, manifest_rel, read_manifest_table
+from .writer import EXTENSIONS, SPLITS, key_problem
+from ..store import Store
+from ..engine.units import Context
 
 FORMAT = "pab-webdataset-shards"
 
@@ -33,7 +33,7 @@ FORMAT = "pab-webdataset-shards"
 FORMAT_VERSION = 1
 
 
-from .shard_writer import SHARD_NAME
+from .writer import SHARD_NAME
 
 log = logging.getLogger(__name__)
 _index_lock = threading.Lock()  # the two shard stages may finalize at the same time

@@ -13,7 +13,7 @@ subject ("trying to jump the fence") and junk ("Don't know") are rejected: nothi
 
 Names are people: the caption keeps its original case, and a capitalised word that is no common
 noun ("Sarah", "John") counts as one. Person nouns come from WordNet (hyponyms of person.n.01, see
-:mod:`pab_build.wordnet`) and from the versioned lexicon file ``data/subject_lexicon.txt``.
+:mod:`pab_build.text.wordnet`) and from the versioned lexicon file ``data/subject_lexicon.txt``.
 Over 400 lines on purpose: the closed word classes (determiners, prepositions, ...) and the small
 parser that uses them are one piece; the open word lists live in the lexicon file.
 """
@@ -33,7 +33,7 @@ def _words(text: str) -> frozenset[str]:
 
 
 # -- lexicon --------------------------------------------------------------------------------------
-LEXICON_PATH = Path(__file__).parent / "data" / "subject_lexicon.txt"
+LEXICON_PATH = Path(__file__).parent.parent / "data" / "subject_lexicon.txt"
 
 
 def load_lexicon(path: Path = LEXICON_PATH) -> dict[str, list[str]]:

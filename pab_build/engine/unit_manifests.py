@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import manifests
-from .manifests import conform, manifest_rel, read_table, schema, write_manifest_table
-from .store import Store
+from .. import manifests
+from ..manifests import conform, manifest_rel, read_table, schema, write_manifest_table
+from ..store import Store
 
 UNIT_READ_THREADS = 16  # object stores answer one file at a time slowly; reads overlap (local reads
 # are CPU-bound: one thread per core, more only contend for the interpreter lock)

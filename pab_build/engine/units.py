@@ -28,15 +28,15 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from .config import PABConfig, stable_hash
-from .manifests import (
+from ..config import PABConfig, stable_hash
+from ..manifests import (
     OK,
     REJECTED,
     rows_to_table,
     table_bytes,
     read_manifest_table,
 )
-from .store import Marker, Store
+from ..store import Marker, Store
 from .unit_manifests import write_unit_manifest
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .config import ConfigError
+from ..config import ConfigError
 from .units import Stage
 
 STAGE_ORDER: list[str] = [

@@ -19,7 +19,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
-from .config import PABConfig
+from ..config import PABConfig
 
 log = logging.getLogger(__name__)
 

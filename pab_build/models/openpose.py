@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .config import GenPoseConfig
-from .manifests import keep, reject
-from .models import cached_model, inference, is_oom, resolve_device
-from .units import Context
+from ..config import GenPoseConfig
+from ..manifests import keep, reject
+from .loading import cached_model, inference, is_oom, resolve_device
+from ..engine.units import Context
 
 BODY_FILE = "body_pose_model.pth"  # file names in the lllyasviel/Annotators repository
 

@@ -1,4 +1,4 @@
-"""Progress events of a build: one record per finished unit on the ``pab_build.progress`` logger.
+"""Progress events of a build: one record per finished unit on the ``pab_build.engine.progress`` logger.
 
 Whoever wants a live display (the ``pab`` CLI: ``flows/progress.py``) attaches a handler to that
 logger; the events carry numbers, not text. The flow's own progress lines (run logs, the UI's
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-PROGRESS_LOGGER = "pab_build.progress"
+PROGRESS_LOGGER = "pab_build.engine.progress"
 # marks the flow's progress log lines (made from these events): a live display, fed by the same
 # events, keeps them off the terminal, so each figure shows once
 PROGRESS_LINE = "pab_progress_line"
@@ -66,7 +66,7 @@ def report(progress: StageProgress) -> None:
 def unit_rows(store, stage: str, unit_id: str) -> tuple[int, int]:
     """(ok, rejected) rows of a finished unit, from its marker; the unit's rows are read only for
     a marker of an earlier version, which holds no ``ok`` count."""
-    from .manifests import read_table
+    from ..manifests import read_table
     from .units import status_counts
 
     marker = store.read_marker(stage, unit_id)

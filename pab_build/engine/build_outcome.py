@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .store import Store
+from ..store import Store
 
 MAX_ERRORS_SHOWN = 3
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from PIL import Image
 
-from .config import (
+from ..config import (
     PROMPTS_DIR,
     GenerationSettings,
     PABConfig,
@@ -30,8 +30,8 @@ from .config import (
     model_path,
     stable_hash,
 )
-from .models import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
-from .store import Store
+from .loading import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
+from ..store import Store
 
 # the image grid of Qwen2-VL: 14 px patches, merged 2 x 2 into one token
 IMAGE_FACTOR = 28

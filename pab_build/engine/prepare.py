@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from .config import PABConfig
-from .manifests import manifest_rel
+from ..config import PABConfig
+from ..manifests import manifest_rel
 from .pipeline import RENAMED_STAGES
-from .store import Store
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,11 @@ def prepare_build(cfg: PABConfig, out: str) -> None:
     """Build tiny models / the sample OOPS! root when the profile says so (smoke), and write the
     resolved config to ``OUT/config.yaml`` so every output can be traced to its settings."""
     if cfg.fixtures.build_tiny_models:
-        from .fixtures import build_tiny_models
+        from ..fixtures import build_tiny_models
 
         build_tiny_models(cfg.fixtures.models_dir, seed=cfg.fixtures.seed)
     if cfg.fixtures.build_sample_oops and cfg.oops.root is None:
-        from .fixtures.sample_oops import write_sample_oops
+        from ..fixtures.sample_oops import write_sample_oops
 
         write_sample_oops(cfg.fixtures.sample_oops_dir, seed=cfg.fixtures.seed)
     store = Store(out, **cfg.publish.storage_options) if "://" in out else Store(out)

@@ -3,7 +3,7 @@ the person nouns (hyponyms of ``person.n.01``) through nltk.
 
 nltk's own downloader reaches a host that build nodes cannot; Debian's package carries the same
 WordNet 3.0 files. nltk's reader also wants a ``lexnames`` file, which Debian lacks: it is the
-fixed table of WordNet 3.0's 45 lexicographer files, written here. ``python -m pab_build.wordnet``
+fixed table of WordNet 3.0's 45 lexicographer files, written here. ``python -m pab_build.text.wordnet``
 (run by ``make install`` and CI) installs into ``$NLTK_DATA`` or ``~/nltk_data``. Without WordNet
 the filter falls back to its lexicon alone and says so once in the log.
 """
@@ -77,7 +77,7 @@ def _wordnet():
         return _load_reader()
     except (ImportError, LookupError, OSError) as e:
         log.warning("WordNet is not available (%s): the subject filter uses its lexicon file only, "
-                    "which knows fewer person nouns; install it with `python -m pab_build.wordnet`",
+                    "which knows fewer person nouns; install it with `python -m pab_build.text.wordnet`",
                     str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         return None
 

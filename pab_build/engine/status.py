@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-from .config import config_from_dict
-from .manifests import manifest_rel, read_manifest_table
+from ..config import config_from_dict
+from ..manifests import manifest_rel, read_manifest_table
 from .pipeline import STAGE_ORDER, get_stage
-from .store import Marker, Store
+from ..store import Marker, Store
 from .units import Context, status_counts, unit_is_done
 
 FIRST_ERRORS = 3

@@ -15,8 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import PABConfig, model_path, oops_root
-from .model_lock import check_locked, model_kind, profile_models, read_lock
+from ..config import PABConfig, model_path, oops_root
+from ..model_lock import check_locked, model_kind, profile_models, read_lock
 
 HUB_TIMEOUT_S = 5.0
 GIB = 1 << 30
@@ -96,7 +96,7 @@ def check_models(cfg: PABConfig, stages: list[str] | None = None) -> list[Row]:
 
 
 def check_oops(cfg: PABConfig) -> list[Row]:
-    from . import oops
+    from .. import oops
 
     root = os.path.expanduser(oops_root(cfg))
     if cfg.oops.root is None and cfg.fixtures.build_sample_oops:
@@ -156,7 +156,7 @@ def check_out(cfg: PABConfig, out: str) -> list[Row]:
 
 
 def _count_clips(cfg: PABConfig) -> int:
-    from . import oops
+    from .. import oops
 
     try:
         return len(oops.load_captions(os.path.expanduser(oops_root(cfg)), ["train", "val"]))
@@ -165,7 +165,7 @@ def _count_clips(cfg: PABConfig) -> int:
 
 
 def check_publish(cfg: PABConfig, url: str | None) -> list[Row]:
-    from .redact import redact_url
+    from ..redact import redact_url
 
     url = url or cfg.publish.url
     if not url:

@@ -1,0 +1,1 @@
+"""Text rules: the subject filter and its WordNet access."""
