@@ -34,7 +34,7 @@ from gpu_common import Results, add_common_args, device_name, device_or_exit, ra
 
 # the project's code this benchmark measures (imports kept here, in one place)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pab_build.config import load_config  # noqa: E402
+from pab_build.model_lock import locked_config  # noqa: E402
 from pab_build.fixtures.tiny_openpose import build_tiny_openpose  # noqa: E402
 from pab_build.models.openpose import detect_poses, load_pose_detector  # noqa: E402
 
@@ -76,7 +76,7 @@ def main() -> int:
     add_common_args(ap)
     args = ap.parse_args()
 
-    settings = load_config("full").gen_pose
+    settings = locked_config("full").gen_pose
     batch_size = args.batch_size or settings.batch_size
     detect_resolution = args.detect_resolution or settings.detect_resolution
     n_images = round_up(args.images, batch_size)

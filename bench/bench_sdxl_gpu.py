@@ -34,7 +34,7 @@ from gpu_common import Results, add_common_args, device_name, device_or_exit, ra
 
 # the project's code this benchmark measures (imports kept here, in one place)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pab_build.config import load_config  # noqa: E402
+from pab_build.model_lock import locked_config  # noqa: E402
 from pab_build.fixtures.tiny_sdxl import _build_tokenizer  # noqa: E402  (offline CLIP BPE tables)
 from pab_build.stages.generate import apply_fast_paths, generate_arrays  # noqa: E402
 from pab_build.models.loading import torch_dtype  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> int:
                  "generate.attention_slicing=false"]
     if args.batch_size:
         overrides.append(f"generate.batch_size={args.batch_size}")
-    cfg = load_config("full", overrides)
+    cfg = locked_config("full", overrides)
     plain, dtype = cfg.generate, cfg.models.sdxl.dtype
     channels_last = plain.model_copy(update={"channels_last": True})
     n_images = round_up(args.images, plain.batch_size)

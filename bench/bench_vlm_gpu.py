@@ -36,7 +36,7 @@ from gpu_common import Results, add_common_args, device_name, device_or_exit, ra
 
 # the project's code this benchmark measures (imports kept here, in one place)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pab_build.config import load_config  # noqa: E402
+from pab_build.model_lock import locked_config  # noqa: E402
 from pab_build.fixtures.tiny_qwen2vl import CHAT_TEMPLATE, SPECIAL_TOKENS, _build_tokenizer  # noqa: E402
 from pab_build.models.vlm import (  # noqa: E402
     TransformersBackend, VLMRequest, VllmBackend, fill_prompt, generate_answer_records, image_tokens, load_prompt,
@@ -167,7 +167,7 @@ def main() -> int:
     for flag, value in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)):
         if value:
             overrides += [f"{stage}.generation.{flag}={value}" for stage in ("train_captions", "attributes")]
-    cfg = load_config("full", overrides)
+    cfg = locked_config("full", overrides)
     caption_settings, attribute_settings = cfg.train_captions.generation, cfg.attributes.generation
     dtype = cfg.models.qwen2_vl.dtype
     caption_prompt = load_prompt("caption_v1")

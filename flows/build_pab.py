@@ -27,7 +27,8 @@ from flows.artifacts import build_artifact_key
 from flows.dispatch import ProgressLog, dispatch_units, quiet_task_logs, unit_submitter, window_size
 from pab_build.engine.build_lock import hold_build_lock
 from pab_build.engine.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
-from pab_build.config import PABConfig, load_config, qc_settings
+from pab_build.config import PABConfig, qc_settings
+from pab_build.model_lock import locked_config
 from pab_build.model_lock import STAGE_MODELS
 from pab_build.models.loading import keep_only_models
 from pab_build.engine.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
@@ -329,7 +330,7 @@ def build_pab(
     """
     refuse_stored_credentials(overrides, publish_url=publish_url)
     # overrides that may hold credentials come from the environment (`pab run` puts them there)
-    cfg = load_config(profile, (overrides or []) + secret_overrides_from_env())
+    cfg = locked_config(profile, (overrides or []) + secret_overrides_from_env())
     logger = get_run_logger()
     _BUILD_LOG.set(logger)
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker: end with it, never as an orphan

@@ -46,12 +46,12 @@ def _default_out(args: argparse.Namespace) -> str:
 
 def _preflight(args: argparse.Namespace, overrides: list[str]) -> int:
     """Print the preflight table; 0 when every check passed, else 2."""
-    from pab_build.config import load_config
+    from pab_build.model_lock import locked_config
     from pab_build.engine.preflight import format_table, run_checks
 
     if getattr(args, "no_cmp", False):
         overrides = overrides + ["cmp.train_after_build=false"]  # CMP's models are not needed
-    rows = run_checks(load_config(args.profile, overrides), _default_out(args), getattr(args, "publish", None),
+    rows = run_checks(locked_config(args.profile, overrides), _default_out(args), getattr(args, "publish", None),
                       getattr(args, "until", None))
     print(format_table(rows), file=sys.stderr if any(r.problem for r in rows) else sys.stdout)
     problems = sum(r.problem for r in rows)
@@ -68,9 +68,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args)
     if args.verbose:  # Prefect's line per task run: the flow keeps them off unless asked
         overrides.append("run.log_unit_runs=true")
-    from pab_build.config import load_config
+    from pab_build.model_lock import locked_config
 
-    cfg = load_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
+    cfg = locked_config(args.profile, overrides)  # fail fast, before Prefect starts, on a bad key or value
     from pab_build.engine.pipeline import stages_until
 
     planned = stages_until(args.until)
@@ -123,13 +123,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
-    from pab_build.config import load_config
-    from pab_build.model_lock import fetch_profile
+    from pab_build.model_lock import fetch_profile, locked_config
 
     cache = os.path.expanduser(args.cache) if args.cache else None
     if cache:  # the nodes then use HF_HUB_CACHE=<DIR>/huggingface/hub and TORCH_HOME=<DIR>/torch
         os.environ["TORCH_HOME"] = os.path.join(cache, "torch")
-    cfg = load_config(args.profile, list(args.set or []))
+    cfg = locked_config(args.profile, list(args.set or []))
     lock = args.lock or cfg.run.models_lock
     entries = fetch_profile(cfg, lock, os.path.join(cache, "huggingface", "hub") if cache else None)
     for model, entry in entries.items():

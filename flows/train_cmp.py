@@ -11,7 +11,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import build_artifact_key
-from pab_build.config import PABConfig, load_config
+from pab_build.config import PABConfig
+from pab_build.model_lock import locked_config
 from pab_build.redact import refuse_stored_credentials
 
 
@@ -47,7 +48,7 @@ def train_cmp_flow(
     shards, out = shards or build_out, out or build_out
     if not shards or not out:
         raise ValueError("train-cmp needs build_out, or both shards and out")
-    cfg = load_config(profile, overrides or [])
+    cfg = locked_config(profile, overrides or [])
     logger = get_run_logger()
     trained = train_task(cfg, shards, out, resume)
     logger.info("%s %d steps; checkpoint %s", "skipped (already trained)" if trained.get("skipped") else "trained",

@@ -383,7 +383,8 @@ def profile_path(profile: str) -> Path:
 
 
 def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = None) -> PABConfig:
-    """Load ``configs/<profile>.yaml`` (or a YAML path), apply ``--set`` overrides, validate."""
+    """Load ``configs/<profile>.yaml`` (or a YAML path), apply ``--set`` overrides, validate. The
+    models stay as written: a run pins them with ``model_lock.locked_config``, which reads the lock."""
     path = profile_path(profile)
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
@@ -416,9 +417,7 @@ def _resolve_paths(cfg: PABConfig, base: Path) -> PABConfig:
         cfg.oops.root = str(Path(cfg.oops.root).expanduser())
     if cfg.run.models_lock is None:
         cfg.run.models_lock = str(base / "models.lock.json")
-    from .model_lock import apply_lock, read_lock  # late: model_lock reads this module's types
-
-    return apply_lock(cfg, read_lock(cfg.run.models_lock))
+    return cfg
 
 
 def model_path(cfg: PABConfig, name: str) -> str:

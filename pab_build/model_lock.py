@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from .config import PABConfig, model_path
+from .config import PABConfig, load_config, model_path
 
 LOCK_NAME = "models.lock.json"
 BUILD_MODELS = ("sdxl", "qwen2_vl", "openpose", "resnet50")
@@ -159,3 +159,9 @@ def apply_lock(cfg: PABConfig, lock: dict[str, Any]) -> PABConfig:
         if entry is not None and entry["kind"] == "hub" and spec.revision is None:
             spec.revision = entry["revision"]
     return cfg
+
+
+def locked_config(profile: str, overrides: list[str] | dict[str, Any] | None = None) -> PABConfig:
+    """``load_config`` with the profile's hub models pinned to ``run.models_lock``: what a run loads."""
+    cfg = load_config(profile, overrides)
+    return apply_lock(cfg, read_lock(cfg.run.models_lock))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pab_build.config import load_config
+from pab_build.model_lock import locked_config
 from pab_build.manifests import read_manifest
 from pab_build.model_lock import check_locked, read_lock
 from pab_build.store import Store
@@ -63,7 +63,7 @@ def test_fetch_locks_cached_commits_and_preflight_detects_a_mismatch(tmp_path, t
     entries = read_lock(lock)
     assert {k: v["revision"] for k, v in entries.items()} == commits
     assert all(len(sha) == 64 for e in entries.values() for sha in e["files"].values())
-    cfg = load_config("smoke", overrides + [f"run.models_lock={lock}"])
+    cfg = locked_config("smoke", overrides + [f"run.models_lock={lock}"])
     assert cfg.models.qwen2_vl.revision == commits["pab-test/tiny-qwen2-vl"]  # a run loads the locked commit
     hub = os.path.join(cache, "huggingface", "hub")
     repo = "pab-test/tiny-annotators"

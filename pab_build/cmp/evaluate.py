@@ -34,9 +34,10 @@ from pab_build.cmp.data import EvalSample, image_transform, iter_test_samples, l
 from pab_build.cmp.metrics import retrieval_metrics
 from pab_build.cmp.model import CMPModel, load_cmp
 from pab_build.cmp.official import evaluation_gaps, load_init_checkpoint
-from pab_build.config import (ConfigError, PABConfig, apply_override, config_from_dict, load_config, model_id,
+from pab_build.config import (ConfigError, PABConfig, apply_override, config_from_dict, model_id,
                               model_path, parse_override, stable_hash)
 from pab_build.models.loading import resolve_device
+from pab_build.model_lock import locked_config
 from pab_build.store import Store
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def evaluate_checkpoint(checkpoint: str, build_out: str, out_dir: str | None = N
     elif not fsspec.core.url_to_fs(checkpoint)[0].exists(checkpoint):
         raise ConfigError(f"{checkpoint}: no such checkpoint")
     if profile or not is_folder:
-        cfg = load_config(profile or "full", overrides or [])
+        cfg = locked_config(profile or "full", overrides or [])
     else:
         data = ck_store.read_json(f"{name}/{STATE_FILE}")["config"]
         for item in overrides or []:
