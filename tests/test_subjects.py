@@ -12,7 +12,7 @@ from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.oops import clip_key
 from pab_build.stages import prompts as prompts_stage
 from pab_build.stages.prompts import STAGE as PROMPTS_STAGE
-from pab_build.text import subjects, wordnet
+from pab_build.text import subjects, wordnet, words
 from pab_build.text.subjects import analyse_subject, find_subject, is_person_subject
 from pab_build.engine.units import Context, run_stage
 
@@ -111,9 +111,9 @@ def test_extra_words_extend_the_lexicon():
 
 
 def test_lexicon_file_lists_each_word_once_and_never_on_both_sides():
-    lex = subjects.load_lexicon()
-    for section, words in lex.items():
-        assert len(words) == len(set(words)), (section, sorted({w for w in words if words.count(w) > 1}))
+    lex = words.load_lexicon()
+    for section, listed in lex.items():
+        assert len(listed) == len(set(listed)), (section, sorted({w for w in listed if listed.count(w) > 1}))
     assert not set(lex["person"]) & set(lex["not_person"])
 
 
@@ -290,15 +290,15 @@ def test_the_prompts_stage_hash_follows_its_lexicon_file_and_wordnet(tmp_path):
 
     from pab_build.engine.pipeline import STAGE_ORDER, get_stage
 
-    assert subjects.LEXICON_PATH in PROMPTS_STAGE.data_files and wordnet.fingerprint in PROMPTS_STAGE.data_files
+    assert words.LEXICON_PATH in PROMPTS_STAGE.data_files and wordnet.fingerprint in PROMPTS_STAGE.data_files
     cfg = load_config("smoke")
     copy = tmp_path / "subject_lexicon.txt"
-    copy.write_bytes(subjects.LEXICON_PATH.read_bytes())
+    copy.write_bytes(words.LEXICON_PATH.read_bytes())
     stage = dataclasses.replace(PROMPTS_STAGE, data_files=(copy, wordnet.fingerprint))
     before = stage.stage_hash(cfg)
     assert before == PROMPTS_STAGE.stage_hash(cfg)  # the same content, the same hash
     copy.write_text(copy.read_text() + "\n[person]\nrobot\n")
     assert stage.stage_hash(cfg) != before
     # no other stage reads the lexicon: editing it redoes them only through changed prompt rows
-    readers = [name for name in STAGE_ORDER if subjects.LEXICON_PATH in get_stage(name).data_files]
+    readers = [name for name in STAGE_ORDER if words.LEXICON_PATH in get_stage(name).data_files]
     assert readers == ["prompts"]

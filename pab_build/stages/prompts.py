@@ -13,7 +13,8 @@ from .. import oops
 from ..config import oops_root
 from ..manifests import decide, manifest_rel, ok_rows
 from ..text import wordnet
-from ..text.subjects import LEXICON_PATH, analyse_subject
+from ..text.subjects import analyse_subject
+from ..text.words import LEXICON_PATH
 from ..engine.units import Context, Stage, Unit, chunk_units
 
 PROMPTS = "prompts"
