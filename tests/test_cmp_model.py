@@ -356,3 +356,12 @@ def test_eda_uses_synonyms_when_a_wordnet_is_given():
     edits = {cmp_data.eda(text, random.Random(s), 1.0, synonyms=lambda w: synonyms(w, [])) for s in range(40)}
     assert any("individual" in e or "lawn" in e or "resting" in e for e in edits)
     assert not any("individual" in e for e in (cmp_data.eda(text, random.Random(s), 1.0) for s in range(40)))
+
+
+def test_an_architecture_built_without_a_profile_is_the_full_profiles():
+    """A bare CMPArchitecture() must load the official cmp.pth: the 2048-d official ITC head, not a 256-d one."""
+    from pab_build.config import load_config
+
+    bare = CMPArchitecture()
+    assert bare == CMPArchitecture.from_config(load_config("full"))
+    assert (bare.itc_head, bare.embed_dim) == ("official", 2048)

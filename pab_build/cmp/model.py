@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pab_build.config import PABConfig, model_path
+from pab_build.config import CMPConfig, PABConfig, model_path
 
 
 class PoseStem(nn.Module):
@@ -121,19 +121,26 @@ def pool3(tokens: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool1d(tokens.transpose(1, 2), 3).transpose(1, 2)
 
 
+def _cmp_default(field: str):
+    """The profile's default for ``cmp.<field>``: the full (official) settings, so an architecture built
+    without a profile is the one ``cmp.pth`` loads into (a 256-d head would skip 4 of its tensors)."""
+    return CMPConfig.model_fields[field].default
+
+
 @dataclass
 class CMPArchitecture:
-    """What the switches and sizes of one CMP model are (everything else comes from the weights)."""
+    """What the switches and sizes of one CMP model are (everything else comes from the weights).
+    Defaults are ``CMPConfig``'s, i.e. the full profile's official head (2048-d)."""
 
-    embed_dim: int = 256
-    text_layers: int | None = None  # None = the first half of BERT's layers
-    use_pose: bool = True
-    use_ihnm: bool = True
-    temperature: float = 0.07
-    pose_heads: int = 16
-    pose_stem_width: int = 96
-    itc_head: str = "official"  # "official" (pooled groups, BN, 2048-d) | "paper" (eq. 4)
-    itc_dropout: float = 0.5  # dropout of the official head
+    embed_dim: int = _cmp_default("embed_dim")
+    text_layers: int | None = _cmp_default("text_layers")  # None = the first half of BERT's layers
+    use_pose: bool = _cmp_default("use_pose")
+    use_ihnm: bool = _cmp_default("use_ihnm")
+    temperature: float = _cmp_default("temperature")
+    pose_heads: int = _cmp_default("pose_heads")
+    pose_stem_width: int = _cmp_default("pose_stem_width")
+    itc_head: str = _cmp_default("itc_head")  # "official" (pooled groups, BN, 2048-d) | "paper" (eq. 4)
+    itc_dropout: float = _cmp_default("itc_dropout")  # dropout of the official head
 
     @classmethod
     def from_config(cls, cfg: PABConfig) -> "CMPArchitecture":
