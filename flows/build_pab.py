@@ -360,7 +360,7 @@ def build_pab(
         if until is None:
             summary["release"] = release_task(cfg, out)
             if publish_url or cfg.publish.url:
-                summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url)
+                summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url, profile, overrides or [])
             if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
                 summary["cmp"] = _train_cmp_once(profile, out, overrides or [], summary.get("publish"))
     logger.info("build summary: %s", redact(summary))
@@ -369,10 +369,14 @@ def build_pab(
 
 def _train_cmp_once(profile: str, out: str, overrides: list[str], published: dict | None) -> dict[str, Any]:
     """CMP is trained once per build: when the build published and an automation on this server
-    reacts to the publish event (train-cmp/full's deployment trigger), training is left to it."""
+    reacts to this profile's publish event (train-cmp/<profile>'s deployment trigger), training is
+    left to it."""
     from flows.events import downstream_training
 
-    trigger = downstream_training() if published and published.get("ok") else None
+    from pab_build.config import load_config
+
+    name = load_config(profile, overrides).profile  # the label the event carries (profile may be a path)
+    trigger = downstream_training(name) if published and published.get("ok") else None
     if trigger is not None:
         get_run_logger().info("CMP: not trained in this run: the publish event starts it (automation %r)", trigger)
         return {"trained_by": trigger}
@@ -389,7 +393,8 @@ def release_task(cfg: PABConfig, out: str) -> dict[str, Any]:
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
+def publish_task(cfg: PABConfig, out: str, url: str, profile: str | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
     from pab_build.release.publish import publish
 
     options = dict(cfg.publish.storage_options)
@@ -400,10 +405,11 @@ def publish_task(cfg: PABConfig, out: str, url: str) -> dict[str, Any]:
         options.update(Secret.load(cfg.publish.credentials_block).get())
     report = publish(out, url, storage_options=options, force=cfg.publish.force, delete=cfg.publish.delete)
     ok = bool(getattr(report, "ok", True))
-    if ok:  # downstream training (train-cmp/full's deployment trigger) starts on this event
+    if ok:  # downstream training (train-cmp/<profile>'s deployment trigger) starts on this event
         from flows.events import emit_shards_published
         from pab_build.shards.index import INDEX_REL
         from pab_build.store import Store
 
-        emit_shards_published(report.url, Store(out).read_bytes(INDEX_REL), out, cfg.profile)
+        emit_shards_published(report.url, Store(out).read_bytes(INDEX_REL), out, profile or cfg.profile,
+                              cfg.profile, overrides)
     return {"url": report.url, "ok": ok}  # report.url: credentials scrubbed

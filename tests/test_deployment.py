@@ -35,7 +35,8 @@ from pab_build.store import Store
 PREFECT = str(Path(sys.executable).with_name("prefect")) if Path(sys.executable).with_name("prefect").exists() \
     else shutil.which("prefect") or "prefect"
 CPU_POOL, GPU_POOL = "pab-process", "pab-gpu"
-DEPLOYMENTS = {"build-pab/smoke": CPU_POOL, "build-pab/full": GPU_POOL, "train-cmp/full": GPU_POOL}
+DEPLOYMENTS = {"build-pab/smoke": CPU_POOL, "build-pab/full": GPU_POOL, "train-cmp/smoke": CPU_POOL,
+               "train-cmp/full": GPU_POOL}
 # frames needs no model, so the tiny models are not built (minutes on 2 cores); drop this override
 # (or add stages to `until`) once a test should exercise them.
 EXTRA_OVERRIDES = ["fixtures.build_tiny_models=false"]
@@ -355,31 +356,42 @@ def test_crashed_run_resumes_from_markers_when_retried(stack, tmp_path):
     assert (out / "manifests/frames.parquet").read_bytes() == (ref / "manifests/frames.parquet").read_bytes()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_publish_event_starts_train_cmp_on_the_published_shards(stack, tmp_path):
-    """The event build-pab's publish step emits (flows/events.py) fires train-cmp/full's deployment
-    trigger: a train-cmp run for the published URL and the build's OUT, in the GPU pool."""
-    url, out = f"s3://bucket/pab-{tmp_path.name}", str(tmp_path / "out")
+def _training_runs(stack: PrefectStack, out: str) -> dict[str, list[dict]]:
+    """train-cmp runs for the build ``out``, by deployment."""
+    runs = {}
+    for name in ("train-cmp/smoke", "train-cmp/full"):
+        dep = stack.get(f"/deployments/name/{name}")
+        runs[name] = [run for run in stack.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
+                      if run["parameters"].get("build_out") == out]
+    return runs
+
+
+def _emit_published(stack: PrefectStack, url: str, out: str, profile: str) -> None:
     emit = ("from flows.events import emit_shards_published\n"
             "from prefect.events.worker import EventsWorker\n"
-            f"event = emit_shards_published({url!r}, b'{{\"splits\": {{}}}}', {out!r}, 'full')\n"
+            f"event = emit_shards_published({url!r}, b'{{\"splits\": {{}}}}', {out!r}, {profile!r})\n"
             "assert event is not None, 'no events client'\n"
             "EventsWorker.drain_all()\n")
     r = subprocess.run([sys.executable, "-c", emit], cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    dep = stack.get("/deployments/name/train-cmp/full")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_full_publish_starts_train_cmp_full_only_on_the_gpu_pool(stack, tmp_path):
+    """The event build-pab's publish step emits (flows/events.py) for a full build fires train-cmp/full's
+    deployment trigger, and only that one: a train-cmp run with the build's profile, OUT and shards URL,
+    in the GPU pool."""
+    url, out = f"s3://bucket/pab-{tmp_path.name}", str(tmp_path / "out")
+    _emit_published(stack, url, out, "full")
     deadline = time.monotonic() + 120
-    while True:
-        runs = [run for run in stack.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
-                if run["parameters"].get("shards") == url]
-        if runs:
-            break
+    while not (runs := _training_runs(stack, out))["train-cmp/full"]:
         assert time.monotonic() < deadline, f"no train-cmp run for {url}:\n{stack.log_tail('server')}"
         time.sleep(1)
-    (run,) = runs
-    assert run["parameters"]["out"] == out and run["work_pool_name"] == GPU_POOL
+    (run,) = runs["train-cmp/full"]
+    assert run["parameters"] == {"profile": "full", "build_out": out, "shards": url, "out": out, "overrides": []}
+    assert run["work_pool_name"] == GPU_POOL
     import hashlib
 
     while not (payloads := [e["payload"] for e in stack.post("/events/filter", {
@@ -388,12 +400,50 @@ def test_a_publish_event_starts_train_cmp_on_the_published_shards(stack, tmp_pat
         time.sleep(1)
     (payload,) = payloads
     assert payload["index_sha256"] == hashlib.sha256(b'{"splits": {}}').hexdigest()
-    # the trigger `prefect deploy` made is what a publishing build sees: it then trains no CMP itself
-    r = subprocess.run([sys.executable, "-c", "from flows.events import downstream_training as d; print(d())"],
-                       cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() not in ("", "None"), r.stdout + r.stderr
-    (automation,) = [a for a in stack.post("/automations/filter", {}) if a["name"] == r.stdout.strip()]
-    assert automation["actions"][0]["deployment_id"] == dep["id"]
+    time.sleep(3)  # triggers act within a second or so: the smoke trigger had its chance
+    assert _training_runs(stack, out)["train-cmp/smoke"] == []
+    # the trigger `prefect deploy` made is what a publishing full build sees: it then trains no CMP itself
+    for profile, name in (("full", "train-cmp/full"), ("smoke", "train-cmp/smoke")):
+        r = subprocess.run([sys.executable, "-c", f"from flows.events import downstream_training as d; print(d({profile!r}))"],
+                           cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() not in ("", "None"), r.stdout + r.stderr
+        (automation,) = [a for a in stack.post("/automations/filter", {}) if a["name"] == r.stdout.strip()]
+        assert automation["actions"][0]["deployment_id"] == stack.get(f"/deployments/name/{name}")["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_smoke_build_that_publishes_trains_smoke_cmp_once_on_the_cpu_pool(stack, real_build, tiny_models_dir,
+                                                                          sample_oops_root, tmp_path):
+    """With every deployment of prefect.yaml and its triggers installed, a smoke build with publish_url
+    starts exactly one training run: train-cmp/smoke, profile smoke, the build's OUT and overrides, on
+    the CPU pool, where it completes. train-cmp/full is never started. (The build is a copy of the
+    session's finished smoke build with the same configuration, so its stages skip their units.)"""
+    out, dest = tmp_path / "out", tmp_path / "published"
+    shutil.copytree(real_build, out)
+    overrides = [f"fixtures.models_dir={tiny_models_dir}", "fixtures.build_tiny_models=false",
+                 "fixtures.build_sample_oops=false", f"oops.root={sample_oops_root}"]
+    params = {"out": str(out), "overrides": overrides, "publish_url": str(dest)}
+    r = stack.cli("deployment", "run", "build-pab/smoke", "--params", json.dumps(params), "--watch",
+                  "--watch-timeout", "420", timeout=450)
+    m = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
+    assert m and r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + stack.log_tail("worker")
+    summary = _summary(stack, m.group(1))
+    assert summary["publish"]["ok"] and summary["cmp"] == {"trained_by": "smoke__automation_1"}, summary
+
+    deadline = time.monotonic() + 120
+    while not (runs := _training_runs(stack, str(out)))["train-cmp/smoke"]:
+        assert time.monotonic() < deadline, f"no train-cmp/smoke run:\n{stack.log_tail('server')}"
+        time.sleep(1)
+    (run,) = runs["train-cmp/smoke"]
+    assert run["parameters"] == {"profile": "smoke", "build_out": str(out), "shards": str(dest), "out": str(out),
+                                 "overrides": overrides}
+    assert run["work_pool_name"] == CPU_POOL
+    done = stack.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, timeout=400)
+    assert done["state_type"] == "COMPLETED", stack.log_tail("worker")
+    assert (out / "cmp" / "eval.json").is_file()
+    runs = _training_runs(stack, str(out))
+    assert len(runs["train-cmp/smoke"]) == 1 and runs["train-cmp/full"] == []
 
 
 @pytest.mark.slow
