@@ -179,7 +179,7 @@ class TransformersBackend:
         images, _ = process_vision_info(conversations)
         # the lock covers the tokenizer too: a fast tokenizer used from two threads at once can
         # fail with "Already borrowed"
-        with self._lock, inference(), torch.inference_mode():
+        with self._lock, inference(self.model), torch.inference_mode():
             texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations]
             inputs = self.processor(

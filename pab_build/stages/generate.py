@@ -133,7 +133,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], settings: Generat
 
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     negative = settings.negative_prompt or None  # None: SDXL's zero negative embedding, as upstream
-    with _PIPELINE_LOCK, inference(), torch.inference_mode():
+    with _PIPELINE_LOCK, inference(pipe), torch.inference_mode():
         out = pipe(
             prompt=[full_prompt(p, settings) for p in prompts],
             negative_prompt=[negative] * len(prompts) if negative else None,
