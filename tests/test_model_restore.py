@@ -19,7 +19,7 @@ def fp16(ctx, tiny_model):
     tiny_model("sdxl")
     path, sec = generate.model_path(ctx.cfg, "sdxl"), ctx.cfg.generate
     pipe = generate.load_sdxl_pipeline(path, "cpu", "float16", sec)
-    fresh = generate._load_sdxl_pipeline(path, "cpu", "float16", sec, None)  # not cached: never failed
+    fresh = generate.build_sdxl_pipeline(path, "cpu", "float16", sec)  # not cached: never failed
     yield pipe, fresh, sec
     release_models(["sdxl"])
 
