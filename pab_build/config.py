@@ -78,6 +78,7 @@ class RunConfig(Section):
     # units per stage allowed to stay failed after their retries: an int (count) or a fraction in [0, 1)
     # of the stage's units; above it the stage, the build and `pab run` end failed (exit 1)
     max_failed_units: int | float = Field(0, ge=0)
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU share vLLM reserves; preflight checks the other models fit
     models_lock: str | None = None  # models.lock.json (`pab models fetch`); None = next to the profile's YAML
     lock_heartbeat_s: float = Field(30.0, gt=0)  # OUT lock: heartbeat period; stale after 4 missed beats
 
