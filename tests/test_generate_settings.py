@@ -18,15 +18,14 @@ from pab_build.models.loading import release_models
 from pab_build.stages import generate
 from pab_build.stages.generate import STAGE as GENERATE_STAGE
 from pab_build.engine.units import run_stage
+from test_generate import gen_ctx  # noqa: F401 (fixture)
 
 
 @pytest.fixture
-def gen_ctx(ctx, tiny_model):
-    tiny_model("sdxl")
-    tiny_model("safety_checker")
-    sec = ctx.cfg.generate
-    sec.images_per_caption, sec.images_per_unit, sec.batch_size = 3, 3, 3
-    yield ctx
+def one_unit_ctx(gen_ctx):  # noqa: F811
+    """A prompt's 3 images in one unit and one pipeline call (the content filter sees them together)."""
+    gen_ctx.cfg.generate.images_per_unit = gen_ctx.cfg.generate.batch_size = 3
+    yield gen_ctx
     release_models(["sdxl", "safety_checker"])
 
 
@@ -43,8 +42,8 @@ def test_profiles_run_sdxl_as_the_model_card_says_and_refuse_a1111_weighting():
     assert "safety_checker" not in profile_models(load_config("full", {"generate.content_filter": False}))
 
 
-def test_dpmpp_2m_karras_is_built_from_the_repository_scheduler_config(gen_ctx):
-    cfg = gen_ctx.cfg
+def test_dpmpp_2m_karras_is_built_from_the_repository_scheduler_config(one_unit_ctx):
+    cfg = one_unit_ctx.cfg
     path, sec = generate.model_path(cfg, "sdxl"), cfg.generate
     euler = generate.load_sdxl_pipeline(path, "cpu", "float32", sec)
     dpm_sec = sec.model_copy(update={"scheduler": "dpmpp_2m_karras"})
@@ -58,9 +57,9 @@ def test_dpmpp_2m_karras_is_built_from_the_repository_scheduler_config(gen_ctx):
     assert generate.image_problem(b, black_threshold=1.0) is None
 
 
-def test_the_fp16_variant_is_loaded_where_it_exists_and_skipped_cleanly_where_not(gen_ctx, tmp_path, caplog):
-    src = generate.model_path(gen_ctx.cfg, "sdxl")
-    sec = gen_ctx.cfg.generate
+def test_the_fp16_variant_is_loaded_where_it_exists_and_skipped_cleanly_where_not(one_unit_ctx, tmp_path, caplog):
+    src = generate.model_path(one_unit_ctx.cfg, "sdxl")
+    sec = one_unit_ctx.cfg.generate
     with caplog.at_level("INFO", logger="pab_build.models.sdxl"):
         plain = generate.build_sdxl_pipeline(src, "cpu", "float16", sec)  # the tiny repo has no fp16 files
     assert "no fp16 weights files" in caplog.text and plain.unet.dtype == torch.float16
@@ -93,26 +92,26 @@ def _flag_rows(monkeypatch, checker, positions: set[int]):
     monkeypatch.setattr(checker.model, "visual_projection", Projection())
 
 
-def test_flagged_images_become_rejected_rows_and_are_never_written(gen_ctx, monkeypatch):
+def test_flagged_images_become_rejected_rows_and_are_never_written(one_unit_ctx, monkeypatch):
     rows = [{"sample_key": "c0000000001-a", "status": OK, "reason": None, "clip_key": "c0000000001",
              "split": "train", "kind": "a", "prompt": "a man falls off his skateboard"}]
-    write_manifest(gen_ctx.store, "prompts", rows)
-    checker = content_filter.load_safety_checker(gen_ctx.cfg)
+    write_manifest(one_unit_ctx.store, "prompts", rows)
+    checker = content_filter.load_safety_checker(one_unit_ctx.cfg)
     assert checker.flagged([generate.array_to_image(np.full((64, 64, 3), 0.5, np.float32))]) == [False]
     _flag_rows(monkeypatch, checker, {1})
-    run_stage(gen_ctx, GENERATE_STAGE)
-    got = {r["sample_key"]: r for r in read_manifest(gen_ctx.store, "generate")}
+    run_stage(one_unit_ctx, GENERATE_STAGE)
+    got = {r["sample_key"]: r for r in read_manifest(one_unit_ctx.store, "generate")}
     bad = got["c0000000001-a-001"]
     assert bad["status"] == REJECTED and bad["reason"] == content_filter.REASON == "content filter: nsfw"
     assert bad["image_path"] is None and bad["seed"] is not None and bad["batch_size"] == 3
-    assert not gen_ctx.store.exists("generate/c0000000001-a/c0000000001-a-001.jpg")
+    assert not one_unit_ctx.store.exists("generate/c0000000001-a/c0000000001-a-001.jpg")
     assert [got[f"c0000000001-a-00{i}"]["status"] for i in (0, 2)] == [OK, OK]
 
 
-def test_the_content_filter_is_off_with_a_setting(gen_ctx, monkeypatch):
-    write_manifest(gen_ctx.store, "prompts", [{"sample_key": "c0000000001-n", "status": OK, "reason": None,
+def test_the_content_filter_is_off_with_a_setting(one_unit_ctx, monkeypatch):
+    write_manifest(one_unit_ctx.store, "prompts", [{"sample_key": "c0000000001-n", "status": OK, "reason": None,
                    "clip_key": "c0000000001", "split": "train", "kind": "n", "prompt": "a man walks"}])
-    gen_ctx.cfg.generate.content_filter = False
+    one_unit_ctx.cfg.generate.content_filter = False
     monkeypatch.setattr(content_filter, "load_safety_checker", lambda cfg: pytest.fail("the filter ran"))
-    run_stage(gen_ctx, GENERATE_STAGE)
-    assert [r["status"] for r in read_manifest(gen_ctx.store, "generate")] == [OK] * 3
+    run_stage(one_unit_ctx, GENERATE_STAGE)
+    assert [r["status"] for r in read_manifest(one_unit_ctx.store, "generate")] == [OK] * 3

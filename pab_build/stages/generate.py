@@ -14,6 +14,11 @@ file byte for byte on the CPU (tested) with the same dtype and library versions.
 needs deterministic kernels, which this module does not force (not verified on a GPU); across
 different hardware images agree only up to floating-point noise.
 
+Sampling settings (scheduler, fp16 weights files, fast paths) are loaded by
+:mod:`pab_build.models.sdxl`. Before an image is written, the content filter
+(:mod:`pab_build.models.content_filter`, ``generate.content_filter``) may reject it
+(``content filter: nsfw``), so no later stage sees a flagged image.
+
 Units are (prompt, chunk of ``images_per_unit`` indices), ids ``{prompt_key}-{chunk:03d}``, so
 adding prompts never renumbers existing units, and a crash loses one chunk.
 """
