@@ -155,7 +155,7 @@ def main() -> int:
         ap.error(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
 
     overrides = [f"generate.steps={args.steps}", f"generate.height={args.size}", f"generate.width={args.size}",
-                 "generate.vae_tiling=false", "generate.channels_last=false", "generate.compile_unet=false",
+                 "generate.vae_slicing=false", "generate.channels_last=false", "generate.compile_unet=false",
                  "generate.attention_slicing=false"]
     if args.batch_size:
         overrides.append(f"generate.batch_size={args.batch_size}")

@@ -46,6 +46,7 @@ class ModelsConfig(Section):
     resnet50: ModelSpec  # "torchvision:IMAGENET1K_V2" or a local safetensors state dict
     swin: ModelSpec  # CMP image encoder initialisation
     bert: ModelSpec  # CMP text/cross encoder initialisation and tokenizer
+    safety_checker: ModelSpec = ModelSpec(path="CompVis/stable-diffusion-safety-checker")  # generate.content_filter's; not in the paper
 
 
 class FixturesConfig(Section):
@@ -77,6 +78,7 @@ class RunConfig(Section):
     # units per stage allowed to stay failed after their retries: an int (count) or a fraction in [0, 1)
     # of the stage's units; above it the stage, the build and `pab run` end failed (exit 1)
     max_failed_units: int | float = Field(0, ge=0)
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU share vLLM reserves; preflight checks the other models fit
     models_lock: str | None = None  # models.lock.json (`pab models fetch`); None = next to the profile's YAML
     lock_heartbeat_s: float = Field(30.0, gt=0)  # OUT lock: heartbeat period; stale after 4 missed beats
 
@@ -187,13 +189,16 @@ class GenerateConfig(Section):
     guidance_scale: float = Field(7.0, ge=0)
     height: int = Field(1024, ge=8)
     width: int = Field(1024, ge=8)
-    negative_prompt: str = ""
-    prompt_prefix: str = ""
-    prompt_suffix: str = ""
+    # the paper is silent; default = the repository's own (RealVisXL V4.0: Euler); its model card recommends dpmpp_2m_karras, 25+ steps
+    scheduler: Literal["default", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] = "default"
+    negative_prompt: str = Field("", pattern=r"^[^()\[\]]*$")  # no A1111 ( ) [ ] weighting: diffusers sends brackets as words
+    prompt_prefix: str = Field("", pattern=r"^[^()\[\]]*$")
+    prompt_suffix: str = Field("", pattern=r"^[^()\[\]]*$")
     black_threshold: float = Field(2.0, ge=0)  # mean pixel value below this = black image
     jpeg_quality: int = Field(95, ge=1, le=100)
     attention_slicing: bool = False
-    vae_tiling: bool = False
+    content_filter: bool = True  # the safety checker (models.safety_checker) screens kept images: not in the paper
+    vae_slicing: bool = False  # decode a batch one image at a time (the upcast float32 decode is the peak)
     channels_last: bool = False
     compile_unet: bool = False
     max_prompts: int | None = Field(None, ge=1)  # cap for small builds

@@ -16,20 +16,28 @@ from typing import Any
 from .config import PABConfig, load_config, model_path
 
 LOCK_NAME = "models.lock.json"
-BUILD_MODELS = ("sdxl", "qwen2_vl", "openpose", "resnet50")
+BUILD_MODELS = ("sdxl", "safety_checker", "qwen2_vl", "openpose", "resnet50")
 CMP_MODELS = ("swin", "bert")
 # the models each stage loads (stages not listed load none)
 STAGE_MODELS = {"pose": ("openpose",), "pairs": ("resnet50",), "test_captions": ("qwen2_vl",),
-                "test_attributes": ("qwen2_vl",), "generate": ("sdxl",), "gen_pose": ("openpose",),
+                "test_attributes": ("qwen2_vl",), "generate": ("sdxl", "safety_checker"), "gen_pose": ("openpose",),
                 "train_captions": ("qwen2_vl",), "train_attributes": ("qwen2_vl",)}
 
 
 def profile_models(cfg: PABConfig, stages: list[str] | None = None) -> list[str]:
     """The model names a build of this profile loads: those of ``stages`` (None: the whole build,
     and CMP's when it trains after the build)."""
+    unused = set() if cfg.generate.content_filter else {"safety_checker"}
     if stages is not None:
-        return [m for m in BUILD_MODELS if any(m in STAGE_MODELS.get(s, ()) for s in stages)]
-    return list(BUILD_MODELS) + (list(CMP_MODELS) if cfg.cmp.train_after_build else [])
+        return [m for m in BUILD_MODELS if m not in unused and any(m in STAGE_MODELS.get(s, ()) for s in stages)]
+    return [m for m in BUILD_MODELS if m not in unused] + (list(CMP_MODELS) if cfg.cmp.train_after_build else [])
+
+
+def weights_variant(dtype: str) -> str | None:
+    """The diffusers weights variant of SDXL fetched and loaded for ``dtype``: ``fp16`` files for float16 (the same
+    weights rounded to float16: half the bytes to fetch and read); none otherwise (bfloat16 from
+    float16 files would lose the float32 weights' range)."""
+    return "fp16" if dtype == "float16" else None
 
 
 def model_kind(path: str) -> str:
@@ -84,13 +92,14 @@ def torchvision_weights_file(path: str) -> tuple[str, str]:
     return weights.url, os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
 
-def fetch_model(path: str, revision: str | None, cache_dir: str | None = None) -> dict[str, Any]:
-    """Download one model (network needed) and return its lock entry."""
+def fetch_model(path: str, revision: str | None, cache_dir: str | None = None, *, pipeline: bool = False,
+                variant: str | None = None) -> dict[str, Any]:
+    """Download one model (network needed) and return its lock entry. A diffusers ``pipeline`` is
+    fetched as diffusers loads it: the ``variant``'s safetensors files where the repository has
+    them (RealVisXL's fp16 files, not its single-file checkpoint and float32 copies as well)."""
     kind = model_kind(path)
     if kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(path, revision=revision, cache_dir=cache_dir)
+        folder = _fetch_pipeline(path, revision, cache_dir, variant) if pipeline else _snapshot(path, revision, cache_dir)
         return {"kind": kind, "revision": os.path.basename(folder), **_files_of(folder)}
     if kind == "torchvision":
         import torch
@@ -103,12 +112,33 @@ def fetch_model(path: str, revision: str | None, cache_dir: str | None = None) -
     raise ValueError(f"{path} is a local folder: nothing to fetch or lock")
 
 
+def _snapshot(path: str, revision: str | None, cache_dir: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=revision, cache_dir=cache_dir)
+
+
+def _fetch_pipeline(path: str, revision: str | None, cache_dir: str | None, variant: str | None) -> str:
+    from diffusers import DiffusionPipeline
+
+    kwargs = dict(revision=revision, cache_dir=cache_dir, use_safetensors=True)
+    if variant:
+        try:
+            return DiffusionPipeline.download(path, variant=variant, **kwargs)
+        except ValueError as e:  # the repository has no such variant: its default files, as loading does
+            if f"variant={variant}" not in str(e):
+                raise
+    return DiffusionPipeline.download(path, **kwargs)
+
+
 def fetch_profile(cfg: PABConfig, lock_path: str, cache_dir: str | None = None) -> dict[str, Any]:
     entries = {}
     for name in profile_models(cfg):
         path = model_path(cfg, name)
         if model_kind(path) != "local":
-            entries[path] = fetch_model(path, getattr(cfg.models, name).revision, cache_dir)
+            sdxl = name == "sdxl"
+            entries[path] = fetch_model(path, getattr(cfg.models, name).revision, cache_dir, pipeline=sdxl,
+                                        variant=weights_variant(cfg.models.sdxl.dtype) if sdxl else None)
     write_lock(lock_path, entries)
     return entries
 

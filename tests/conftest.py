@@ -19,7 +19,7 @@ def models_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(models_dir) -> str:
-    """Folder with every tiny model (sdxl, qwen2_vl, openpose, resnet50, swin, bert)."""
+    """Folder with every tiny model (sdxl, safety_checker, qwen2_vl, openpose, resnet50, swin, bert)."""
     from pab_build.fixtures import build_tiny_models
 
     build_tiny_models(models_dir, seed=0)

@@ -135,3 +135,17 @@ def test_the_cards_snippet_loads_every_field_of_both_splits(built):
     meta = _front_matter(built["text"])
     assert {i["config_name"]: [s["num_examples"] for s in i["splits"]] for i in meta["dataset_info"]} == {
         "default": [16, 4], "train": [16], "test": [4]}
+
+
+def test_the_card_states_the_sampler_and_the_content_filter_deviation():
+    from pab_build.release.card import generation_notes, stage_funnel
+
+    rows = [{"status": OK, "reason": None}] * 3 + [{"status": REJECTED, "reason": "content filter: nsfw"}] * 2
+    funnel = [stage_funnel("generate", rows)]
+    on = generation_notes({"scheduler": "dpmpp_2m_karras", "steps": 30, "guidance_scale": 7.0,
+                           "content_filter": True}, funnel)
+    assert "`generate.scheduler: dpmpp_2m_karras`, 30 steps" in on
+    assert "Deviation from the paper: content filter" in on and "2 flagged image(s) were rejected" in on
+    off = generation_notes({"scheduler": "default", "content_filter": False}, funnel)
+    assert "No content filter" in off and "Deviation" not in off
+    assert generation_notes({}, funnel) == ""

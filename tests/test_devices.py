@@ -81,7 +81,7 @@ def _files(root: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_two_cpu_device_workers_share_the_units_and_match_a_one_worker_build(smoke_cfg, tiny_model, tmp_path):
-    tiny_model("sdxl")
+    tiny_model("sdxl"), tiny_model("safety_checker")  # the smoke profile's content filter runs in generate
     sec = smoke_cfg.generate
     sec.images_per_caption, sec.images_per_unit, sec.batch_size = 4, 1, 1
     single = _generate_build(smoke_cfg, str(tmp_path / "single"))

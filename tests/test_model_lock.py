@@ -106,3 +106,21 @@ def test_offline_build_from_hf_cache_records_loaded_commits(tmp_path, tiny_model
         assert commit in card, repo
     saved = json.dumps(open(os.path.join(out, "config.yaml")).read())
     assert commits["pab-test/tiny-annotators"] in saved
+
+
+def test_sdxl_is_fetched_as_diffusers_loads_it_and_a_missing_fp16_variant_falls_back(tmp_path, tiny_model,
+                                                                                    monkeypatch):
+    from pab_build.model_lock import fetch_model, weights_variant
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models_dir = os.path.dirname(tiny_model("sdxl"))
+    hub = str(tmp_path / "hub")
+    base = os.path.join(hub, "models--pab-test--tiny-sdxl")
+    shutil.copytree(os.path.join(models_dir, "sdxl"), os.path.join(base, "snapshots", _commit("sdxl")),
+                    ignore=shutil.ignore_patterns(".pab-fixture"))
+    os.makedirs(os.path.join(base, "refs"))
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(_commit("sdxl"))
+    assert weights_variant("float16") == "fp16" and weights_variant("bfloat16") is None
+    entry = fetch_model("pab-test/tiny-sdxl", None, hub, pipeline=True, variant="fp16")  # the tiny repo has none
+    assert entry["revision"] == _commit("sdxl") and "unet/diffusion_pytorch_model.safetensors" in entry["files"]

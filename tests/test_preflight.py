@@ -80,3 +80,23 @@ def test_cmp_init_checkpoint_is_checked_only_when_cmp_trains_after_the_build(tmp
     os.remove(missing)
     os.mkdir(missing)  # a folder is not a checkpoint
     assert check_cmp_init(cfg)[0].problem
+
+
+def test_vllm_memory_share_is_checked_against_the_other_models_of_the_worker(monkeypatch):
+    from pab_build.engine import preflight
+
+    over = {"run.device": "cuda:0", "test_captions.generation.backend": "vllm"}
+    assert preflight.check_gpu_memory(load_config("full")) == []  # transformers backend: nothing reserved
+    monkeypatch.setattr(preflight, "_gpu_total_gib", lambda device: 80.0)
+    (row,) = preflight.check_gpu_memory(load_config("full", over))  # 0.9 x 80 = 72 GiB + ~17 GiB > 80
+    assert row.problem and "vllm_gpu_memory_utilization=0.9 of 80 GiB" in row.detail
+    assert "sdxl ~12.0" in row.detail and "safety_checker ~1.5" in row.detail
+    assert "set run.vllm_gpu_memory_utilization <= 0.78" in row.detail
+    (row,) = preflight.check_gpu_memory(load_config("full", {**over, "run.vllm_gpu_memory_utilization": 0.75}))
+    assert row.ok
+    # only the stages this run goes up to: test_captions alone leaves Qwen2-VL beside OpenPose and ResNet-50
+    (row,) = preflight.check_gpu_memory(load_config("full", over), ["pose", "pairs", "test_captions"])
+    assert row.ok and "sdxl" not in row.detail
+    monkeypatch.setattr(preflight, "_gpu_total_gib", lambda device: None)
+    (row,) = preflight.check_gpu_memory(load_config("full", over))
+    assert row.ok and "not checked" in row.detail

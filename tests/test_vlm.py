@@ -273,3 +273,21 @@ def test_cache_is_keyed_by_image_prompt_settings_and_model(tmp_path, backend):
     assert h == vlm.request_hash(reqs[0], SETTINGS.model_copy(update={"batch_size": 1}), "m")
     assert h != vlm.request_hash(reqs[0], SETTINGS, "other-model")
     assert h != vlm.request_hash(vlm.VLMRequest("r0", _image(99), reqs[0].prompt), SETTINGS, "m")
+
+
+def test_vllm_is_started_with_the_configured_memory_share(smoke_cfg, tiny_model, monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    started = {}
+    fake = types.ModuleType("vllm")  # vLLM itself needs a GPU: only its constructor's arguments are checked
+    fake.LLM = lambda **kwargs: started.update(kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(vlm, "resolve_device", lambda device: torch.device("cuda"))
+    tiny_model("qwen2_vl")
+    smoke_cfg.run.vllm_gpu_memory_utilization = 0.55
+    vlm.load_backend(smoke_cfg, SETTINGS.model_copy(update={"backend": "vllm"}))
+    assert started["gpu_memory_utilization"] == 0.55 and started["trust_remote_code"] is False
+    release_models(["qwen2_vl"])

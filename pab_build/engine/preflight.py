@@ -9,6 +9,7 @@ nothing is written under OUT (a probe file in OUT's parent or OUT itself, remove
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -218,6 +219,47 @@ def check_packages(cfg: PABConfig) -> list[Row]:
     return rows
 
 
+# Rough GPU memory (GiB) a worker holds for each model while its stage runs: weights in the full
+# profile's dtype plus the working memory of its batches (1024 px images). SDXL float16: UNet 2.57 B +
+# text encoders 0.82 B parameters = 6.8 GB, plus batch-4 latents/attention and the float32 VAE decode.
+MODEL_GPU_GIB = {"sdxl": 12.0, "safety_checker": 1.5, "openpose": 1.5, "resnet50": 1.0}
+CUDA_CONTEXT_GIB = 1.0  # the CUDA context and allocator slack of one process
+VLLM_SECTIONS = ("test_captions", "train_captions", "attributes")
+
+
+def _gpu_total_gib(device: str) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB
+
+
+def check_gpu_memory(cfg: PABConfig, stages: list[str] | None = None) -> list[Row]:
+    """vLLM reserves ``run.vllm_gpu_memory_utilization`` of the whole GPU when it starts; the other
+    models a worker holds on that device at the same time (the test and training branches run at
+    once, so SDXL, its content filter and OpenPose can be loaded beside Qwen2-VL) must fit in the rest."""
+    if not any(getattr(cfg, sec).generation.backend == "vllm" for sec in VLLM_SECTIONS):
+        return []
+    share, devices = cfg.run.vllm_gpu_memory_utilization, cfg.run.devices or [cfg.run.device]
+    others = {m: MODEL_GPU_GIB[m] for m in profile_models(cfg, stages) if m in MODEL_GPU_GIB}
+    need = sum(others.values()) + CUDA_CONTEXT_GIB
+    listed = ", ".join(f"{m} ~{g:.1f}" for m, g in others.items()) or "none"
+    rows = []
+    for device in dict.fromkeys(devices):
+        total = _gpu_total_gib(device) if device.startswith("cuda") else None
+        if total is None:
+            rows.append(Row(f"GPU memory {device}", True, "not checked: no CUDA device here"))
+            continue
+        fits = max(0.0, math.floor((total - need) / total * 100) / 100)  # rounded down: it must fit
+        ok = share * total + need <= total
+        rows.append(Row(f"GPU memory {device}", ok, (
+            f"vLLM reserves run.vllm_gpu_memory_utilization={share:g} of {total:.0f} GiB ({share * total:.0f} GiB); "
+            f"the other models this worker holds need ~{need:.1f} GiB ({listed} GiB, + {CUDA_CONTEXT_GIB:g} CUDA context)"
+            + ("" if ok else f": set run.vllm_gpu_memory_utilization <= {fits:.2f}, or run the vLLM stages apart"))))
+    return rows
+
+
 def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None, until: str | None = None) -> list[Row]:
     """Every check; with ``until`` (``pab run --until STAGE``) only the models those stages load."""
     from .pipeline import stages_until
@@ -226,7 +268,7 @@ def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None, until: 
     checks: list[Callable[[], list[Row]]] = [
         lambda: check_device(cfg), lambda: check_models(cfg, stages), lambda: check_oops(cfg),
         lambda: check_out(cfg, out), lambda: check_publish(cfg, publish_url), lambda: check_packages(cfg),
-        lambda: check_cmp_init(cfg, stages),
+        lambda: check_cmp_init(cfg, stages), lambda: check_gpu_memory(cfg, stages),
     ]
     rows: list[Row] = []
     for check in checks:

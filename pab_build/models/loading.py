@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import threading
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Iterator, TypeVar
 
 if TYPE_CHECKING:
@@ -90,9 +90,84 @@ class LoadGate:
 GATE = LoadGate()
 
 
-def inference() -> AbstractContextManager[None]:
-    """Hold around a model's forward / generate call (see :class:`LoadGate`)."""
-    return GATE.shared()
+@contextmanager
+def inference(*models: object) -> Iterator[None]:
+    """Hold around a model's forward / generate call (see :class:`LoadGate`).
+
+    A failed call leaves the ``models`` as they were: their tensors' dtypes and devices are noted
+    before the call and put back when it raises. Libraries move weights inside a call (diffusers
+    upcasts a float16 SDXL VAE to float32 for the decode and back after it); an out-of-memory
+    error in between skipped the move back, and the cached model then failed every later call
+    with a dtype mismatch that no batch halving catches. A model that cannot be put back is
+    dropped from the cache, so the next call loads it afresh."""
+    with GATE.shared():
+        if not models:
+            yield
+            return
+        before = [snapshot_placement(m) for m in models]
+        try:
+            yield
+        except BaseException:
+            for m, snap in zip(models, before):
+                try:
+                    restore_placement(snap)
+                except Exception:  # noqa: BLE001 - the call's own error is what propagates
+                    log.exception("could not restore %s after a failed call: dropping it", type(m).__name__)
+                    evict_model(m)
+            raise
+
+
+def torch_modules(obj: object, depth: int = 2) -> list[torch.nn.Module]:
+    """The ``torch.nn.Module`` s a cached model is made of: itself, a diffusers pipeline's
+    components, or modules held in its attributes (``depth`` levels of plain objects down)."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    parts = getattr(obj, "components", None)
+    values = list(parts.values()) if isinstance(parts, dict) else list(getattr(obj, "__dict__", {}).values())
+    found: dict[int, torch.nn.Module] = {}
+    for v in values:
+        if isinstance(v, torch.nn.Module):
+            found[id(v)] = v
+        elif depth > 1 and hasattr(v, "__dict__") and not isinstance(v, type):
+            found.update((id(m), m) for m in torch_modules(v, depth - 1))
+    return list(found.values())
+
+
+Placement = list[tuple["torch.nn.Module", str, bool, "torch.dtype", "torch.device"]]
+
+
+def snapshot_placement(obj: object) -> Placement:
+    """(owning module, tensor name, is a parameter, dtype, device) of every tensor of ``obj``."""
+    out: Placement = []
+    for top in torch_modules(obj):
+        for mod in top.modules():
+            out += [(mod, n, True, p.dtype, p.device) for n, p in mod._parameters.items() if p is not None]
+            out += [(mod, n, False, b.dtype, b.device) for n, b in mod._buffers.items() if b is not None]
+    return out
+
+
+def restore_placement(snap: Placement) -> int:
+    """Move every tensor back to its noted dtype/device; returns how many had moved."""
+    moved = 0
+    for mod, name, is_param, dtype, device in snap:
+        t = (mod._parameters if is_param else mod._buffers)[name]
+        if t is None or (t.dtype == dtype and t.device == device):
+            continue
+        if is_param:
+            t.data = t.data.to(device=device, dtype=dtype)
+        else:
+            mod._buffers[name] = t.to(device=device, dtype=dtype)
+        moved += 1
+    return moved
+
+
+def evict_model(obj: object) -> None:
+    with _GUARD:
+        for k in [k for k, v in _CACHE.items() if v is obj]:
+            del _CACHE[k]
+            _LOCKS.pop(k, None)
 
 
 def cached_model(key: Hashable, load: Callable[[], T]) -> T:

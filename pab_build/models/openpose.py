@@ -165,7 +165,7 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
     height, width = rgb.shape[:2]
     bgr = rgb[:, :, ::-1].copy()  # controlnet-aux feeds its networks BGR, as the original Caffe models
     drawn = []
-    with inference(), torch.no_grad():
+    with inference(detector), torch.no_grad():
         candidate, subset = detector.body_estimation(bgr)
         for body in detector.body_estimation.format_body_result(candidate, subset):
             left_hand, right_hand = detector.detect_hands(body, bgr) if hand_and_face else (None, None)

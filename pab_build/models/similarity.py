@@ -83,7 +83,7 @@ def embed_images(images: list[Image.Image], model: torch.nn.Module, image_size: 
 
     def run(batch: list[Image.Image]) -> list[torch.Tensor]:
         pixels = torch.stack([preprocess(im, image_size) for im in batch]).to(dev)
-        with inference(), torch.inference_mode():
+        with inference(model), torch.inference_mode():
             feats = model(pixels).float()
         return list(torch.nn.functional.normalize(feats, dim=1).cpu())
 

@@ -158,9 +158,12 @@ class TransformersBackend:
         self.processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         # decoder-only batches must pad on the left, so every row's last token is its prompt's end
         self.processor.tokenizer.padding_side = "left"
+        # straight onto the device: loading into host memory first and moving it took 16 GB of host
+        # RAM per worker for Qwen2-VL-7B (8 workers: 128 GB at once)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-        ).to(self.device).eval()
+            path, revision=revision, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+            device_map=str(self.device),
+        ).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.add(self.processor.tokenizer.eos_token_id)
@@ -179,7 +182,7 @@ class TransformersBackend:
         images, _ = process_vision_info(conversations)
         # the lock covers the tokenizer too: a fast tokenizer used from two threads at once can
         # fail with "Already borrowed"
-        with self._lock, inference(), torch.inference_mode():
+        with self._lock, inference(self.model), torch.inference_mode():
             texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations]
             inputs = self.processor(
@@ -223,7 +226,8 @@ class VllmBackend:
     """vLLM's offline ``LLM``; needs the ``vllm`` extra and a GPU."""
 
     def __init__(self, path: str, *, model_id: str, device: str, dtype: str, trust_remote_code: bool,
-                 seed: int = 0, settings: GenerationSettings | None = None, revision: str | None = None):
+                 seed: int = 0, settings: GenerationSettings | None = None, revision: str | None = None,
+                 gpu_memory_utilization: float = 0.9):
         try:
             import vllm  # only here: optional, GPU-only dependency
         except ImportError as e:
@@ -239,7 +243,10 @@ class VllmBackend:
         self.processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         mm = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels} if settings else {}
         self.llm = vllm.LLM(model=path, revision=revision, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
-                            limit_mm_per_prompt={"image": 1}, mm_processor_kwargs=mm)
+                            limit_mm_per_prompt={"image": 1}, mm_processor_kwargs=mm,
+                            # the share of the GPU vLLM reserves at start (run.vllm_gpu_memory_utilization;
+                            # preflight checks it leaves room for the other models of this worker)
+                            gpu_memory_utilization=gpu_memory_utilization)
 
     def prompt_length(self, request: VLMRequest, settings: GenerationSettings) -> int:
         return len(self.processor.tokenizer(request.prompt).input_ids) + image_tokens(request.image, settings)
@@ -272,8 +279,8 @@ def load_backend(cfg: PABConfig, settings: GenerationSettings) -> VLMBackend:
                                   revision=spec.revision)
     key: tuple = ("qwen2_vl", settings.backend, path, tuple(sorted(kwargs.items())))
     if settings.backend == "vllm":  # the engine fixes the image size bounds when it starts
-        kwargs["settings"] = settings
-        key += (settings.min_pixels, settings.max_pixels)
+        kwargs.update(settings=settings, gpu_memory_utilization=cfg.run.vllm_gpu_memory_utilization)
+        key += (settings.min_pixels, settings.max_pixels, cfg.run.vllm_gpu_memory_utilization)
     factory = CAPTION_BACKENDS[settings.backend]
     return cached_model(key, lambda: factory(path, **kwargs))
 

@@ -255,9 +255,29 @@ def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def generation_notes(gen: dict, funnel: list[StageFunnel]) -> str:
+    """How the training images were generated where the paper says nothing, and where this build
+    departs from it (the content filter)."""
+    if not gen:
+        return ""
+    filtered = sum(n for f in funnel if f.stage == "generate" for r, n in f.reasons if r.startswith("content filter"))
+    lines = [f"- Sampler: `generate.scheduler: {gen.get('scheduler', 'default')}`, {gen.get('steps')} steps, guidance "
+             f"{gen.get('guidance_scale')} (the paper gives none of these; `dpmpp_2m_karras` is RealVisXL V4.0's "
+             "model-card recommendation, `default` the repository's own scheduler)."]
+    if gen.get("content_filter", True):
+        lines.append(f"- **Deviation from the paper: content filter.** Every generated image was screened by the Stable "
+                     f"Diffusion safety checker (`models.safety_checker`); {filtered} flagged image(s) were rejected "
+                     "(`content filter: nsfw`) and are not in the dataset. The paper screens nothing, although "
+                     "RealVisXL's model card says it can produce NSFW images.")
+    else:
+        lines.append("- No content filter (`generate.content_filter: false`), as in the paper: RealVisXL's model "
+                     "card says it can produce NSFW images, and nothing screened them.")
+    return "## Generation\n\n" + "\n".join(lines) + "\n"
+
+
 def render_card(*, profile: str, config_sha256: str | None, splits: list[SplitStats], funnel: list[StageFunnel],
                 models: list[tuple], configured_models: dict, index: dict, charts: dict[str, dict[str, str]],
-                grids: dict[str, str]) -> str:
+                grids: dict[str, str], generation: dict | None = None) -> str:
     parts = [_front_matter(profile, splits, index)]
     parts.append(f"# PAB (Pedestrian Anomaly Behavior): build `{profile}`\n\n"
                  "Text-based person anomaly search data (paper: *Beyond Walking: A Large-Scale Image-Text "
@@ -323,6 +343,9 @@ def render_card(*, profile: str, config_sha256: str | None, splits: list[SplitSt
                      "frames; a training image beside its identity hard negative.\n")
         parts.append("\n".join(f"![{split} examples]({rel})" for split, rel in grids.items()) + "\n")
 
+    notes = generation_notes(generation or {}, funnel)
+    if notes:
+        parts.append(notes)
     parts.append("## Models\n\nModel ids and revisions recorded in the manifests (`model_id` columns, "
                  "`path@revision`):\n")
     parts.append(_table(["Stage", "Model", "Revision", "Rows"],
@@ -351,6 +374,7 @@ def write_dataset_card(out: str) -> str:
     index = store.read_json("shards/index.json") if store.exists("shards/index.json") else {}
     config_sha256 = profile = None
     configured_models: dict = {}
+    generation: dict = {}
     if store.exists("config.yaml"):
         raw = store.read_bytes("config.yaml")
         config_sha256 = hashlib.sha256(raw).hexdigest()
@@ -361,6 +385,7 @@ def write_dataset_card(out: str) -> str:
         if isinstance(cfg, dict):
             profile = cfg.get("profile")
             configured_models = cfg.get("models") or {}
+            generation = cfg.get("generate") or {}
     splits = [s for s in (split_stats(sp, manifests) for sp in ("train", "test")) if s is not None]
 
     charts: dict[str, dict[str, str]] = {}
@@ -382,7 +407,8 @@ def write_dataset_card(out: str) -> str:
 
     text = render_card(profile=str(profile or "unknown"), config_sha256=config_sha256, splits=splits,
                        funnel=[stage_funnel(s, manifests[s]) for s in stages], models=models_used(manifests),
-                       configured_models=configured_models, index=index, charts=charts, grids=grids)
+                       configured_models=configured_models, index=index, charts=charts, grids=grids,
+                       generation=generation)
     store.write_text(CARD_REL, text)
     log.info("dataset card written: %s/%s", store.url_root, CARD_REL)
     return f"{store.url_root}/{CARD_REL}"

@@ -14,6 +14,11 @@ file byte for byte on the CPU (tested) with the same dtype and library versions.
 needs deterministic kernels, which this module does not force (not verified on a GPU); across
 different hardware images agree only up to floating-point noise.
 
+Sampling settings (scheduler, fp16 weights files, fast paths) are loaded by
+:mod:`pab_build.models.sdxl`. Before an image is written, the content filter
+(:mod:`pab_build.models.content_filter`, ``generate.content_filter``) may reject it
+(``content filter: nsfw``), so no later stage sees a flagged image.
+
 Units are (prompt, chunk of ``images_per_unit`` indices), ids ``{prompt_key}-{chunk:03d}``, so
 adding prompts never renumbers existing units, and a crash loses one chunk.
 """
@@ -33,7 +38,9 @@ from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, PABConfig, model_id, model_path
 from ..manifests import keep, read_manifest_row, read_manifest_table, reject, sorted_by_key
-from ..models.loading import cached_model, inference, resolve_device, run_halving_on_oom, torch_dtype
+from ..models.content_filter import REASON as CONTENT_FILTER_REASON, content_flags
+from ..models.loading import inference, run_halving_on_oom
+from ..models.sdxl import apply_fast_paths, build_sdxl_pipeline, load_sdxl_pipeline, weights_variant  # noqa: F401 (bench, tests)
 from ..store import Store
 from ..engine.units import Context, LazyItems, Stage, Unit
 
@@ -71,56 +78,6 @@ def full_prompt(prompt: str, settings: GenerateConfig) -> str:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def load_sdxl_pipeline(path: str, device: str, dtype: str, settings: GenerateConfig, revision: str | None = None):
-    """``StableDiffusionXLPipeline`` from a hub id or folder, loaded once per process and setting.
-
-    Fast paths, each from the config: ``dtype`` (float16/bfloat16 from the model spec), SDPA
-    attention (``AttnProcessor2_0``, set explicitly) or attention slicing, channels-last UNet and
-    VAE, VAE tiling, and ``torch.compile`` of the UNet (CUDA only; ignored with a warning elsewhere).
-    """
-    key = ("sdxl", path, revision, device, dtype, settings.attention_slicing, settings.vae_tiling,
-           settings.channels_last, settings.compile_unet)
-    return cached_model(key, lambda: _load_sdxl_pipeline(path, device, dtype, settings, revision))
-
-
-def _load_sdxl_pipeline(path: str, device: str, dtype: str, settings: GenerateConfig, revision: str | None):
-    from diffusers import StableDiffusionXLPipeline
-
-    dev = resolve_device(device)
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        path,
-        revision=revision,
-        dtype=torch_dtype(dtype),
-        use_safetensors=True,  # never unpickle weights
-        add_watermarker=False,  # outputs must not depend on whether invisible-watermark is installed
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(dev)
-    apply_fast_paths(pipe, settings, dev)
-    return pipe
-
-
-def apply_fast_paths(pipe, settings: GenerateConfig, device: torch.device) -> None:
-    import torch
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    # SDPA is diffusers' default on torch 2, but a checkpoint's saved processors could override it
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    pipe.vae.set_attn_processor(AttnProcessor2_0())
-    if settings.attention_slicing:
-        pipe.enable_attention_slicing()  # less peak memory, a little slower
-    if settings.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if settings.vae_tiling:
-        pipe.vae.enable_tiling()
-    if settings.compile_unet:
-        if device.type == "cuda":
-            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
-        else:
-            log.warning("generate.compile_unet is ignored on %s: it is a CUDA fast path", device)
-
-
 def load_pipeline_for(cfg: PABConfig):
     spec = cfg.models.sdxl
     return load_sdxl_pipeline(model_path(cfg, "sdxl"), cfg.run.device, spec.dtype, cfg.generate, spec.revision)
@@ -133,7 +90,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], settings: Generat
 
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     negative = settings.negative_prompt or None  # None: SDXL's zero negative embedding, as upstream
-    with _PIPELINE_LOCK, inference(), torch.inference_mode():
+    with _PIPELINE_LOCK, inference(pipe), torch.inference_mode():
         out = pipe(
             prompt=[full_prompt(p, settings) for p in prompts],
             negative_prompt=[negative] * len(prompts) if negative else None,
@@ -247,9 +204,11 @@ def run_generate_unit(ctx: Context, unit: Unit) -> list[dict]:
             rows[it["sample_key"]] = reject(it, "empty prompt in the prompts manifest", **_row_fields(it, ctx.cfg))
         else:
             todo.append(it)
+    todo_by_key = {it["sample_key"]: it for it in todo}
     if todo:
         pipe = load_pipeline_for(ctx.cfg)
         arrays, calls = generate_arrays(pipe, [it["prompt"] for it in todo], [it["seed"] for it in todo], sec)
+        images: dict[str, tuple[Image.Image, dict]] = {}
         for it, array, (first, size) in zip(todo, arrays, calls):
             fields = _row_fields(it, ctx.cfg) | {
                 "width": int(array.shape[1]), "height": int(array.shape[0]),
@@ -258,11 +217,18 @@ def run_generate_unit(ctx: Context, unit: Unit) -> list[dict]:
             why = image_problem(array, sec.black_threshold)
             if why:
                 rows[it["sample_key"]] = reject(it, why, **fields)
+            else:
+                images[it["sample_key"]] = (array_to_image(array), fields)
+        # the content filter sees the 8-bit image the file is made of, before anything is written
+        flags = content_flags(ctx.cfg, [im for im, _ in images.values()]) if sec.content_filter else []
+        for (key, (image, fields)), flagged in zip(images.items(), flags or [False] * len(images)):
+            it = todo_by_key[key]
+            if flagged:
+                rows[key] = reject(it, CONTENT_FILTER_REASON, **fields)
                 continue
-            data = encode_jpeg(array_to_image(array), sec.jpeg_quality)
-            rel = image_rel(it["prompt_key"], it["sample_key"])
-            digest = ctx.store.write_bytes(rel, data)
-            rows[it["sample_key"]] = keep(it, **fields, image_path=rel, image_sha256=digest)
+            rel = image_rel(it["prompt_key"], key)
+            digest = ctx.store.write_bytes(rel, encode_jpeg(image, sec.jpeg_quality))
+            rows[key] = keep(it, **fields, image_path=rel, image_sha256=digest)
     return [rows[k] for k in unit.sample_keys]
 
 
@@ -304,7 +270,7 @@ STAGE = Stage(
     name=GENERATE,
     plan_units=plan_generate_units,
     run_unit=run_generate_unit,
-    config_keys=(GENERATE, "models.sdxl", "run.seed"),
-    version="1",
+    config_keys=(GENERATE, "models.sdxl", "models.safety_checker", "run.seed"),
+    version="2",  # 2: scheduler, weights variant, VAE slicing, content filter settings
     uses_gpu=True,
 )
