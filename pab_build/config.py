@@ -7,6 +7,7 @@ Unknown keys and bad values raise :class:`ConfigError` naming the dotted key, be
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -280,6 +281,12 @@ class PublishConfig(Section):
         return redact(value)
 
 
+class CalibrateConfig(Section):  # `pab calibrate`: a pilot run on a sample (docs/DEPLOY.md)
+    samples: int = Field(300, ge=1)  # OOPS! clips (two test frames each); about as many generated images
+    images_per_prompt: int = Field(3, ge=1)  # generated images per sampled prompt (a build: images_per_caption)
+    overrides: list[str] = []  # KEY=VALUE applied before --set (smoke: the synthetic OpenPose network)
+
+
 class PABConfig(Section):
     profile: str
     run: RunConfig = RunConfig()
@@ -300,6 +307,7 @@ class PABConfig(Section):
     shards: ShardsConfig = ShardsConfig()
     cmp: CMPConfig = CMPConfig()
     publish: PublishConfig = PublishConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     @field_validator("profile")
     @classmethod
@@ -326,10 +334,7 @@ def stable_hash(obj: Any) -> str:
 
 
 def _get_dotted(data: dict, key: str) -> Any:
-    cur: Any = data
-    for part in key.split("."):
-        cur = cur[part]
-    return cur
+    return functools.reduce(lambda cur, part: cur[part], key.split("."), data)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
