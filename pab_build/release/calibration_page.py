@@ -15,7 +15,7 @@ from ..config import PABConfig
 from ..manifests import manifest_rel, read_manifest_table
 from ..review_page import image_data_uri
 from ..store import Store
-from .calibrate import ATTRIBUTE_STAGES, CAPTION_END_STAGES, MEASURES, Measure, measured_rows, near_threshold
+from .calibration import ATTRIBUTE_STAGES, CAPTION_END_STAGES, MEASURES, Measure, measured_rows, near_threshold
 from .card_figures import _png, class_chart_png
 
 THUMB_SIDE = 160
@@ -28,14 +28,15 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def histogram_png(title: str, xlabel: str, kept: list[float], rejected: list[float],
-                  lines: list[tuple[float, str]]) -> bytes:
-    """Values the stage kept and rejected, stacked, with each threshold as a labelled vertical line."""
+                  lines: list[tuple[float, str, float]]) -> bytes:
+    """Values the stage kept and rejected, stacked, with each threshold as a labelled vertical line;
+    a line's shift places it between two count bars (-0.5 for "at least", +0.5 for "at most")."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 3.2))
+    fig = Figure(figsize=(8.0, 3.2))
     ax = fig.subplots()
     values = kept + rejected
-    lo, hi = min(values + [v for v, _ in lines], default=0.0), max(values + [v for v, _ in lines], default=1.0)
+    lo, hi = min(values + [v for v, _, _ in lines], default=0.0), max(values + [v for v, _, _ in lines], default=1.0)
     integral = all(float(v).is_integer() for v in values)
     if integral:  # counts: one bar per value
         bins = [b - 0.5 for b in range(int(lo), int(hi) + 2)] if hi - lo < 60 else 30
@@ -44,14 +45,14 @@ def histogram_png(title: str, xlabel: str, kept: list[float], rejected: list[flo
     ax.hist([kept, rejected], bins=bins, range=None if integral else (lo, hi if hi > lo else lo + 1),
             stacked=True, color=["#4c72b0", "#dd8452"], label=[f"kept by the stage ({len(kept)})",
                                                                f"rejected by the stage ({len(rejected)})"])
-    for value, label in lines:
-        ax.axvline(value, color="#c62828", linestyle="--", linewidth=1.5)
+    for value, label, shift in lines:  # on counts, between the last bar kept and the first rejected
+        ax.axvline(value + (shift if integral else 0.0), color="#c62828", linestyle="--", linewidth=1.5)
         ax.text(value, 1.0, f" {label}", color="#c62828", fontsize=8, va="top", rotation=90,
                 transform=ax.get_xaxis_transform())
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("items")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: never over a line
     fig.tight_layout()
     return _png(fig)
 
@@ -85,8 +86,10 @@ def contact_sheet(store: Store, images: dict[str, str], m: Measure, rows: list[d
             if r.get("pair_key"):  # a pair: both frames
                 pics = f'<div class="pair">{pics}{_thumb(store, images.get(r["pair_key"]))}</div>'
             status = "kept" if r["status"] == "ok" else f"rejected: {r.get('reason') or ''}"
+            if r.get("text"):  # a caption: its words are what is judged
+                status = f"{status}: \u201c{r['text'][:200]}\u201d"
             figures.append(f'<figure class="{side}">{pics}<figcaption><span class="value">{r["value"]:.4g}</span> '
-                           f'{html.escape(r["sample_key"])}<br>{html.escape(status[:160])}</figcaption></figure>')
+                           f'{html.escape(r["sample_key"])}<br>{html.escape(status[:260])}</figcaption></figure>')
         label = "passes" if side == "kept" else "fails"
         parts.append(f'<h3><span class="side {side}">{label} the threshold</span>, nearest first '
                      f'({len(near[side])})</h3><div class="sheet">{"".join(figures) or "none in the sample"}</div>')
@@ -95,8 +98,8 @@ def contact_sheet(store: Store, images: dict[str, str], m: Measure, rows: list[d
 
 def _hint(text: str, keys: list[str], profile: str) -> str:
     shown = " / ".join(f"<code>{html.escape(k)}</code>" for k in keys)
-    where = f"set in configs/{html.escape(profile)}.yaml or with <code>--set KEY=VALUE</code>"
-    return f'<div class="hint">What to change: {shown} ({where}). {html.escape(text)}</div>'
+    where = f" (set in configs/{html.escape(profile)}.yaml or with <code>--set KEY=VALUE</code>)." if keys else ""
+    return f'<div class="hint">What to change: {shown}{where} {html.escape(text)}</div>'
 
 
 def measure_section(store: Store, cfg: PABConfig, images: dict[str, str], m: Measure, entry: dict) -> str:
@@ -108,9 +111,10 @@ def measure_section(store: Store, cfg: PABConfig, images: dict[str, str], m: Mea
     if rows is None:
         return head + f'<p class="unmeasured">{NOT_MEASURED}</p>' + _hint(m.hint, keys, cfg.profile) + "</section>"
     threshold, upper = entry["threshold"], entry.get("upper_threshold")
-    lines = [(threshold, f"{m.key} = {threshold}")] if threshold is not None else []
+    at_least = m.passes is None or m.passes(2, 1)
+    lines = [(threshold, f"{m.key} = {threshold}", -0.5 if at_least else 0.5)] if threshold is not None else []
     if upper is not None:
-        lines.append((upper, f"{m.upper_key} = {upper}"))
+        lines.append((upper, f"{m.upper_key} = {upper}", 0.5))
     png = histogram_png(m.name, m.column, [r["value"] for r in rows if r["status"] == "ok"],
                         [r["value"] for r in rows if r["status"] != "ok"], lines)
     body = _img(png, f"histogram: {m.name}")
