@@ -94,12 +94,12 @@ CAPTION_END_STAGES = ["test_captions", "train_captions"]
 ATTRIBUTE_STAGES = ["test_attributes", "train_attributes"]
 
 
-def config_value(cfg: PABConfig, key: str):
-    """The value at dotted ``key`` of ``cfg``, or None when this build's config has no such key."""
+def config_value(cfg: PABConfig, key: str, missing=None):
+    """The value at dotted ``key`` of ``cfg``, or ``missing`` when this build's config has no such key."""
     cur = cfg.model_dump(mode="json")
     for part in key.split("."):
         if not isinstance(cur, dict) or part not in cur:
-            return None
+            return missing
         cur = cur[part]
     return cur
 

@@ -15,7 +15,15 @@ from ..config import PABConfig
 from ..manifests import manifest_rel, read_manifest_table
 from ..review_page import image_data_uri
 from ..store import Store
-from .calibration import ATTRIBUTE_STAGES, CAPTION_END_STAGES, MEASURES, Measure, measured_rows, near_threshold
+from .calibration import (
+    ATTRIBUTE_STAGES,
+    CAPTION_END_STAGES,
+    MEASURES,
+    Measure,
+    config_value,
+    measured_rows,
+    near_threshold,
+)
 from .card_figures import _png, class_chart_png
 
 THUMB_SIDE = 160
@@ -96,9 +104,10 @@ def contact_sheet(store: Store, images: dict[str, str], m: Measure, rows: list[d
     return "".join(parts)
 
 
-def _hint(text: str, keys: list[str], profile: str) -> str:
-    shown = " / ".join(f"<code>{html.escape(k)}</code>" for k in keys)
-    where = f" (set in configs/{html.escape(profile)}.yaml or with <code>--set KEY=VALUE</code>)." if keys else ""
+def _hint(text: str, keys: list[str], cfg: PABConfig) -> str:
+    shown = " / ".join(f"<code>{html.escape(k)}</code>" + ("" if config_value(cfg, k, KeyError) is not KeyError else
+                                                            " (not a key of this build's config)") for k in keys)
+    where = f" (set in configs/{html.escape(cfg.profile)}.yaml or with <code>--set KEY=VALUE</code>)." if keys else ""
     return f'<div class="hint">What to change: {shown}{where} {html.escape(text)}</div>'
 
 
@@ -109,7 +118,7 @@ def measure_section(store: Store, cfg: PABConfig, images: dict[str, str], m: Mea
     keys = [k for k in (m.key, m.upper_key) if k]
     rows = measured_rows(store, m)
     if rows is None:
-        return head + f'<p class="unmeasured">{NOT_MEASURED}</p>' + _hint(m.hint, keys, cfg.profile) + "</section>"
+        return head + f'<p class="unmeasured">{NOT_MEASURED}</p>' + _hint(m.hint, keys, cfg) + "</section>"
     threshold, upper = entry["threshold"], entry.get("upper_threshold")
     at_least = m.passes is None or m.passes(2, 1)
     lines = [(threshold, f"{m.key} = {threshold}", -0.5 if at_least else 0.5)] if threshold is not None else []
@@ -123,10 +132,10 @@ def measure_section(store: Store, cfg: PABConfig, images: dict[str, str], m: Mea
         (f"; {entry['pass_threshold']} pass the threshold" if "pass_threshold" in entry else "") + "</p>"
     sheet = contact_sheet(store, images, m, rows, threshold) if threshold is not None and m.passes else \
         "<p>No threshold in this build's config: no contact sheet.</p>"
-    return head + body + stats + _hint(m.hint, keys, cfg.profile) + sheet + "</section>"
+    return head + body + stats + _hint(m.hint, keys, cfg) + sheet + "</section>"
 
 
-def _shares_section(title: str, anchor: str, data: dict, hint: str, keys: list[str], profile: str) -> str:
+def _shares_section(title: str, anchor: str, data: dict, hint: str, keys: list[str], cfg: PABConfig) -> str:
     parts = [f'<section id="{anchor}"><h2>{html.escape(title)}</h2>']
     for stage, entry in data.items():
         if entry is None:
@@ -137,7 +146,7 @@ def _shares_section(title: str, anchor: str, data: dict, hint: str, keys: list[s
             parts.append("<p>from the <code>finished</code> flag: this build has no <code>caption_end</code></p>")
         for example in entry.get("examples", []):
             parts.append(f"<p><code>{html.escape(example[:200])}</code></p>")
-    return "".join(parts) + _hint(hint, keys, profile) + "</section>"
+    return "".join(parts) + _hint(hint, keys, cfg) + "</section>"
 
 
 def _fraction(v) -> str:
@@ -183,11 +192,11 @@ def render_calibration_page(store: Store, cfg: PABConfig, summary: dict) -> str:
         "How captions ended", "caption-ends", summary["caption_ends"],
         "An unfinished caption ran into max_new_tokens; rejected when reject_unfinished is true.",
         [f"{s}.{k}" for s in CAPTION_END_STAGES for k in ("reject_unfinished", "generation.max_new_tokens")],
-        cfg.profile))
+        cfg))
     sections.append(_shares_section(
         "Attribute answers the parser could not read", "attribute-answers", summary["attribute_answers"],
         "Unreadable answers are rejected rows; read the examples, then the questions under prompts/.",
-        ["attributes.generation.max_new_tokens", "attributes.max_words"], cfg.profile))
+        ["attributes.generation.max_new_tokens", "attributes.max_words"], cfg))
     sections.append(labels_section(summary))
     nav = "<nav>" + "".join(f'<a href="#m-{i}">{html.escape(m.name)}</a>' for i, m in enumerate(MEASURES)) + "</nav>"
     template = resources.files("pab_build").joinpath("templates/calibrate.html").read_text(encoding="utf-8")
