@@ -136,7 +136,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps({"gen_pose_kept": summary["gen_pose_kept"], "test_pairs": summary["test_pairs"]}, indent=2))
     print(f"calibration page: {os.path.join(out, 'calibration', 'index.html')}")
-    return 0
+    failed = {stage: c["failed"] for stage, c in summary["units"].items() if c["failed"]}
+    if failed:  # the page shows what was measured; a pilot that lost units is still a failed run
+        print(f"pab: calibration lost units: {failed}; `pab status {out}` lists them", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
