@@ -138,7 +138,7 @@ def test_an_unmeasured_column_says_so_instead_of_an_empty_plot(pilot, tmp_path):
     assert s["filters"]["pair cosine similarity"]["measured"]
     assert NOT_MEASURED in render_calibration_page(store, cfg, s)
     s["units"] = {"pose": {"done": 1, "skipped": 0, "failed": 1}, "pairs": {"done": 1, "skipped": 0, "failed": 0}}
-    assert "Units failed: {'pose': 1}" in render_calibration_page(store, cfg, s)
+    assert "Units failed: pose 1<" in render_calibration_page(store, cfg, s)
 
 
 def test_calibration_config_samples_and_lets_set_win(sample_oops_root):

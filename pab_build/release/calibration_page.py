@@ -187,7 +187,7 @@ def labels_section(summary: dict) -> str:
 def render_calibration_page(store: Store, cfg: PABConfig, summary: dict) -> str:
     images = image_index(store)
     failed = {stage: c["failed"] for stage, c in summary.get("units", {}).items() if c["failed"]}
-    sections = [f'<section id="failed"><h2 class="unmeasured">Units failed: {html.escape(str(failed))}</h2>'
+    sections = [f'<section id="failed"><h2 class="unmeasured">Units failed: {html.escape(", ".join(f"{k} {n}" for k, n in failed.items()))}</h2>'
                 "<p>Their items are missing from the numbers below.</p></section>"] if failed else []
     sections.append(yields_section(summary))
     sections += [measure_section(store, cfg, images, m, summary["filters"][m.name]) for m in MEASURES]
