@@ -159,7 +159,8 @@ class CaptionsConfig(Section):
     images_per_unit: int = Field(64, ge=1)
     min_words: int = Field(3, ge=0)  # shorter outputs are rejected as empty
     max_words: int = Field(80, ge=1)  # longer ones as runaway (the prompt asks for <= 50)
-    reject_unfinished: bool = True  # reject outputs that hit max_new_tokens without ending (runaway)
+    reject_unfinished: bool = True  # reject outputs that hit max_new_tokens without ending (runaway)...
+    trim_min_words: int = Field(8, ge=1)  # ...unless their whole sentences keep this many words (trimmed)
     # deprecated, kept so older profiles load: use the `qc` section (qc.policy, qc.files)
     qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"
     qc_files: list[str] = []

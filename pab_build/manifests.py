@@ -67,7 +67,7 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     "pose": [("clip_key", _s), ("behavior", _s), *_IMAGE, *_POSE],
     "pairs": [("clip_key", _s), ("behavior", _s), ("pair_key", _s), ("cosine", _f)],
     "review": [("clip_key", _s), ("decision", _s), ("reviewers", _s)],
-    "test_captions": [*_CAPTION, ("finished", _b)],  # finished: generation ended with an end token
+    "test_captions": [*_CAPTION, ("finished", _b), ("caption_end", _s)],  # finished: generation ended with an end token
     "test_attributes": [*_ATTRIBUTES, ("behavior", _s)],
     "test_shards": [
         *_SHARD, ("clip_key", _s), ("behavior", _s),
@@ -86,7 +86,7 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("batch_first_index", _i), ("batch_size", _i),  # the pipeline call it came from (reproducibility)
     ],
     "gen_pose": [*_IMAGE, *_POSE],
-    "train_captions": [*_CAPTION, ("finished", _b)],
+    "train_captions": [*_CAPTION, ("finished", _b), ("caption_end", _s)],
     "train_attributes": [*_ATTRIBUTES, ("behavior", _s)],
     "train_shards": [
         *_SHARD, ("clip_key", _s), ("behavior", _s), ("kind", _s),
@@ -305,6 +305,8 @@ COLUMN_DOCS: dict[str, str] = {
     "caption": "final caption (the QC correction when there is one)",
     "caption_corrected": "true when a reviewer corrected the caption",
     "finished": "generation ended with an end token (false = cut at max_new_tokens)",
+    "caption_end": "finished (end token) | trimmed (cut at max_new_tokens, kept up to its last whole sentence) | "
+                   "unfinished (cut, too little whole text: rejected when reject_unfinished)",
     "prompt_version": "version(s) of the instruction(s) under prompts/",
     "model_id": "model as written in the profile (`path@revision`)",
     "action": "normalised action type (normal images)",
