@@ -113,7 +113,8 @@ class PoseConfig(Section):
     batch_size: int = Field(8, ge=1)
     clips_per_unit: int = Field(32, ge=1)
     require_person: bool = True  # reject frames in which OpenPose finds nobody
-    min_person_area: float = Field(0.05, ge=0, le=1)  # largest person's box / image area
+    min_person_height: float = Field(0.25, ge=0)  # tallest person's body height / frame height (docs/pose-rules.md)
+    network_height: int = Field(184, ge=32)  # network input rows; 184 = controlnet-aux's own (docs/pose-rules.md)
     hand_and_face: bool = False
 
 
@@ -209,8 +210,10 @@ class GenPoseConfig(Section):
     require_person: bool = True
     min_keypoints: int = Field(8, ge=0)  # body keypoints found for the main person
     require_neck_and_hips: bool = True  # a body with no neck or no hip is broken
-    max_limb_ratio: float = Field(2.5, gt=1)  # left/right limb segment length ratio above this = broken
-    min_person_area: float = Field(0.02, ge=0, le=1)
+    max_limb_ratio: float = Field(2.5, gt=1)  # segment stretch above this = broken (docs/pose-rules.md)
+    reject_detached_parts: bool = True  # neckless part groups on the person (a second head) = broken
+    min_person_height: float = Field(0.2, ge=0)  # as pose.min_person_height
+    network_height: int = Field(184, ge=32)  # as pose.network_height
 
 
 class ShardsConfig(Section):
