@@ -323,8 +323,7 @@ class PABConfig(Section):
     def section_hash(self, *names: str) -> str:
         """Hash of the named sections (dotted paths allowed): the part of the config a stage depends on."""
         data = self.model_dump(mode="json")
-        picked = {n: _get_dotted(data, n) for n in names}
-        return stable_hash(picked)
+        return stable_hash({n: _get_dotted(data, n) for n in names})
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, with anything that looks like a credential redacted."""
@@ -403,18 +402,14 @@ def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = Non
     for key, value in items:
         apply_override(data, key, value)
     data.setdefault("profile", path.stem)
-    try:
-        cfg = PABConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"invalid config {path.name}: {_format_errors(err)}") from None
-    return _resolve_paths(cfg, path.parent)
+    return _resolve_paths(config_from_dict(data, f" {path.name}"), path.parent)
 
 
-def config_from_dict(data: dict) -> PABConfig:
+def config_from_dict(data: dict, where: str = "") -> PABConfig:
     try:
         return PABConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid config: {_format_errors(err)}") from None
+        raise ConfigError(f"invalid config{where}: {_format_errors(err)}") from None
 
 
 def _resolve_paths(cfg: PABConfig, base: Path) -> PABConfig:
