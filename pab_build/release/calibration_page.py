@@ -119,6 +119,9 @@ def measure_section(store: Store, cfg: PABConfig, images: dict[str, str], m: Mea
     rows = measured_rows(store, m)
     if rows is None:
         return head + f'<p class="unmeasured">{NOT_MEASURED}</p>' + _hint(m.hint, keys, cfg) + "</section>"
+    if not rows:
+        return head + '<p class="unmeasured">no item has a value here (nobody found?): nothing to plot</p>' + \
+            _hint(m.hint, keys, cfg) + "</section>"
     threshold, upper = entry["threshold"], entry.get("upper_threshold")
     at_least = m.passes is None or m.passes(2, 1)
     lines = [(threshold, f"{m.key} = {threshold}", -0.5 if at_least else 0.5)] if threshold is not None else []
