@@ -5,6 +5,7 @@ network (peaks, PAF scoring, person assembly, drawing) is controlnet-aux's own, 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -174,3 +175,20 @@ def test_network_height_sets_the_network_input_and_keeps_the_geometry():
     from controlnet_aux.open_pose import body
 
     assert not isinstance(body.util, openpose._NetworkInput)  # controlnet-aux's module is given back
+
+
+# -- the synthetic model folder (smoke calibration data) ------------------------------------------
+def test_the_synthetic_folder_loads_through_the_ordinary_loader_and_draws_varied_scenes(tmp_path):
+    from pab_build.fixtures import build_tiny_models
+
+    folder = build_tiny_models(str(tmp_path), only=["openpose-synthetic"])["openpose-synthetic"]
+    assert sorted(os.listdir(folder)) == [".pab-fixture", so.MARKER_FILE]  # no checkpoint: nothing to fake
+    det = openpose.load_pose_detector(folder, "cpu")
+    assert isinstance(det.body_estimation.model, so.SyntheticBodyNetwork)
+    images = [_image(seed, (160, 120)) for seed in range(10)]
+    results = openpose.detect_poses(images, det, 128, 64)
+    again = openpose.detect_poses(images[:3], det, 128, 64)
+    assert [r.people for r in again] == [r.people for r in results[:3]]  # the image decides its scene
+    verdicts = [pose_rules.generated_image_problem(r, STRICT) for r in results]
+    assert len({r.n_people for r in results}) > 1 and len({r.n_keypoints for r in results}) > 1
+    assert any(v is None for v in verdicts) and any(v is not None for v in verdicts)  # some kept, some rejected

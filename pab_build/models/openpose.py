@@ -98,7 +98,12 @@ def load_pose_detector(path: str, device: str, hand_and_face: bool = False, revi
         import_open_pose()
         from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector
 
-        body = Body(annotator_file(path, BODY_FILE, revision)).to(dev)
+        from ..fixtures.synthetic_openpose import is_synthetic_folder, load_synthetic_body
+
+        if os.path.isdir(path) and is_synthetic_folder(path):  # a fixture: synthetic network, real post-processing
+            body = load_synthetic_body(path).to(dev)
+        else:
+            body = Body(annotator_file(path, BODY_FILE, revision)).to(dev)
         if not hand_and_face:
             return OpenposeDetector(body)
         hand = Hand(annotator_file(path, HAND_FILE, revision)).to(dev)
