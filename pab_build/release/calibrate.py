@@ -18,6 +18,7 @@ from ..config import PABConfig
 from ..engine.pipeline import get_stage
 from ..engine.prepare import prepare_build
 from ..engine.units import Context, run_stage
+from ..model_lock import locked_config
 from .calibration import summarise
 from .calibration_page import render_calibration_page
 
@@ -42,8 +43,6 @@ def sample_overrides(cfg: PABConfig, samples: int | None) -> list[str]:
 def calibration_config(profile: str, samples: int | None = None, overrides: list[str] | None = None) -> PABConfig:
     """The profile's config as a pilot: its ``calibrate.overrides``, then the sample's, then the
     user's ``--set`` (the user's last, so they win), models pinned to the lock like a run's."""
-    from ..model_lock import locked_config
-
     user = list(overrides or [])
     base = locked_config(profile, user)
     return locked_config(profile, [*base.calibrate.overrides, *sample_overrides(base, samples), *user])
