@@ -118,6 +118,7 @@ def test_summary_reads_each_filter_and_the_paper_comparison(pilot):
     assert s["attribute_answers"]["train_attributes"]["counts"] == {"readable": 9, "unreadable": 1}
     assert s["attribute_answers"]["train_attributes"]["examples"] == ["unreadable answer: I cannot tell"]
     assert s["labels"]["train_attributes"]["anomaly"] == [("falling", 5)]
+    assert s["rejections"]["gen_pose"] == [("broken body", 6)] and s["rejections"]["pairs"] == [("too similar", 4)]
     json.dumps(s)  # summary.json must serialise
 
 
@@ -166,6 +167,7 @@ def test_page_in_headless_chromium_has_every_section_and_its_images_decode(pilot
             assert section.query_selector(".sheet figure.kept") and section.query_selector(".sheet figure.rejected"), \
                 f"{name}: no contact sheet on both sides"
         assert "What to change" in section.inner_text()
+    assert "broken body" in page.inner_text("#rejections")
     for anchor in ("yields", "caption-ends", "attribute-answers", "labels"):
         assert page.query_selector(f"#{anchor} img.plot") or anchor == "yields", anchor
     assert "989" in page.inner_text("#yields") and "80.2%" in page.inner_text("#yields")

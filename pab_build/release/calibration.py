@@ -218,6 +218,17 @@ def test_pair_yield(store: Store, cfg: PABConfig) -> dict:
                    "the paper's 989 also passed human review, which the pilot does not run"}
 
 
+def rejection_reasons(store: Store, stages: list[str], top: int = 6) -> dict[str, list[tuple[str, int]]]:
+    """Per stage, the commonest rejection reasons up to their first colon (the rule, not the value)."""
+    out = {}
+    for stage in stages:
+        table = _manifest(store, stage)
+        if table is not None:
+            reasons = (r.split(":")[0] for r in table["reason"].to_pylist() if r)
+            out[stage] = Counter(reasons).most_common(top)
+    return out
+
+
 def summarise(store: Store, cfg: PABConfig) -> dict:
     """Every number the page shows, JSON-ready (``calibration/summary.json``)."""
     filters = {}
@@ -245,5 +256,7 @@ def summarise(store: Store, cfg: PABConfig) -> dict:
         "gen_pose_kept": gen_pose_kept(store),
         "test_pairs": test_pair_yield(store, cfg),
         "labels": {s: label_distribution(store, s) for s in ATTRIBUTE_STAGES},
+        "rejections": rejection_reasons(store, ["frames", "pose", "pairs", "gen_pose", *CAPTION_END_STAGES,
+                                                *ATTRIBUTE_STAGES]),
         "paper": PAPER,
     }

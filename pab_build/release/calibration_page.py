@@ -173,6 +173,13 @@ def yields_section(summary: dict) -> str:
         "The sample is the first clips by name (<code>oops.limit</code>), not a random draw.</p></section>")
 
 
+def rejections_section(summary: dict) -> str:
+    rows = "".join(f"<tr><td>{stage}</td><td>{html.escape(reason)}</td><td>{n}</td></tr>"
+                   for stage, reasons in summary["rejections"].items() for reason, n in reasons)
+    return ('<section id="rejections"><h2>Why items were rejected</h2><table><tr><th>stage</th><th>reason (up to '
+            f'its first colon)</th><th>items</th></tr>{rows}</table></section>')
+
+
 def labels_section(summary: dict) -> str:
     paper = summary["paper"]["top_classes"]
     parts = ['<section id="labels"><h2>Attribute labels beside the paper\'s top classes</h2>']
@@ -192,7 +199,7 @@ def render_calibration_page(store: Store, cfg: PABConfig, summary: dict) -> str:
     failed = {stage: c["failed"] for stage, c in summary.get("units", {}).items() if c["failed"]}
     sections = [f'<section id="failed"><h2 class="unmeasured">Units failed: {html.escape(", ".join(f"{k} {n}" for k, n in failed.items()))}</h2>'
                 "<p>Their items are missing from the numbers below.</p></section>"] if failed else []
-    sections.append(yields_section(summary))
+    sections += [yields_section(summary), rejections_section(summary)]
     sections += [measure_section(store, cfg, images, m, summary["filters"][m.name]) for m in MEASURES]
     sections.append(_shares_section(
         "How captions ended", "caption-ends", summary["caption_ends"],
