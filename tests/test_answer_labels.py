@@ -58,8 +58,14 @@ def test_refusals_and_framing_give_no_label():
 def test_labels_are_short_and_never_a_sentence():
     long = "The man in the red shirt falls off the very tall ladder onto the hard concrete floor below."
     got = answer_label("anomaly", long, max_words=4)
-    assert got.startswith("falling off") and len(got.split()) <= 4
+    assert got == "falling"  # cut before a prepositional phrase rather than inside one
     assert answer_label("anomaly", long) == "falling off the very tall ladder"
+
+
+def test_a_scene_is_a_place_never_a_sentence():
+    assert answer_label("scene", "The man falls.") is None
+    assert answer_label("scene", "The man is sitting on a couch in a living room.") == "living room"
+    assert answer_label("scene", "**Background:** A snowy hill with pine trees.") == "snowy hill"
 
 
 def test_gerunds_of_finite_verbs():

@@ -62,7 +62,8 @@ _BOUNDARY = frozenset("""and but while as because when after before which who th
 whereas although though""".split())
 _AUX = frozenset("is are was were am be been being has have had does do did gets get got getting".split())
 _HEDGES = re.compile(r"^(?:appears?|seems?|looks?|happens?) to be\s+|^(?:appears?|seems?|happens?) to\s+")
-_SKIP_TO_INNER = re.compile(r"^(?:trying|attempting|about|going|starting|beginning|preparing) to\s+")
+_ABOUT_TO = re.compile(r"^(?:about|going|starting|beginning|preparing) to\s+")
+_SKIP_TO_INNER = re.compile(r"^(?:trying|attempting|tries|tried|attempts|attempted) to\s+")
 _ENGAGED = re.compile(r"^(?:engaged|involved|participating|taking part) in\s+(?:the (?:activity|act|sport) of\s+)?")
 _PLACE_PREPOSITIONS = frozenset("in at on inside near down along across through into onto outside by beside".split())
 _PART_OF = frozenset("front edge side top bottom middle corner center centre end back part area inside".split())
@@ -102,7 +103,8 @@ def _base(verb: str) -> str:
         stem = verb[:-2]
         if len(stem) > 3 and stem[-1] == stem[-2] and stem[-1] not in "lsz":
             return stem[:-1]  # slipped -> slip
-        return stem + "e" if stem + "e" in _E_VERBS or stem.endswith(("at", "iz", "os", "uc")) else stem
+        silent_e = re.search(r"(?:[bcdfgkpstz]l|v|dg|[^aeiou]c|uc|at|iz|os)$", stem)  # tumbled, dodged, danced
+        return stem + "e" if stem + "e" in _E_VERBS or silent_e else stem
     if verb.endswith(("sses", "shes", "ches", "xes", "zzes", "oes")):
         return verb[:-2]
     if verb.endswith("s") and not verb.endswith(("ss", "us", "is")):
@@ -197,6 +199,7 @@ def _predicate(words: list[str], question: str) -> list[str] | None:
             rest = rest[m.end():]
         rest = re.sub(r"^(?:seen|shown|caught|captured|depicted)\s+(?=\w+ing\b)", "", rest)  # "is seen falling"
         rest = _ENGAGED.sub("", rest)
+        rest = _ABOUT_TO.sub("", rest)  # "is about to fall" -> falling
         if question == "action":
             rest = _SKIP_TO_INNER.sub("", rest)
         if rest == before:
@@ -285,12 +288,16 @@ def _read(question: str, text: str, words: list[str]) -> list[str] | None:
         shows = _SHOWS.match(text)
         if shows:
             return _place(_words(text[shows.end():]))
-        for i, w in enumerate(words):
-            if w in _PLACE_PREPOSITIONS and i > 0:
-                got = _place(words[i:])
-                if got and got[-1] not in _NOT_PLACES:
-                    return got
-        return _place(_cut_clause(words)) if _verb_at(words) is None else None
+        for preps in (("in", "at", "inside"), _PLACE_PREPOSITIONS):  # "on a couch in a living room"
+            for i, w in enumerate(words):
+                if w in preps and i > 0:
+                    got = _place(words[i:])
+                    if got and got[-1] not in _NOT_PLACES:
+                        return got
+        verb = _verb_at(words)  # a sentence without a place ("The man falls.") names no scene
+        if set(words) & _AUX or verb is not None and _base(words[verb]) in _COMMON_VERBS:
+            return None
+        return _place(_cut_clause(words))  # "a snowy hill with pine trees"
     verb = _verb_at(words)
     if verb is not None:
         return _predicate(words[verb:], question)
@@ -302,4 +309,7 @@ def _bare(question: str, words: list[str]) -> list[str]:
     words = _cut_clause(words)
     if words and question != "scene" and _verb_at(words) is not None:
         return _predicate(words[_verb_at(words):], question) or []
+    nxt = words[1] if len(words) > 1 else ""
+    if words and (words[0] in _IRREGULAR or words[0].endswith("ed")) and (not nxt or nxt in _PREPOSITIONS):
+        return [gerund(words[0])] + words[1:]  # "Slipped on ice" -> slipping on ice
     return words
