@@ -128,7 +128,7 @@ def gerund(verb: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", text)
+    return re.findall(r"[^\W_]+(?:[-'][^\W_]+)*", text)
 
 
 def _cut_clause(words: list[str], start: int = 0) -> list[str]:
@@ -263,7 +263,7 @@ def answer_label(question: str, answer: str, max_words: int = 6) -> str | None:
         if inner and len(inner.split()) <= max_words and (len(_words(text)) > len(inner.split()) or
                                                          text.startswith(("'", '"'))):
             text = inner
-    parts = [p for p in re.split(r"[,;(\[]", text) if p.strip()] or [""]
+    parts = [p for p in re.split(r"[,;(\[/]", text) if p.strip()] or [""]
     label: list[str] = []
     for part in parts[:3 if question == "scene" else 1]:  # "Outdoors, in a park" -> park
         label = _shorten(_strip_articles(_read(question, part, _words(part)) or []), max_words)
