@@ -48,7 +48,7 @@ environment answer summary label type mistake accident event""".split())
 _COPULA = re.compile(
     r"\b(?:is|are|was|were|would be|can be (?:summari[sz]ed|described|categori[sz]ed|classified|labell?ed|"
     r"identified|called) as|could be (?:summari[sz]ed|described) as|appears to be|seems to be|looks like|"
-    r"involves|includes|shows)\b:?\s*"
+    r"involves|includes|consists of|is made up of|shows|depicts|features|displays)\b:?\s*"
 )
 _PLACE_VERBS = re.compile(r"\b(?:takes? place|(?:is|are) (?:set|located|situated|happening|taking place))\b\s*")
 _SHOWS = re.compile(r"^(?:the |this )?(?:image|picture|photo|photograph|frame|video|caption|it|this|that)\s+"
@@ -208,7 +208,7 @@ def _predicate(words: list[str], question: str) -> list[str] | None:
     if not w or w[0] in ("not", "no", "never", "in", "at", "on", "n't"):
         return None
     if w[0] in _DETERMINERS:  # "engaged in a snowball fight": a noun phrase names the activity
-        return _cut_clause(_strip_articles(w))
+        return (["having"] if aux & {"has", "have", "had"} else []) + _cut_clause(_strip_articles(w))
     participle = w[0] in _IRREGULAR or w[0].endswith("ed")
     if participle and aux & {"is", "are", "was", "were", "am", "be", "being", "gets", "get", "got", "getting"}:
         w = ["getting"] + w  # passive: "was hit by a ball" -> getting hit by a ball
@@ -283,11 +283,14 @@ def _read(question: str, text: str, words: list[str]) -> list[str] | None:
         rest = _words(text[copula.end():])  # "the scene or background (of ...) is a gym"
         if not rest or rest[0] in ("not", "no", "unclear", "unknown"):
             return None
-        return _place(rest) if question == "scene" else _bare(question, rest)
+        if question == "scene":  # "the scene shows a man in a gym" -> gym; "the scene is a gym in a school" -> gym
+            return _scene_in(rest) if copula.group(0).startswith(("shows", "depicts", "features", "displays")) \
+                else _place(rest)
+        return _bare(question, rest)
     if question == "scene":
         shows = _SHOWS.match(text)
         if shows:
-            return _place(_words(text[shows.end():]))
+            return _scene_in(_words(text[shows.end():]))
         for preps in (("in", "at", "inside"), _PLACE_PREPOSITIONS):  # "on a couch in a living room"
             for i, w in enumerate(words):
                 if w in preps and i > 0:
@@ -304,6 +307,16 @@ def _read(question: str, text: str, words: list[str]) -> list[str] | None:
     return _bare(question, words)
 
 
+def _scene_in(words: list[str]) -> list[str]:
+    """The place in "a man skateboarding in a skate park" (its in/at phrase), else the phrase itself."""
+    for i, w in enumerate(words):
+        if w in ("in", "at", "inside") and i > 0:
+            got = _place(words[i:])
+            if got and got[-1] not in _NOT_PLACES:
+                return got
+    return _place(words)
+
+
 def _bare(question: str, words: list[str]) -> list[str]:
     """A phrase given as is ("Riding a bicycle", "falling into water"), cut at its first clause."""
     words = _cut_clause(words)
@@ -311,5 +324,6 @@ def _bare(question: str, words: list[str]) -> list[str]:
         return _predicate(words[_verb_at(words):], question) or []
     nxt = words[1] if len(words) > 1 else ""
     if words and (words[0] in _IRREGULAR or words[0].endswith("ed")) and (not nxt or nxt in _PREPOSITIONS):
-        return [gerund(words[0])] + words[1:]  # "Slipped on ice" -> slipping on ice
+        lead = ["getting", words[0]] if "by" in words else [gerund(words[0])]  # "Knocked over by a wave"
+        return lead + words[1:]  # "Slipped on ice" -> slipping on ice
     return words
