@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pab_build.models.answer_labels import answer_label, gerund
 
 CORPUS = Path(__file__).parent / "data" / "attribute_answers.jsonl"
@@ -58,11 +60,37 @@ def test_refusals_and_framing_give_no_label():
 def test_labels_are_short_and_never_a_sentence():
     long = "The man in the red shirt falls off the very tall ladder onto the hard concrete floor below."
     got = answer_label("anomaly", long, max_words=4)
-    assert got.startswith("falling off") and len(got.split()) <= 4
+    assert got == "falling"  # cut before a prepositional phrase rather than inside one
     assert answer_label("anomaly", long) == "falling off the very tall ladder"
+
+
+def test_a_scene_is_a_place_never_a_sentence():
+    assert answer_label("scene", "The man falls.") is None
+    assert answer_label("scene", "The man is sitting on a couch in a living room.") == "living room"
+    assert answer_label("scene", "**Background:** A snowy hill with pine trees.") == "snowy hill"
 
 
 def test_gerunds_of_finite_verbs():
     got = [gerund(v) for v in "falls slips loses trips hits crashed rides tries fell lost swims opens dies".split()]
     assert got == ["falling", "slipping", "losing", "tripping", "hitting", "crashing", "riding", "trying",
                    "falling", "losing", "swimming", "opening", "dying"]
+
+
+@pytest.mark.parametrize("question, answer, label", [
+    ("action", "The man is attempting to do a kickflip on his skateboard.", "doing a kickflip"),
+    ("action", "The characters in the image are engaged in a snowball fight.", "snowball fight"),
+    ("anomaly", "The man was hit by a ball.", "getting hit by a ball"),
+    ("anomaly", "Knocked over by a wave", "getting knocked over by a wave"),
+    ("anomaly", "He has an accident on the motorbike.", "having accident on the motorbike"),
+    ("anomaly", "The man is about to fall.", "falling"),
+    ("anomaly", "The young boys jump into the cold lake and scream.", "jumping into the cold lake"),
+    ("anomaly", "The woman loses control of the bike and crashes.", "losing control of the bike"),
+    ("anomaly", "The woman does not land the jump.", None),
+    ("scene", "The image shows a man skateboarding in a skate park.", "skate park"),
+    ("scene", "The scene is a gym in a school.", "gym"),
+    ("scene", "The event is taking place at a swimming pool.", "swimming pool"),
+    ("scene", "Outdoors, in a park.", "park"),
+    ("scene", "The person is standing in front of a house.", "house"),
+])
+def test_sentence_shapes_beyond_the_corpus(question, answer, label):
+    assert answer_label(question, answer) == label

@@ -163,7 +163,7 @@ def test_an_unreadable_answer_rejects_the_row_with_the_raw_answer(attr_ctx, monk
     assert row["anomaly"] == "falling off his bike" and row["scene"] is None and row["scene_raw"] == refusal
 
 
-def test_sentence_answers_become_labels_in_both_stages(attr_ctx, monkeypatch):
+def test_sentence_answers_become_labels_in_the_manifest(attr_ctx, monkeypatch):
     ctx = attr_ctx
     _test_inputs(ctx)
     answers = {"action": "The person is skateboarding.", "anomaly": "Based on the caption and image, the man falls.",

@@ -48,7 +48,7 @@ environment answer summary label type mistake accident event""".split())
 _COPULA = re.compile(
     r"\b(?:is|are|was|were|would be|can be (?:summari[sz]ed|described|categori[sz]ed|classified|labell?ed|"
     r"identified|called) as|could be (?:summari[sz]ed|described) as|appears to be|seems to be|looks like|"
-    r"involves|includes|shows)\b:?\s*"
+    r"involves|includes|consists of|is made up of|shows|depicts|features|displays)\b:?\s*"
 )
 _PLACE_VERBS = re.compile(r"\b(?:takes? place|(?:is|are) (?:set|located|situated|happening|taking place))\b\s*")
 _SHOWS = re.compile(r"^(?:the |this )?(?:image|picture|photo|photograph|frame|video|caption|it|this|that)\s+"
@@ -62,7 +62,8 @@ _BOUNDARY = frozenset("""and but while as because when after before which who th
 whereas although though""".split())
 _AUX = frozenset("is are was were am be been being has have had does do did gets get got getting".split())
 _HEDGES = re.compile(r"^(?:appears?|seems?|looks?|happens?) to be\s+|^(?:appears?|seems?|happens?) to\s+")
-_SKIP_TO_INNER = re.compile(r"^(?:trying|attempting|about|going|starting|beginning|preparing) to\s+")
+_ABOUT_TO = re.compile(r"^(?:about|going|starting|beginning|preparing) to\s+")
+_SKIP_TO_INNER = re.compile(r"^(?:trying|attempting|tries|tried|attempts|attempted) to\s+")
 _ENGAGED = re.compile(r"^(?:engaged|involved|participating|taking part) in\s+(?:the (?:activity|act|sport) of\s+)?")
 _PLACE_PREPOSITIONS = frozenset("in at on inside near down along across through into onto outside by beside".split())
 _PART_OF = frozenset("front edge side top bottom middle corner center centre end back part area inside".split())
@@ -102,7 +103,8 @@ def _base(verb: str) -> str:
         stem = verb[:-2]
         if len(stem) > 3 and stem[-1] == stem[-2] and stem[-1] not in "lsz":
             return stem[:-1]  # slipped -> slip
-        return stem + "e" if stem + "e" in _E_VERBS or stem.endswith(("at", "iz", "os", "uc")) else stem
+        silent_e = re.search(r"(?:[bcdfgkpstz]l|v|dg|[^aeiou]c|uc|at|iz|os)$", stem)  # tumbled, dodged, danced
+        return stem + "e" if stem + "e" in _E_VERBS or silent_e else stem
     if verb.endswith(("sses", "shes", "ches", "xes", "zzes", "oes")):
         return verb[:-2]
     if verb.endswith("s") and not verb.endswith(("ss", "us", "is")):
@@ -126,7 +128,7 @@ def gerund(verb: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", text)
+    return re.findall(r"[^\W_]+(?:[-'][^\W_]+)*", text)
 
 
 def _cut_clause(words: list[str], start: int = 0) -> list[str]:
@@ -197,6 +199,7 @@ def _predicate(words: list[str], question: str) -> list[str] | None:
             rest = rest[m.end():]
         rest = re.sub(r"^(?:seen|shown|caught|captured|depicted)\s+(?=\w+ing\b)", "", rest)  # "is seen falling"
         rest = _ENGAGED.sub("", rest)
+        rest = _ABOUT_TO.sub("", rest)  # "is about to fall" -> falling
         if question == "action":
             rest = _SKIP_TO_INNER.sub("", rest)
         if rest == before:
@@ -205,7 +208,7 @@ def _predicate(words: list[str], question: str) -> list[str] | None:
     if not w or w[0] in ("not", "no", "never", "in", "at", "on", "n't"):
         return None
     if w[0] in _DETERMINERS:  # "engaged in a snowball fight": a noun phrase names the activity
-        return _cut_clause(_strip_articles(w))
+        return (["having"] if aux & {"has", "have", "had"} else []) + _cut_clause(_strip_articles(w))
     participle = w[0] in _IRREGULAR or w[0].endswith("ed")
     if participle and aux & {"is", "are", "was", "were", "am", "be", "being", "gets", "get", "got", "getting"}:
         w = ["getting"] + w  # passive: "was hit by a ball" -> getting hit by a ball
@@ -260,7 +263,7 @@ def answer_label(question: str, answer: str, max_words: int = 6) -> str | None:
         if inner and len(inner.split()) <= max_words and (len(_words(text)) > len(inner.split()) or
                                                          text.startswith(("'", '"'))):
             text = inner
-    parts = [p for p in re.split(r"[,;(\[]", text) if p.strip()] or [""]
+    parts = [p for p in re.split(r"[,;(\[/]", text) if p.strip()] or [""]
     label: list[str] = []
     for part in parts[:3 if question == "scene" else 1]:  # "Outdoors, in a park" -> park
         label = _shorten(_strip_articles(_read(question, part, _words(part)) or []), max_words)
@@ -280,21 +283,38 @@ def _read(question: str, text: str, words: list[str]) -> list[str] | None:
         rest = _words(text[copula.end():])  # "the scene or background (of ...) is a gym"
         if not rest or rest[0] in ("not", "no", "unclear", "unknown"):
             return None
-        return _place(rest) if question == "scene" else _bare(question, rest)
+        if question == "scene":  # "the scene shows a man in a gym" -> gym; "the scene is a gym in a school" -> gym
+            return _scene_in(rest) if copula.group(0).startswith(("shows", "depicts", "features", "displays")) \
+                else _place(rest)
+        return _bare(question, rest)
     if question == "scene":
         shows = _SHOWS.match(text)
         if shows:
-            return _place(_words(text[shows.end():]))
-        for i, w in enumerate(words):
-            if w in _PLACE_PREPOSITIONS and i > 0:
-                got = _place(words[i:])
-                if got and got[-1] not in _NOT_PLACES:
-                    return got
-        return _place(_cut_clause(words)) if _verb_at(words) is None else None
+            return _scene_in(_words(text[shows.end():]))
+        for preps in (("in", "at", "inside"), _PLACE_PREPOSITIONS):  # "on a couch in a living room"
+            for i, w in enumerate(words):
+                if w in preps and i > 0:
+                    got = _place(words[i:])
+                    if got and got[-1] not in _NOT_PLACES:
+                        return got
+        verb = _verb_at(words)  # a sentence without a place ("The man falls.") names no scene
+        if set(words) & _AUX or verb is not None and _base(words[verb]) in _COMMON_VERBS:
+            return None
+        return _place(_cut_clause(words))  # "a snowy hill with pine trees"
     verb = _verb_at(words)
     if verb is not None:
         return _predicate(words[verb:], question)
     return _bare(question, words)
+
+
+def _scene_in(words: list[str]) -> list[str]:
+    """The place in "a man skateboarding in a skate park" (its in/at phrase), else the phrase itself."""
+    for i, w in enumerate(words):
+        if w in ("in", "at", "inside") and i > 0:
+            got = _place(words[i:])
+            if got and got[-1] not in _NOT_PLACES:
+                return got
+    return _place(words)
 
 
 def _bare(question: str, words: list[str]) -> list[str]:
@@ -302,4 +322,8 @@ def _bare(question: str, words: list[str]) -> list[str]:
     words = _cut_clause(words)
     if words and question != "scene" and _verb_at(words) is not None:
         return _predicate(words[_verb_at(words):], question) or []
+    nxt = words[1] if len(words) > 1 else ""
+    if words and (words[0] in _IRREGULAR or words[0].endswith("ed")) and (not nxt or nxt in _PREPOSITIONS):
+        lead = ["getting", words[0]] if "by" in words else [gerund(words[0])]  # "Knocked over by a wave"
+        return lead + words[1:]  # "Slipped on ice" -> slipping on ice
     return words

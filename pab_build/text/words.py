@@ -295,10 +295,14 @@ def is_unknown_word(word: str) -> bool:
     return wordnet.available() and not any(wordnet.is_common_word(lem) for lem in _lemmas(word))
 
 
+_THINGS = frozenset("artifact object animal plant substance food body location".split())  # "the river ... his hat"
+
+
 def refers_back_to_a_person(word: str) -> bool:
     """Whether a subject ``word`` that a later "his / her / himself / herself" refers back to is a
     person: a word WordNet lacks, or one shaped like an agent noun ("the streamer falls off his chair":
-    WordNet knows only the ribbon) that is no machine, thing or animal by its first sense or the lexicon."""
+    WordNet knows only the ribbon) made from a verb (stream-er) or with a person ending (-ist, -ian), and
+    no machine, thing or animal by its first sense or the lexicon ("the river sweeps his hat away")."""
     if not wordnet.available() or word in NOT_PERSON:
         return False
     senses = wordnet.noun_senses(word)
@@ -306,7 +310,8 @@ def refers_back_to_a_person(word: str) -> bool:
         return False
     if is_unknown_word(word):
         return True
-    return looks_agentive(word) and senses[:1] != ("artifact",)
+    derived = _is_agent_noun(word) or word.endswith(AGENT_SUFFIXES[2:])  # stream-er, guitar-ist; not weather
+    return looks_agentive(word) and derived and not (senses[:1] and senses[0] in _THINGS)
 
 
 def _bare_subject_name(word: str, nxt: str, evidence: bool) -> bool:
