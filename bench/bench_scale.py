@@ -109,10 +109,12 @@ def synth_row(stage: str, it: dict, unit_id: str) -> dict:
     elif stage == "gen_pose":
         row.update(image_path=it["image_path"], image_sha256=it["image_sha256"])
         if _h(key) % 3 == 0:  # the paper keeps 1,013,605 of 1,529,025
-            row.update(status="rejected", reason="main person covers 0.08 of the image (min 0.15)", n_people=1)
+            row.update(status="rejected", person_count=1, person_height=0.12,
+                       reason="person too small: the tallest person is 0.120 of the image height (below min_person_height=0.2)")
         else:
             row.update(pose_path=f"gen_pose/{it['prompt_key']}/{key}.png", pose_sha256=_sha("p" + key),
-                       n_people=1, main_person_area=0.31, n_keypoints=15, keypoints_json=KEYPOINTS)
+                       person_count=1, main_person_area=0.31, keypoint_count=15, person_height=0.62,
+                       limb_ratio_max=1.1, keypoints_json=KEYPOINTS)
     elif stage == "train_captions":
         row.update(caption_generated=CAPTION, caption=CAPTION, caption_corrected=False, prompt_version="caption-v2",
                    model_id=MODEL, finished=True)

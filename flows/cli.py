@@ -122,6 +122,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pab_build.engine.build_lock import BuildLocked, hold_build_lock
+    from pab_build.release.calibrate import calibration_config, run_calibration
+
+    cfg = calibration_config(args.profile, args.samples, _run_overrides(args))
+    out = args.out or os.path.join("out", "calibrate-" + os.path.splitext(os.path.basename(args.profile))[0])
+    try:
+        with hold_build_lock(out, heartbeat_s=cfg.run.lock_heartbeat_s, storage_options=cfg.publish.storage_options):
+            summary = run_calibration(cfg, out)
+    except BuildLocked as e:
+        print(f"pab: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"gen_pose_kept": summary["gen_pose_kept"], "test_pairs": summary["test_pairs"]}, indent=2))
+    print(f"calibration page: {os.path.join(out, 'calibration', 'index.html')}")
+    failed = {stage: c["failed"] for stage, c in summary["units"].items() if c["failed"]}
+    if failed:  # the page shows what was measured; a pilot that lost units is still a failed run
+        print(f"pab: calibration lost units: {failed}; `pab status {out}` lists them", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
     from pab_build.model_lock import fetch_profile, locked_config
 
@@ -233,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true", help="also print Prefect's line for every task run")
     r.add_argument("--skip-preflight", action="store_true", help="start without the preflight checks (experts)")
     r.set_defaults(func=_cmd_run)
+
+    cb = sub.add_parser("calibrate", help="pilot run on a sample: histograms of every filter beside its threshold")
+    cb.add_argument("profile", help="profile name (configs/<name>.yaml) or a YAML path, e.g. smoke, full")
+    cb.add_argument("--samples", type=int, help="OOPS! clips to sample (default: the profile's calibrate.samples)")
+    cb.add_argument("--out", help="output folder (default: out/calibrate-<profile>); the page is OUT/calibration/")
+    cb.add_argument("--oops-root", help="OOPS!-format root (default: the profile's oops.root)")
+    cb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    cb.set_defaults(func=_cmd_calibrate)
 
     pf = sub.add_parser("preflight", help="check device, models, OOPS! root, OUT, credentials; exit 2 on problems")
     pf.add_argument("profile", help="profile name (configs/<name>.yaml) or a YAML path, e.g. smoke, full")

@@ -7,6 +7,7 @@ Unknown keys and bad values raise :class:`ConfigError` naming the dotted key, be
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -114,7 +115,8 @@ class PoseConfig(Section):
     batch_size: int = Field(8, ge=1)
     clips_per_unit: int = Field(32, ge=1)
     require_person: bool = True  # reject frames in which OpenPose finds nobody
-    min_person_area: float = Field(0.05, ge=0, le=1)  # largest person's box / image area
+    min_person_height: float = Field(0.25, ge=0)  # tallest person's body height / frame height (docs/pose-rules.md)
+    network_height: int = Field(184, ge=32)  # network input rows; 184 = controlnet-aux's own (docs/pose-rules.md)
     hand_and_face: bool = False
 
 
@@ -160,7 +162,8 @@ class CaptionsConfig(Section):
     images_per_unit: int = Field(64, ge=1)
     min_words: int = Field(3, ge=0)  # shorter outputs are rejected as empty
     max_words: int = Field(80, ge=1)  # longer ones as runaway (the prompt asks for <= 50)
-    reject_unfinished: bool = True  # reject outputs that hit max_new_tokens without ending (runaway)
+    reject_unfinished: bool = True  # reject outputs that hit max_new_tokens without ending (runaway)...
+    trim_min_words: int = Field(8, ge=1)  # ...unless their whole sentences keep this many words (trimmed)
     # deprecated, kept so older profiles load: use the `qc` section (qc.policy, qc.files)
     qc_policy: Literal["accept_all", "decisions_file"] = "accept_all"
     qc_files: list[str] = []
@@ -212,8 +215,10 @@ class GenPoseConfig(Section):
     require_person: bool = True
     min_keypoints: int = Field(8, ge=0)  # body keypoints found for the main person
     require_neck_and_hips: bool = True  # a body with no neck or no hip is broken
-    max_limb_ratio: float = Field(2.5, gt=1)  # left/right limb segment length ratio above this = broken
-    min_person_area: float = Field(0.02, ge=0, le=1)
+    max_limb_ratio: float = Field(2.5, gt=1)  # segment stretch above this = broken (docs/pose-rules.md)
+    reject_detached_parts: bool = True  # neckless part groups on the person (a second head) = broken
+    min_person_height: float = Field(0.2, ge=0)  # as pose.min_person_height
+    network_height: int = Field(184, ge=32)  # as pose.network_height
 
 
 class ShardsConfig(Section):
@@ -285,6 +290,12 @@ class PublishConfig(Section):
         return redact(value)
 
 
+class CalibrateConfig(Section):  # `pab calibrate`: a pilot run on a sample (docs/DEPLOY.md)
+    samples: int = Field(300, ge=1)  # OOPS! clips (two test frames each); about as many generated images
+    images_per_prompt: int = Field(3, ge=1)  # generated images per sampled prompt (a build: images_per_caption)
+    overrides: list[str] = []  # KEY=VALUE applied before --set (smoke: the synthetic OpenPose network)
+
+
 class PABConfig(Section):
     profile: str
     run: RunConfig = RunConfig()
@@ -305,6 +316,7 @@ class PABConfig(Section):
     shards: ShardsConfig = ShardsConfig()
     cmp: CMPConfig = CMPConfig()
     publish: PublishConfig = PublishConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     @field_validator("profile")
     @classmethod
@@ -316,8 +328,7 @@ class PABConfig(Section):
     def section_hash(self, *names: str) -> str:
         """Hash of the named sections (dotted paths allowed): the part of the config a stage depends on."""
         data = self.model_dump(mode="json")
-        picked = {n: _get_dotted(data, n) for n in names}
-        return stable_hash(picked)
+        return stable_hash({n: _get_dotted(data, n) for n in names})
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, with anything that looks like a credential redacted."""
@@ -331,10 +342,7 @@ def stable_hash(obj: Any) -> str:
 
 
 def _get_dotted(data: dict, key: str) -> Any:
-    cur: Any = data
-    for part in key.split("."):
-        cur = cur[part]
-    return cur
+    return functools.reduce(lambda cur, part: cur[part], key.split("."), data)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -399,18 +407,14 @@ def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = Non
     for key, value in items:
         apply_override(data, key, value)
     data.setdefault("profile", path.stem)
-    try:
-        cfg = PABConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"invalid config {path.name}: {_format_errors(err)}") from None
-    return _resolve_paths(cfg, path.parent)
+    return _resolve_paths(config_from_dict(data, f" {path.name}"), path.parent)
 
 
-def config_from_dict(data: dict) -> PABConfig:
+def config_from_dict(data: dict, where: str = "") -> PABConfig:
     try:
         return PABConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid config: {_format_errors(err)}") from None
+        raise ConfigError(f"invalid config{where}: {_format_errors(err)}") from None
 
 
 def _resolve_paths(cfg: PABConfig, base: Path) -> PABConfig:

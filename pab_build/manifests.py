@@ -28,6 +28,7 @@ OK = "ok"
 REJECTED = "rejected"
 
 _s, _f, _i, _b = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+_f32, _i32 = pa.float32(), pa.int32()
 
 COMMON = [("sample_key", _s), ("status", _s), ("reason", _s)]
 
@@ -36,9 +37,12 @@ _IMAGE = [("image_path", _s), ("image_sha256", _s)]
 _POSE = [
     ("pose_path", _s),  # rendered OpenPose map (PNG), consumed by CMP
     ("pose_sha256", _s),
-    ("n_people", _i),
-    ("main_person_area", _f),  # largest person's keypoint box / image area
-    ("n_keypoints", _i),  # body keypoints found for the largest person
+    # what the rules measured (models/pose_rules.py), on rejected rows too (calibration histograms)
+    ("person_height", _f32),  # main person's estimated body height / image height; null when nobody
+    ("person_count", _i32),  # people OpenPose found
+    ("keypoint_count", _i32),  # body keypoints found for the main person
+    ("limb_ratio_max", _f32),  # main person's largest segment stretch; null with < 3 segments
+    ("main_person_area", _f),  # main person's keypoint box / image area
     ("keypoints_json", _s),  # [[ [x, y, score] | null ] * 18 ] per person, x/y in [0, 1]
 ]
 _CAPTION = [
@@ -67,7 +71,7 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     "pose": [("clip_key", _s), ("behavior", _s), *_IMAGE, *_POSE],
     "pairs": [("clip_key", _s), ("behavior", _s), ("pair_key", _s), ("cosine", _f)],
     "review": [("clip_key", _s), ("decision", _s), ("reviewers", _s)],
-    "test_captions": [*_CAPTION, ("finished", _b)],  # finished: generation ended with an end token
+    "test_captions": [*_CAPTION, ("finished", _b), ("caption_end", _s)],  # finished: generation ended with an end token
     "test_attributes": [*_ATTRIBUTES, ("behavior", _s)],
     "test_shards": [
         *_SHARD, ("clip_key", _s), ("behavior", _s),
@@ -86,7 +90,7 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("batch_first_index", _i), ("batch_size", _i),  # the pipeline call it came from (reproducibility)
     ],
     "gen_pose": [*_IMAGE, *_POSE],
-    "train_captions": [*_CAPTION, ("finished", _b)],
+    "train_captions": [*_CAPTION, ("finished", _b), ("caption_end", _s)],
     "train_attributes": [*_ATTRIBUTES, ("behavior", _s)],
     "train_shards": [
         *_SHARD, ("clip_key", _s), ("behavior", _s), ("kind", _s),
@@ -293,9 +297,11 @@ COLUMN_DOCS: dict[str, str] = {
     "height": "image height (px)",
     "pose_path": "rendered OpenPose map (PNG), relative to the output root",
     "pose_sha256": "sha256 of the pose map",
-    "n_people": "people OpenPose found",
-    "main_person_area": "largest person's keypoint box / image area",
-    "n_keypoints": "body keypoints found for the largest person",
+    "person_height": "main (tallest) person's estimated body height, head to feet, / image height (null: nobody)",
+    "person_count": "people OpenPose found",
+    "keypoint_count": "body keypoints found for the main person",
+    "limb_ratio_max": "main person's largest segment stretch (length / what its body height allows; null: < 3 segments)",
+    "main_person_area": "main person's keypoint box / image area",
     "keypoints_json": "JSON: per person, 18 body keypoints `[x, y, score]` in [0, 1] or null",
     "pair_key": "sample_key of the other frame of the same clip",
     "cosine": "ResNet-50 cosine similarity between the clip's normal and anomaly frames",
@@ -305,6 +311,8 @@ COLUMN_DOCS: dict[str, str] = {
     "caption": "final caption (the QC correction when there is one)",
     "caption_corrected": "true when a reviewer corrected the caption",
     "finished": "generation ended with an end token (false = cut at max_new_tokens)",
+    "caption_end": "finished (end token) | trimmed (cut at max_new_tokens, kept up to its last whole sentence) | "
+                   "unfinished (cut, too little whole text: rejected when reject_unfinished)",
     "prompt_version": "version(s) of the instruction(s) under prompts/",
     "model_id": "model as written in the profile (`path@revision`)",
     "action": "normalised action type (normal images)",

@@ -21,8 +21,8 @@ from importlib import resources
 THUMBNAIL_SIDE = 768  # large enough to judge a pose; ~2000 images still load
 
 
-def image_data_uri(store, rel: str | None) -> str | None:
-    """A JPEG data URI of the image at ``rel`` (longest side THUMBNAIL_SIDE); None when there is
+def image_data_uri(store, rel: str | None, side: int = THUMBNAIL_SIDE) -> str | None:
+    """A JPEG data URI of the image at ``rel`` (longest side ``side``); None when there is
     none or it cannot be read (the page says so, one bad image does not stop the page)."""
     if not rel:
         return None
@@ -30,7 +30,7 @@ def image_data_uri(store, rel: str | None) -> str | None:
         image = store.read_image(rel)
     except Exception:  # noqa: BLE001 - shown as "no image" on the page
         return None
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    image.thumbnail((side, side))
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=88)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

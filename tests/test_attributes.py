@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pab_build.models import attributes, vlm
+from pab_build.models.answer_labels import answer_label
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.stages import test_attributes as test_attributes_stage
 from pab_build.stages import train_attributes as train_attributes_stage
@@ -69,12 +70,13 @@ def _record(monkeypatch, ctx, answer=None) -> Recording:
     ("\u201cPlay-ground\u201d!", "play-ground"),
     ("answering phone", "answering phone"),
     ("one two three four five six seven eight", "one two three four five six"),
-    ("...", ""),
-    ("  ", ""),
-    ("\ufffd\ufffd", ""),
+    ("...", None),
+    ("  ", None),
+    ("\ufffd\ufffd", None),
+    ("The person is skateboarding.", "skateboarding"),
 ])
-def test_normalise_answer(raw, expected):
-    assert attributes.normalise_answer(raw, max_words=6) == expected
+def test_answer_label_of_short_answers(raw, expected):
+    assert answer_label("action", raw, max_words=6) == expected
 
 
 def test_questions_follow_behavior():
@@ -142,22 +144,35 @@ def test_test_attributes_ask_the_papers_questions_with_the_source_caption(attr_c
         for q in questions:
             (alone,) = vlm.generate_answers(backend, [sent[f"{key}/{q}"]], ctx.cfg.attributes.generation)
             assert r[f"{q}_raw"] == alone
-        normalised = {q: attributes.normalise_answer(r[f"{q}_raw"], ctx.cfg.attributes.max_words) for q in questions}
-        if all(normalised.values()):
-            assert r["status"] == OK and all(r[q] == normalised[q] for q in questions)
+        labels = {q: answer_label(q, r[f"{q}_raw"], ctx.cfg.attributes.max_words) for q in questions}
+        if all(labels.values()):
+            assert r["status"] == OK and all(r[q] == labels[q] for q in questions)
         else:
-            assert r["status"] == REJECTED and r["reason"].startswith("attribute answer normalises to nothing")
+            assert r["status"] == REJECTED and r["reason"].startswith("unreadable answer: ")
 
 
-def test_an_answer_that_normalises_to_nothing_rejects_the_row(attr_ctx, monkeypatch):
+def test_an_unreadable_answer_rejects_the_row_with_the_raw_answer(attr_ctx, monkeypatch):
     ctx = attr_ctx
     _test_inputs(ctx)
-    _record(monkeypatch, ctx, answer=lambda r: "..." if r.key.endswith("/scene") else "The answer is Falling.")
+    refusal = "I cannot determine the scene from this image."
+    _record(monkeypatch, ctx, answer=lambda r: refusal if r.key.endswith("/scene") else "The man falls off his bike.")
     run_stage(ctx, test_attributes_stage.STAGE)
     row = next(r for r in read_manifest(ctx.store, "test_attributes") if r["sample_key"] == "c0000000000-anomaly")
     assert row["status"] == REJECTED
-    assert row["reason"] == "attribute answer normalises to nothing: scene='...'"
-    assert row["anomaly"] == "falling" and row["anomaly_raw"] == "The answer is Falling." and row["scene_raw"] == "..."
+    assert row["reason"] == f"unreadable answer: scene={refusal!r}"
+    assert row["anomaly"] == "falling off his bike" and row["scene"] is None and row["scene_raw"] == refusal
+
+
+def test_sentence_answers_become_labels_in_the_manifest(attr_ctx, monkeypatch):
+    ctx = attr_ctx
+    _test_inputs(ctx)
+    answers = {"action": "The person is skateboarding.", "anomaly": "Based on the caption and image, the man falls.",
+               "scene": "The scene or background is a gym."}
+    _record(monkeypatch, ctx, answer=lambda r: answers[r.key.split("/")[1]])
+    run_stage(ctx, test_attributes_stage.STAGE)
+    ok = [r for r in read_manifest(ctx.store, "test_attributes") if r["status"] == OK]
+    assert ok and all(r["scene"] == "gym" for r in ok)
+    assert {r["action"] or r["anomaly"] for r in ok} <= {"skateboarding", "falling"}
 
 
 # -- training set ----------------------------------------------------------------------------------

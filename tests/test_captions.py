@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
 from pab_build.stages import test_captions as test_captions_stage
 from pab_build.stages import train_captions as train_captions_stage
 from pab_build.engine.units import Context, execute_unit, run_stage
+
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def _write_jpeg(store, rel: str, seed: int) -> str:
@@ -80,6 +84,52 @@ def test_caption_problems(text, finished, reject_unfinished, reason):
         assert why.startswith(reason)
 
 
+@pytest.mark.parametrize("text, trimmed", [
+    ("A man in a red shirt rides a bike down a hill. He loses control and falls onto the",
+     "A man in a red shirt rides a bike down a hill."),
+    ("A man rides a bike. He loses control and falls onto the", None),  # 5 whole words: not enough
+    ("A woman in a blue coat walks her dog along the icy road and the", None),  # no whole sentence
+    ("Mr. Smith in a grey suit walks into the office with a coffee. He", "Mr. Smith in a grey suit walks into the "
+     "office with a coffee."),
+    ("A 3.5 m wall stands in a park where J. Doe tries to climb it with a rope! The", "A 3.5 m wall stands in a "
+     "park where J. Doe tries to climb it with a rope!"),
+    ('The man shouts "stop!" as the dog runs off with his shoe in its mouth. Then', 'The man shouts "stop!" as '
+     'the dog runs off with his shoe in its mouth.'),
+])
+def test_a_cut_caption_is_trimmed_to_its_last_whole_sentence(text, trimmed):
+    assert captions.trim_unfinished(text, min_words=8) == trimmed
+
+
+def test_caption_end_finished_trimmed_unfinished(smoke_cfg):
+    sec = smoke_cfg.test_captions.model_copy(update={"reject_unfinished": True, "min_words": 3, "max_words": 80})
+    items = [{"sample_key": k} for k in "abc"]
+    answers = {"a": ("A man rides a bike.", True),
+               "b": ("A man in a red shirt rides a bike down a hill. He loses control and falls onto the", False),
+               "c": ("A man rides a bike. He loses control and", False)}
+    rows = {r["sample_key"]: r for r in captions.caption_rows(items, answers, sec, "m")}
+    assert [rows[k]["caption_end"] for k in "abc"] == ["finished", "trimmed", "unfinished"]
+    assert rows["b"]["status"] == OK and rows["b"]["caption"] == "A man in a red shirt rides a bike down a hill."
+    assert rows["b"]["finished"] is False and rows["b"]["caption_generated"] == answers["b"][0]
+    assert rows["c"]["status"] == REJECTED and rows["c"]["reason"].startswith("runaway caption: generation stopped")
+
+
+def test_long_realistic_captions_keep_their_test_pair():
+    """tests/data/long_captions.txt cut at ~96 tokens (72 words): before trimming every cut caption was
+    rejected (20 of 28 with reject_unfinished); now 16 are trimmed and kept, 4 run-ons are rejected."""
+    rows = [ln.strip() for ln in open(os.path.join(DATA, "long_captions.txt"), encoding="utf-8")
+            if ln.strip() and not ln.startswith("#")]
+    counts = {"finished": 0, "trimmed": 0, "unfinished": 0}
+    for text in rows:
+        words = text.split()
+        if len(words) <= 72:
+            counts["finished"] += 1
+            continue
+        trimmed = captions.trim_unfinished(" ".join(words[:72]), min_words=8)
+        counts["trimmed" if trimmed else "unfinished"] += 1
+        assert trimmed is None or trimmed[-1] in ".!?" and len(trimmed.split()) >= 8
+    assert counts == {"finished": 8, "trimmed": 16, "unfinished": 4}, counts
+
+
 # -- test captions ---------------------------------------------------------------------------------
 def test_test_captions_stage_one_row_per_reviewed_image(cap_ctx):
     ctx = cap_ctx
@@ -103,8 +153,11 @@ def test_test_captions_stage_one_row_per_reviewed_image(cap_ctx):
         r = rows[k]
         assert r["status"] == OK, r
         assert r["caption_generated"] == direct[k].text
-        assert r["caption"] == " ".join(direct[k].text.split())
-        assert r["finished"] == direct[k].finished
+        whole = " ".join(direct[k].text.split())
+        trimmed = captions.trim_unfinished(whole, ctx.cfg.test_captions.trim_min_words)
+        end = "finished" if direct[k].finished else "trimmed" if trimmed else "unfinished"
+        assert r["caption_end"] == end and r["finished"] == direct[k].finished
+        assert r["caption"] == (trimmed if end == "trimmed" else whole)
         assert r["caption_corrected"] is False
         assert r["prompt_version"] == "caption_v1" and r["model_id"] == "{models_dir}/qwen2_vl"
 

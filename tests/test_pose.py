@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pab_build.models import openpose
+from pab_build.fixtures import synthetic_openpose as so
+from pab_build.models import openpose, pose_rules
 from pab_build.config import GenPoseConfig
 from pab_build.fixtures.tiny_openpose import build_tiny_openpose
 from pab_build.manifests import OK, REJECTED, read_manifest, write_manifest
@@ -108,62 +109,74 @@ def _body(**moves) -> list:
     return [(p[0], p[1], 0.9) if p is not None else None for p in (parts[i] for i in range(18))]
 
 
-def test_pose_result_picks_the_largest_person():
-    small = [(0.1, 0.1, 0.9), (0.2, 0.3, 0.8)] + [None] * 16  # box 0.1 x 0.2
+def test_pose_result_picks_the_tallest_person_with_a_neck():
+    small = [(0.1, 0.1, 0.9), (0.1, 0.15, 0.8)] + [None] * 16  # a nose and neck: 0.05 of body height 0.11
     big = _body()
-    result = openpose.pose_result([small, big], Image.new("RGB", (8, 8)), 1.0)
-    assert result.n_people == 2 and result.main_person is big and result.n_keypoints == 18
+    no_neck = [None] * 8 + [(0.0, 0.0, 0.9), (0.0, 0.9, 0.9), (0.0, 1.0, 0.9)] + [None] * 7  # a tall leg alone
+    result = openpose.pose_result([small, big, no_neck], Image.new("RGB", (8, 8)), 1.0)
+    assert result.n_people == 3 and result.main_person is big and result.n_keypoints == 18
+    assert result.person_height == pytest.approx(0.304 / 0.30, abs=0.01)  # its torso: the best-kept segment
     assert result.main_person_area == pytest.approx((0.61 - 0.39) * (0.86 - 0.08))
-    assert json.loads(openpose.keypoints_json(result.people))[0][:3] == [[0.1, 0.1, 0.9], [0.2, 0.3, 0.8], None]
+    assert json.loads(openpose.keypoints_json(result.people))[0][:3] == [[0.1, 0.1, 0.9], [0.1, 0.15, 0.8], None]
+    alone = openpose.pose_result([no_neck], Image.new("RGB", (8, 8)), 1.0)
+    assert alone.main_person is no_neck  # main only when nobody has a neck
+
+
+def test_person_height_is_measured_in_pixels_of_the_body_not_its_box():
+    lying = [(x, y, 1.0) if (x, y) else None for x, y in
+             (p or (0, 0) for p in so.place(so.FRONT, 0.5, (0.75, 0.8), aspect=2.0, angle_deg=-90.0))]
+    assert pose_rules.person_height(lying, 2.0) == pytest.approx(0.5, abs=0.03)  # its length, in a 2:1 frame
+    assert pose_rules.person_height(lying, 4.0) == pytest.approx(1.0, abs=0.06)  # the same points, a 4:1 frame
+    assert pose_rules.person_height([None] * 18, 1.0) is None and pose_rules.person_height(None, 1.0) is None
 
 
 # -- rules ----------------------------------------------------------------------------------------
 def test_person_problem_names_the_numbers():
     nobody = openpose.pose_result([], Image.new("RGB", (8, 8)), 1.0)
-    assert openpose.person_problem(nobody, require_person=True, min_person_area=0.05) == "no person detected"
-    assert openpose.person_problem(nobody, require_person=False, min_person_area=0.05) is None
-    tiny = openpose.pose_result([[(0.1, 0.1, 1.0), (0.2, 0.2, 1.0)] + [None] * 16], Image.new("RGB", (8, 8)), 1.0)
-    why = openpose.person_problem(tiny, require_person=True, min_person_area=0.05)
-    assert why == "person too small: the largest person covers 0.0100 of the image (below min_person_area=0.05)"
-    assert openpose.person_problem(tiny, require_person=True, min_person_area=0.01) is None
+    assert pose_rules.person_problem(nobody, require_person=True, min_person_height=0.25) == "no person detected"
+    assert pose_rules.person_problem(nobody, require_person=False, min_person_height=0.25) is None
+    tiny = openpose.pose_result([[(0.1, 0.1, 1.0), (0.1, 0.122, 1.0)] + [None] * 16], Image.new("RGB", (8, 8)), 1.0)
+    why = pose_rules.person_problem(tiny, require_person=True, min_person_height=0.25)
+    assert why == "person too small: the tallest person is 0.200 of the image height (below min_person_height=0.25)"
+    assert pose_rules.person_problem(tiny, require_person=True, min_person_height=0.19) is None
 
 
 STRICT = GenPoseConfig(min_keypoints=8, require_neck_and_hips=True, max_limb_ratio=2.5)
 
 
 def test_plausible_body_passes():
-    assert openpose.body_structure_problem(_body(), STRICT) is None
-    assert openpose.body_structure_problem(_body(k11=None), STRICT) is None  # one hip is enough
+    assert pose_rules.body_structure_problem(_body(), STRICT) is None
+    assert pose_rules.body_structure_problem(_body(k11=None), STRICT) is None  # one hip is enough
+    # the right thigh foreshortened to 0.036 (the left is 0.18): a knee raised at the camera, not a broken body
+    assert pose_rules.body_structure_problem(_body(k9=(0.45, 0.536)), STRICT) is None
 
 
 def test_broken_bodies_fail_with_the_right_reason():
-    assert openpose.body_structure_problem(_body(k1=None), STRICT) == "broken body: no neck keypoint"
-    assert openpose.body_structure_problem(_body(k8=None, k11=None), STRICT) == "broken body: no hip keypoint"
-    # right thigh (hip 8 -> knee 9) shortened to 0.036: the left one (0.18) is five times as long
-    why = openpose.body_structure_problem(_body(k9=(0.45, 0.536)), STRICT)
-    assert why == "broken body: left thigh is 5.00x the other side's (above max_limb_ratio=2.5)"
+    assert pose_rules.body_structure_problem(_body(k1=None), STRICT) == "broken body: no neck keypoint"
+    assert pose_rules.body_structure_problem(_body(k8=None, k11=None), STRICT) == "broken body: no hip keypoint"
+    # right thigh 0.7 long on a body whose torso says it is ~1.0 tall: 2.86 body heights' worth of thigh
+    why = pose_rules.body_structure_problem(_body(k9=(0.45, 1.2), k10=(0.45, 1.38)), STRICT)
+    assert why == "broken body: right thigh is 2.82x as long as the body's height allows (above max_limb_ratio=2.5)"
     few = [k if i in (0, 1, 2, 5, 8) else None for i, k in enumerate(_body())]
-    why = openpose.body_structure_problem(few, STRICT)
+    why = pose_rules.body_structure_problem(few, STRICT)
     assert why == "broken body: 5 body keypoints found (fewer than min_keypoints=8)"
-    assert openpose.body_structure_problem(None, STRICT).startswith("broken body: 0 body keypoints")
+    assert pose_rules.body_structure_problem(None, STRICT).startswith("broken body: 0 body keypoints")
     lenient = GenPoseConfig(min_keypoints=0, require_neck_and_hips=False)
-    assert openpose.body_structure_problem(None, lenient) is None
-
-
-def test_limb_lengths_are_measured_in_pixels():
-    # right upper arm 0.1 wide, left upper arm 0.1 tall: equal in a square image, 3:1 in a 3:1 image
-    body = _body(k3=(0.32, 0.20), k6=(0.58, 0.30))
-    assert openpose.body_structure_problem(body, STRICT, aspect_ratio=1.0) is None
-    assert "right upper arm is 3.00x" in openpose.body_structure_problem(body, STRICT, aspect_ratio=3.0)
+    assert pose_rules.body_structure_problem(None, lenient) is None
 
 
 def test_generated_image_problem_applies_person_rule_first():
     cfg = GenPoseConfig(require_person=True, min_keypoints=8)
     nobody = openpose.pose_result([], Image.new("RGB", (8, 8)), 1.0)
-    assert openpose.generated_image_problem(nobody, cfg) == "no person detected"
+    assert pose_rules.generated_image_problem(nobody, cfg) == "no person detected"
+    # without require_person an image with nobody is kept: the body rules judge bodies, not empty images
+    assert pose_rules.generated_image_problem(nobody, cfg.model_copy(update={"require_person": False})) is None
     broken = openpose.pose_result([_body(k1=None)], Image.new("RGB", (8, 8)), 1.0)
-    assert openpose.generated_image_problem(broken, cfg) == "broken body: no neck keypoint"
-    assert openpose.generated_image_problem(openpose.pose_result([_body()], Image.new("RGB", (8, 8)), 1.0), cfg) is None
+    assert pose_rules.generated_image_problem(broken, cfg) == "broken body: no neck keypoint"
+    assert pose_rules.generated_image_problem(openpose.pose_result([_body()], Image.new("RGB", (8, 8)), 1.0), cfg) is None
+    measured = pose_rules.measurements(broken)  # no neck: the forearms are its best-kept segments
+    assert measured == {"person_height": pytest.approx(0.82, abs=0.01), "person_count": 1, "keypoint_count": 17,
+                        "limb_ratio_max": pytest.approx(1.0, abs=0.15)}
 
 
 # -- stage: pose ----------------------------------------------------------------------------------
@@ -196,12 +209,12 @@ def test_pose_stage_keeps_pairs_together_and_reruns_nothing(ctx, tiny_model):
         data = ctx.store.read_bytes(r["pose_path"])
         assert hashlib.sha256(data).hexdigest() == r["pose_sha256"]
         assert Image.open(io.BytesIO(data)).size == (192, 128)  # smoke: image_resolution 128, 96x64 input
-        assert r["n_people"] == 0 and json.loads(r["keypoints_json"]) == []
+        assert r["person_count"] == 0 and json.loads(r["keypoints_json"]) == []
         assert r["image_path"] == f"frames/{key}.jpg"
     assert rows["cb-normal"]["reason"] == "counterpart cb-anomaly was rejected by frames: video truncated"
     assert rows["cc-anomaly"]["reason"].startswith("image unreadable: frames/cc-anomaly.jpg")
     assert rows["cc-normal"]["reason"].startswith("counterpart cc-anomaly was rejected by pose: image unreadable")
-    assert rows["cc-normal"]["pose_path"] is None and rows["cc-normal"]["n_people"] == 0
+    assert rows["cc-normal"]["pose_path"] is None and rows["cc-normal"]["person_count"] == 0
     assert not ctx.store.exists("pose/cc-normal.png") and not ctx.store.exists("pose/cb-normal.png")
 
     units = pose_stage.STAGE.plan_units(ctx)
@@ -216,7 +229,7 @@ def test_pose_stage_rejects_frames_without_a_person(ctx, tiny_model):
     run_stage(ctx, pose_stage.STAGE)
     rows = {r["sample_key"]: r for r in read_manifest(ctx.store, "pose")}
     assert rows["ca-normal"]["reason"] == rows["ca-anomaly"]["reason"] == "no person detected"
-    assert rows["ca-normal"]["n_people"] == 0 and rows["ca-normal"]["pose_path"] is None
+    assert rows["ca-normal"]["person_count"] == 0 and rows["ca-normal"]["pose_path"] is None
 
 
 # -- stage: gen_pose ------------------------------------------------------------------------------
@@ -246,14 +259,15 @@ def test_gen_pose_stage_writes_maps_per_prompt_and_reruns_nothing(ctx, tiny_mode
     assert execute_unit(ctx, gen_pose_stage.STAGE, unit) == "skipped"
 
 
-def test_gen_pose_stage_rejects_bodies_by_the_rule(ctx, tiny_model):
+def test_gen_pose_stage_rejects_images_by_the_rule_and_keeps_the_measurements(ctx, tiny_model):
     tiny_model("openpose")
-    ctx.cfg.gen_pose.require_person = False
-    ctx.cfg.gen_pose.min_keypoints = 8
+    ctx.cfg.gen_pose.require_person = True
     _generate_manifest(ctx)
     run_stage(ctx, gen_pose_stage.STAGE)
-    reasons = {r["reason"] for r in read_manifest(ctx.store, "gen_pose")}
-    assert reasons == {"broken body: 0 body keypoints found (fewer than min_keypoints=8)"}
+    rows = read_manifest(ctx.store, "gen_pose")
+    assert {r["reason"] for r in rows} == {"no person detected"}  # the tiny random OpenPose finds nobody
+    assert {(r["person_count"], r["keypoint_count"], r["person_height"], r["limb_ratio_max"]) for r in rows} == {
+        (0, 0, None, None)}
 
 
 def test_an_image_openpose_fails_on_is_rejected_alone(ctx, tiny_model, monkeypatch):

@@ -4,13 +4,13 @@ Each image is asked two questions with its source caption C substituted into the
 a normal image its action type and scene, an anomaly image its anomaly behaviour class and scene.
 For a test image C is the OOPS! caption of its clip (C_n or C_a); for a training image C is the
 prompt it was generated from (C_n, C_a or C_a+). All questions of a unit go to the model in one
-length-sorted queue. Answers are normalised to short lowercase phrases; the raw answers are kept.
+length-sorted queue. Each answer's label is read from its sentence (:mod:`.answer_labels`); an answer
+with no readable label rejects its row ("unreadable answer: ..."), the raw answers are kept.
 """
 
 from __future__ import annotations
 
-import re
-
+from .answer_labels import answer_label
 from .captions import load_unit_images
 from ..config import model_id
 from ..manifests import keep, reject
@@ -38,40 +38,6 @@ QUESTIONS = {"normal": ("action", "scene"), "anomaly": ("anomaly", "scene")}
 
 
 
-# "The answer is ...", "Answer: ...", "Scene category: ..." in front of the phrase itself
-_LEAD_IN = re.compile(
-    r"^(?:(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b\s*)?:?|"
-    r"(?:the\s+)?(?:action(?:\s+type)?|anomal(?:y|ous)(?:\s+behaviou?r)?(?:\s+class)?|failure|behaviou?r|"
-    r"scene(?:\s+category)?|background|category|class)\b\s*(?:is\b\s*:?|:))\s*"
-)
-
-
-_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
-
-
-_QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
-
-
-def normalise_answer(text: str, max_words: int) -> str:
-    """A short lowercase phrase: the first clause of the first non-empty line, without lead-ins
-    ("The answer is"), quotes, punctuation or a leading article, at most ``max_words`` words."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    t = lines[0].lower() if lines else ""
-    t = " ".join(t.split()).strip(_QUOTES + " ")
-    for _ in range(3):  # lead-ins can nest: "Answer: the scene is: lawn"
-        stripped = _LEAD_IN.sub("", t).strip(_QUOTES + " ")
-        if stripped == t:
-            break
-        t = stripped
-    t = re.split(r"[.,;:!?()\[\]]", t, maxsplit=1)[0]  # "falling, losing balance." -> "falling"
-    t = re.sub(r"[^\w\s'-]", " ", t)  # leftover symbols and undecodable bytes
-    t = " ".join(w.strip("'-_") for w in t.split())
-    t = " ".join(t.split())
-    while _ARTICLE.match(t):
-        t = _ARTICLE.sub("", t, count=1)
-    return " ".join(t.split()[:max_words])
-
-
 def attribute_questions(behavior: str) -> tuple[str, ...]:
     try:
         return QUESTIONS[behavior]
@@ -96,18 +62,18 @@ def attribute_row(item: dict, raw: dict[str, str], max_words: int, model: str) -
     """One manifest row from an item's raw answers (question -> text)."""
     row: dict = {"behavior": item["behavior"], "prompt_version": prompt_versions(item["behavior"]),
                  "model_id": model}
-    empty = []
+    unreadable = []
     for q in ("action", "anomaly", "scene"):
         if q not in raw:
             row[q] = row[f"{q}_raw"] = None
             continue
         row[f"{q}_raw"] = raw[q]
-        row[q] = normalise_answer(raw[q], max_words)
-        if not row[q]:
-            empty.append(q)
-    if empty:
-        shown = "; ".join(f"{q}={raw[q][:60]!r}" for q in empty)
-        return reject(item, f"attribute answer normalises to nothing: {shown}", **row)
+        row[q] = answer_label(q, raw[q], max_words)
+        if row[q] is None:
+            unreadable.append(q)
+    if unreadable:  # never a sentence stored as a label: the raw answer goes into the reason
+        shown = "; ".join(f"{q}={raw[q][:120]!r}" for q in unreadable)
+        return reject(item, f"unreadable answer: {shown}", **row)
     return keep(item, **row)
 
 
@@ -146,4 +112,4 @@ def run_attribute_unit(ctx: Context, unit: Unit) -> list[dict]:
     return [rows[k] for k in unit.sample_keys]
 
 
-ATTRIBUTE_STAGE_VERSION = f"1+{prompts_fingerprint(*ATTRIBUTE_PROMPTS.values())}"
+ATTRIBUTE_STAGE_VERSION = f"2+{prompts_fingerprint(*ATTRIBUTE_PROMPTS.values())}"

@@ -6,11 +6,16 @@ the generated ones). Paper 3.2: each synthetic training image is re-captioned th
 the generated caption is used as is.
 
 Per image: the caption is the generated text with whitespace normalised; it is rejected as empty
-(fewer than ``min_words`` words) or runaway (more than ``max_words`` words, or, when the config
-asks for it, generation stopped at ``max_new_tokens`` without an end token).
+(fewer than ``min_words`` words) or runaway (more than ``max_words`` words). A caption cut at
+``max_new_tokens`` (no end token) is trimmed to its last whole sentence when at least
+``trim_min_words`` words of whole sentences remain, so a long but good caption does not cost its
+test pair; only when it cannot be trimmed, and the config asks for it, is it rejected as runaway.
+``caption_end`` records which: finished / trimmed / unfinished.
 """
 
 from __future__ import annotations
+
+import re
 
 from ..config import CaptionsConfig, model_id
 from ..manifests import keep, reject
@@ -35,6 +40,23 @@ CAPTION_PROMPT = "caption_v1"  # prompt file stem, recorded as prompt_version
 def normalise_caption(text: str) -> str:
     """One line, single spaces (newlines, tabs and runs of spaces become one space)."""
     return " ".join(text.split())
+
+
+# a sentence ends at . ! ? (and a closing quote or bracket) before a space or the end, but not after an
+# abbreviation ("Mr.", "e.g.") or an initial ("J."), nor inside a number ("3.5")
+_SENTENCE_END = re.compile(r"(?<!\b[A-Z])(?<!\b(?i:mr|ms|dr|st|vs|jr|sr|no))(?<!\b(?i:mrs|etc|e\.g|i\.e))"
+                           r"(?<!\b(?i:prof))(?<!\d(?=\.\d))[.!?][\"')\]\u201d\u2019]*(?=\s|$)")
+CAPTION_ENDS = ("finished", "trimmed", "unfinished")
+
+
+def trim_unfinished(caption: str, min_words: int) -> str | None:
+    """A caption cut mid-sentence, trimmed to its last whole sentence; None when the whole sentences
+    before the cut hold fewer than ``min_words`` words (then the cut caption is not usable)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(caption)]
+    if not ends:
+        return None
+    trimmed = caption[:ends[-1]].strip()
+    return trimmed if len(trimmed.split()) >= min_words else None
 
 
 def caption_problem(caption: str, *, finished: bool, min_words: int, max_words: int, max_new_tokens: int,
@@ -69,8 +91,11 @@ def caption_rows(items: list[dict], answers: dict[str, tuple[str, bool]], sec: C
     rows = []
     for it in items:
         raw, finished = answers[it["sample_key"]]
-        generated = normalise_caption(raw)
-        base = {"caption_generated": raw, "prompt_version": CAPTION_PROMPT, "model_id": model, "finished": finished}
+        generated, end = normalise_caption(raw), "finished" if finished else "unfinished"
+        if not finished and (trimmed := trim_unfinished(generated, sec.trim_min_words)) is not None:
+            generated, finished, end = trimmed, True, "trimmed"  # whole sentences: nothing runaway left
+        base = {"caption_generated": raw, "prompt_version": CAPTION_PROMPT, "model_id": model,
+                "finished": end == "finished", "caption_end": end}
         correction = normalise_caption(it.get("caption_correction") or "")
         if correction:  # a person's caption wins over the model's, whatever the model wrote
             rows.append(keep(it, **base, caption=correction, caption_corrected=correction != generated))
@@ -114,4 +139,4 @@ def caption_unit(ctx: Context, unit: Unit, sec: CaptionsConfig, missing_reason: 
     return [rows[k] for k in unit.sample_keys]
 
 
-CAPTION_STAGE_VERSION = f"1+{prompts_fingerprint(CAPTION_PROMPT)}"
+CAPTION_STAGE_VERSION = f"2+{prompts_fingerprint(CAPTION_PROMPT)}"

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from ..config import GenPoseConfig
 from ..manifests import keep, reject
+from .pose_rules import NECK, Keypoint, Person, measurements, person_height  # noqa: F401 (re-exported)
 from .loading import cached_model, inference, is_oom, resolve_device
 from ..engine.units import Context
 
@@ -42,35 +42,18 @@ BODY_PARTS = (
 )
 
 
-NECK, RIGHT_HIP, LEFT_HIP = 1, 8, 11
-
-
-# limb segments compared left against right: (name, right (from, to), left (from, to))
-LIMB_SEGMENTS = (
-    ("upper arm", (2, 3), (5, 6)),
-    ("forearm", (3, 4), (6, 7)),
-    ("thigh", (8, 9), (11, 12)),
-    ("shin", (9, 10), (12, 13)),
-)
-
-
-Keypoint = tuple[float, float, float]  # x, y in [0, 1]; OpenPose's confidence
-
-
-Person = list[Keypoint | None]  # 18 entries, in BODY_PARTS order
-
-
 @dataclass
 class PoseResult:
     """What OpenPose found in one image."""
 
     people: list[Person]
     n_people: int
-    main_person: Person | None  # the person with the largest keypoint box
-    main_person_area: float  # that box / image area (0 when nobody is found)
+    main_person: Person | None  # the tallest person (estimated body height), preferring one with a neck
+    main_person_area: float  # that person's keypoint box / image area (0 when nobody is found)
     n_keypoints: int  # body parts found for the main person
     aspect_ratio: float  # width / height of the image the keypoints are normalised to
     pose_map: Image.Image  # RGB, rendered like controlnet-aux's OpenposeDetector.__call__
+    person_height: float | None = None  # the main person's estimated body height / image height
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -115,7 +98,12 @@ def load_pose_detector(path: str, device: str, hand_and_face: bool = False, revi
         import_open_pose()
         from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector
 
-        body = Body(annotator_file(path, BODY_FILE, revision)).to(dev)
+        from ..fixtures.synthetic_openpose import is_synthetic_folder, load_synthetic_body
+
+        if os.path.isdir(path) and is_synthetic_folder(path):  # a fixture: synthetic network, real post-processing
+            body = load_synthetic_body(path).to(dev)
+        else:
+            body = Body(annotator_file(path, BODY_FILE, revision)).to(dev)
         if not hand_and_face:
             return OpenposeDetector(body)
         hand = Hand(annotator_file(path, HAND_FILE, revision)).to(dev)
@@ -126,6 +114,46 @@ def load_pose_detector(path: str, device: str, hand_and_face: bool = False, revi
 
 
 # -- detection ------------------------------------------------------------------------------------
+NETWORK_HEIGHT = 184  # controlnet-aux's body.py: scale_search [0.5] x boxsize 368, whatever the image size
+
+
+class _NetworkInput:
+    """controlnet-aux's ``body.py`` resizes the image to the network's input with ``util.smart_resize_k``
+    by a factor fixed inside ``Body.__call__`` (the image to 184 rows). This stands in for its ``util``
+    during one call and makes that one resize (of ``image`` itself) give ``height`` rows; every later step
+    (padding, output resizing back to the image, peaks, limbs) is body.py's own, for any input size."""
+
+    def __init__(self, util, image, height: int):
+        self._util, self._image, self._height = util, image, height
+
+    def __getattr__(self, name):
+        return getattr(self._util, name)
+
+    def smart_resize_k(self, x, fx, fy):
+        if x is self._image:
+            fx = fy = self._height / x.shape[0]
+        return self._util.smart_resize_k(x, fx=fx, fy=fy)
+
+
+_BODY_LOCK = threading.Lock()
+
+
+def run_body(detector, bgr: np.ndarray, network_height: int = NETWORK_HEIGHT):
+    """``detector.body_estimation(bgr)`` (candidates, subsets) with the network input ``network_height``
+    rows high; at controlnet-aux's own 184 it is exactly that call."""
+    if network_height == NETWORK_HEIGHT:
+        return detector.body_estimation(bgr)
+    import controlnet_aux.open_pose.body as body_module
+
+    with _BODY_LOCK:  # the module attribute is shared by threads
+        real = body_module.util
+        body_module.util = _NetworkInput(real, bgr, network_height)
+        try:
+            return detector.body_estimation(bgr)
+        finally:
+            body_module.util = real
+
+
 def keypoint_box_area(person: Person) -> float:
     """Area of the box around a person's found keypoints, as a fraction of the image."""
     pts = [k for k in person if k is not None]
@@ -136,8 +164,12 @@ def keypoint_box_area(person: Person) -> float:
 
 
 def pose_result(people: list[Person], pose_map: Image.Image, aspect_ratio: float) -> PoseResult:
-    """Summarise detected people: the main person is the one with the largest keypoint box."""
-    main = max(people, key=lambda p: (keypoint_box_area(p), sum(k is not None for k in p)), default=None)
+    """Summarise detected people: the main person is the tallest (pose_rules.person_height); a group of
+    parts without a neck (often parts attached to no body) is main only when nobody has a neck."""
+    heights = [person_height(p, aspect_ratio) for p in people]
+    best = max(range(len(people)), default=None, key=lambda i: (
+        people[i][NECK] is not None, heights[i] or 0.0, keypoint_box_area(people[i])))
+    main = people[best] if best is not None else None
     return PoseResult(
         people=people,
         n_people=len(people),
@@ -146,11 +178,12 @@ def pose_result(people: list[Person], pose_map: Image.Image, aspect_ratio: float
         n_keypoints=sum(k is not None for k in main) if main else 0,
         aspect_ratio=aspect_ratio,
         pose_map=pose_map,
+        person_height=heights[best] if best is not None else None,
     )
 
 
 def _detect_one(image: Image.Image, detector, detect_resolution: int, image_resolution: int,
-                hand_and_face: bool) -> PoseResult:
+                hand_and_face: bool, network_height: int = NETWORK_HEIGHT) -> PoseResult:
     """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops."""
     import cv2
     import torch
@@ -166,7 +199,7 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
     bgr = rgb[:, :, ::-1].copy()  # controlnet-aux feeds its networks BGR, as the original Caffe models
     drawn = []
     with inference(detector), torch.no_grad():
-        candidate, subset = detector.body_estimation(bgr)
+        candidate, subset = run_body(detector, bgr, network_height)
         for body in detector.body_estimation.format_body_result(candidate, subset):
             left_hand, right_hand = detector.detect_hands(body, bgr) if hand_and_face else (None, None)
             face = detector.detect_face(body, bgr) if hand_and_face else None
@@ -183,68 +216,10 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
 
 
 def detect_poses(images: list[Image.Image], detector, detect_resolution: int, image_resolution: int,
-                 hand_and_face: bool = False) -> list[PoseResult]:
+                 hand_and_face: bool = False, network_height: int = NETWORK_HEIGHT) -> list[PoseResult]:
     """OpenPose over a batch of images (controlnet-aux's networks take one image at a time)."""
-    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face) for im in images]
-
-
-# -- rules ----------------------------------------------------------------------------------------
-def person_problem(result: PoseResult, require_person: bool, min_person_area: float) -> str | None:
-    """Test-set rule (paper 3.1): reject an image with nobody in it (when ``require_person``), or
-    in which the largest person found has a keypoint box covering less than ``min_person_area``
-    of the image."""
-    if result.n_people == 0:
-        return "no person detected" if require_person else None
-    if result.main_person_area < min_person_area:
-        return (f"person too small: the largest person covers {result.main_person_area:.4f} of the image "
-                f"(below min_person_area={min_person_area})")
-    return None
-
-
-def _segment_length(person: Person, seg: tuple[int, int], aspect_ratio: float) -> float | None:
-    a, b = person[seg[0]], person[seg[1]]
-    if a is None or b is None:
-        return None
-    return math.hypot((a[0] - b[0]) * aspect_ratio, a[1] - b[1])  # in units of the image height
-
-
-def body_structure_problem(keypoints: Person | None, cfg: GenPoseConfig, aspect_ratio: float = 1.0) -> str | None:
-    """Training-set rule for broken bodies (paper 3.2, "unreasonable human structures").
-
-    A body is broken when, for its main person:
-    1. fewer than ``cfg.min_keypoints`` of the 18 body parts are found; or
-    2. with ``cfg.require_neck_and_hips``, the neck is missing, or both hips are missing; or
-    3. a limb segment (upper arm, forearm, thigh, shin) whose both ends are found on both sides is
-       more than ``cfg.max_limb_ratio`` times as long on one side as on the other (lengths in
-       pixels: ``aspect_ratio`` = image width / height undoes the [0, 1] normalisation).
-    ``keypoints`` None (nobody found) counts as no part found.
-    """
-    person: Person = list(keypoints) if keypoints is not None else [None] * len(BODY_PARTS)
-    found = sum(k is not None for k in person)
-    if found < cfg.min_keypoints:
-        return f"broken body: {found} body keypoints found (fewer than min_keypoints={cfg.min_keypoints})"
-    if cfg.require_neck_and_hips:
-        if person[NECK] is None:
-            return "broken body: no neck keypoint"
-        if person[RIGHT_HIP] is None and person[LEFT_HIP] is None:
-            return "broken body: no hip keypoint"
-    for name, right_seg, left_seg in LIMB_SEGMENTS:
-        right = _segment_length(person, right_seg, aspect_ratio)
-        left = _segment_length(person, left_seg, aspect_ratio)
-        if right is None or left is None or max(right, left) == 0:
-            continue
-        ratio = math.inf if min(right, left) == 0 else max(right, left) / min(right, left)
-        if ratio > cfg.max_limb_ratio:
-            longer = "left" if left > right else "right"
-            return (f"broken body: {longer} {name} is {ratio:.2f}x the other side's "
-                    f"(above max_limb_ratio={cfg.max_limb_ratio})")
-    return None
-
-
-def generated_image_problem(result: PoseResult, cfg: GenPoseConfig) -> str | None:
-    """gen_pose's rule: the person/area rule, then :func:`body_structure_problem` on the main person."""
-    return (person_problem(result, cfg.require_person, cfg.min_person_area)
-            or body_structure_problem(result.main_person, cfg, result.aspect_ratio))
+    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face, network_height)
+            for im in images]
 
 
 # -- stage helpers --------------------------------------------------------------------------------
@@ -262,15 +237,15 @@ def keypoints_json(people: list[Person]) -> str:
 
 def pose_fields(result: PoseResult) -> dict:
     return {
-        "n_people": result.n_people,
+        **measurements(result),
         "main_person_area": round(result.main_person_area, 6),
-        "n_keypoints": result.n_keypoints,
         "keypoints_json": keypoints_json(result.people),
     }
 
 
 def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: int, image_resolution: int,
-                 batch_size: int, hand_and_face: bool = False) -> dict[str, PoseResult | str]:
+                 batch_size: int, hand_and_face: bool = False,
+                 network_height: int = NETWORK_HEIGHT) -> dict[str, PoseResult | str]:
     """sample_key -> PoseResult, or the reason the item could not be posed (unreadable image, or
     OpenPose failing on that image alone). Images are read one batch at a time."""
     out: dict[str, PoseResult | str] = {}
@@ -283,7 +258,8 @@ def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: i
                 out[it["sample_key"]] = f"image unreadable: {it['image_path']}: {type(e).__name__}"
 
         def detect(batch: list[tuple[str, Image.Image]]) -> list[PoseResult]:
-            return detect_poses([im for _, im in batch], detector, detect_resolution, image_resolution, hand_and_face)
+            return detect_poses([im for _, im in batch], detector, detect_resolution, image_resolution, hand_and_face,
+                                network_height)
 
         try:
             out.update(zip([k for k, _ in loaded], detect(loaded)))

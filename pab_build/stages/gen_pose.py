@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from ..config import model_path
 from ..manifests import read_manifest_table, sorted_by_key
-from ..models.openpose import (
-    detect_items,
-    generated_image_problem,
-    load_pose_detector,
-    pose_row,
-    write_pose_map,
-)
+from ..models.openpose import detect_items, load_pose_detector, pose_row, write_pose_map
+from ..models.pose_rules import generated_image_problem
 from ..engine.units import Context, Stage, Unit, chunk_table_units
 
 
@@ -25,7 +20,7 @@ def run_gen_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
     sec, cfg = ctx.cfg.gen_pose, ctx.cfg
     detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, False, cfg.models.openpose.revision)
     results = detect_items(ctx, list(unit.items), detector, sec.detect_resolution, sec.image_resolution,
-                           sec.batch_size)
+                           sec.batch_size, network_height=sec.network_height)
     rows = []
     for it in unit.items:
         res = results[it["sample_key"]]
@@ -40,6 +35,7 @@ def run_gen_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
 
 STAGE = Stage(
     name="gen_pose",
+    version="2",  # 2: body height and segment stretch rules, detached parts; the measurements recorded
     plan_units=plan_gen_pose_units,
     run_unit=run_gen_pose_unit,
     config_keys=("gen_pose", "models.openpose"),

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from ..config import model_path
 from ..manifests import OK, read_manifest
-from ..models.openpose import (
-    PoseResult,
-    detect_items,
-    load_pose_detector,
-    person_problem,
-    pose_row,
-    write_pose_map,
-)
+from ..models.openpose import PoseResult, detect_items, load_pose_detector, pose_row, write_pose_map
+from ..models.pose_rules import person_problem
 from ..engine.units import Context, Stage, Unit, chunk_units
 from .frames import sample_key as frame_sample_key
 
@@ -54,14 +48,14 @@ def run_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
         detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, sec.hand_and_face,
                                       cfg.models.openpose.revision)
         results = detect_items(ctx, todo, detector, sec.detect_resolution, sec.image_resolution,
-                               sec.batch_size, sec.hand_and_face)
+                               sec.batch_size, sec.hand_and_face, sec.network_height)
     own: dict[str, str | None] = {}
     for it in items:
         key, res = it["sample_key"], results.get(it["sample_key"], "")
         if it["counterpart_problem"]:
             own[key] = it["counterpart_problem"]
         else:
-            own[key] = res if isinstance(res, str) else person_problem(res, sec.require_person, sec.min_person_area)
+            own[key] = res if isinstance(res, str) else person_problem(res, sec.require_person, sec.min_person_height)
     rows = []
     for it in items:
         key, res = it["sample_key"], results.get(it["sample_key"], "")
@@ -78,6 +72,7 @@ def run_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
 
 STAGE = Stage(
     name="pose",
+    version="2",  # 2: the person rule measures body height; person_height, limb_ratio_max, renamed counts
     plan_units=plan_pose_units,
     run_unit=run_pose_unit,
     config_keys=("pose", "models.openpose"),

@@ -27,7 +27,8 @@ from .words import (ARTICLES, AUXILIARIES, CLAUSE_WORDS, DETERMINERS, DISCOURSE,
                     NOT_ADVERB_LY, NOUN_ING, PARTITIVES, PERSON_NOUNS, PERSON_PRONOUNS, POSSESSIVES,
                     PREPOSITIONS, PRONOUN_DETERMINERS, PRONOUN_PLACEHOLDERS, PUNCT,
                     START_PREPOSITIONS, SUBORDINATORS, THING_PRONOUNS, VERB_FORMS, VIDEO_LINKS,
-                    VIDEO_WORDS, _JUNK_RE, _TOKEN_RE, caption_names, is_person_word)
+                    VIDEO_WORDS, REFERRING_PRONOUNS, _JUNK_RE, _TOKEN_RE, caption_names, is_person_word,
+                    refers_back_to_a_person, is_unknown_word)
 
 
 # -- finding the subject --------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class _Parser:
                 break
             if not cands and pre and pre[-1] in PRONOUN_DETERMINERS and (_is_verbish(t) or _ends_phrase(t)):
                 break  # "that hits the car", "both fall": the determiner is the subject
-            if _ends_phrase(t):
+            if _ends_phrase(t) and (cands or t not in self.lex[0]):  # "Will tries": a name, not the modal
                 break
             if cands and (_is_verbish(t) or _is_ly_adverb(t) or (_looks_like_verb(t) and not self.person(t))):
                 nxt = self.at(i + 1)
@@ -129,6 +130,8 @@ class _Parser:
                     break
             cands.append(t)
             i += 1
+        if len(cands) >= 2 and cands[-1].endswith("s") and is_unknown_word(cands[-1]) and self.person(cands[-2]):
+            return [cands[-2]], i  # "a wakeboarder faceplants into": an unknown -s word after a person is a verb
         if cands:
             return [cands[-1]], i
         return ([pre[-1]] if pre and pre[-1] != "'s" else []), i
@@ -196,7 +199,7 @@ class _Parser:
         if i >= n:
             return None
         t, nxt = self.at(i), self.at(i + 1)
-        if t == "to" or (t in AUXILIARIES and t not in DETERMINERS):
+        if t == "to" or (t in AUXILIARIES and t not in DETERMINERS and t not in self.lex[0]):  # "Will tries": a name
             return None
         starts_with_verb = (_is_verbish(t) or _looks_like_verb(t)) and not self.person(t)
         if starts_with_verb and (not nxt or nxt in DETERMINERS or nxt in PREPOSITIONS or _ends_phrase(nxt)
@@ -236,6 +239,10 @@ def analyse_subject(caption: str, svos: list | None = None, extra_person: Iterab
     subject = " and ".join(heads)
     if any(is_person_word(h, *lex) for h in heads):
         return SubjectResult(subject, True, None)
+    later = tokenize(caption)[1:]
+    if REFERRING_PRONOUNS & set(later) and any(
+            refers_back_to_a_person(h) for h in heads if h not in lex[1]):
+        return SubjectResult(subject, True, None)  # "the streamer falls off his chair"
     return SubjectResult(subject, False, f"subject {subject!r} is not a person")
 
 

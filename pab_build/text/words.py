@@ -215,6 +215,21 @@ def _is_agent_noun(word: str) -> bool:
     return any(s in VERBS or wordnet.is_verb(s) for s in stems)
 
 
+# agent-noun endings (streamer, YouTuber, barista, vlogger, parkourist, comedian, musketeer, prankster);
+# the [not_person] lexicon lists the machines and things that end the same way (mixer, tractor, blender)
+AGENT_SUFFIXES = ("er", "or", "ist", "ian", "ista", "eer", "ster")
+
+
+def looks_agentive(word: str) -> bool:
+    return len(word) >= 6 and word.endswith(AGENT_SUFFIXES) and word not in NOT_PERSON
+
+
+def _unknown_agent_noun(word: str) -> bool:
+    """A word WordNet 3.0 lacks in every part of speech (YouTuber, TikToker, vlogger, livestreamer)
+    with an agent-noun ending: modern names for people who do something."""
+    return wordnet.available() and looks_agentive(word) and not wordnet.is_common_word(word)
+
+
 def _lexicon_says(forms: list[str], person: set[str] | frozenset[str],
                   not_person: set[str] | frozenset[str]) -> bool | None:
     if any(f in not_person for f in forms):
@@ -262,9 +277,54 @@ def is_person_word(word: str, extra_person: Iterable[str] = (), extra_non_person
     for lem in lemmas:
         if any(lem.endswith(s) and len(lem) > len(s) for s in PERSON_SUFFIXES) or _is_agent_noun(lem):
             return True
+        if _unknown_agent_noun(lem):
+            return True
         if wordnet.available() and _is_compound_person(lem):
             return True
     return False
+
+
+REFERRING_PRONOUNS = _words("his her himself herself")  # "their/its" are as often things' ("its owner")
+# first noun senses of words that are subjects without an article yet are no names ("Snow falls",
+# "Water sprays"), and of things and animals that headline-style captions name bare ("Dog jumps")
+_BARE_NOT_NAMES = frozenset("substance phenomenon food process event animal artifact".split())
+
+
+def is_unknown_word(word: str) -> bool:
+    """Whether WordNet (when installed) knows no form of ``word`` ("sparks" is "spark")."""
+    return wordnet.available() and not any(wordnet.is_common_word(lem) for lem in _lemmas(word))
+
+
+_THINGS = frozenset("artifact object animal plant substance food body location".split())  # "the river ... his hat"
+
+
+def refers_back_to_a_person(word: str) -> bool:
+    """Whether a subject ``word`` that a later "his / her / himself / herself" refers back to is a
+    person: a word WordNet lacks, or one shaped like an agent noun ("the streamer falls off his chair":
+    WordNet knows only the ribbon) made from a verb (stream-er) or with a person ending (-ist, -ian), and
+    no machine, thing or animal by its first sense or the lexicon ("the river sweeps his hat away")."""
+    if not wordnet.available() or word in NOT_PERSON:
+        return False
+    senses = wordnet.noun_senses(word)
+    if "animal" in senses:
+        return False
+    if is_unknown_word(word):
+        return True
+    derived = _is_agent_noun(word) or word.endswith(AGENT_SUFFIXES[2:])  # stream-er, guitar-ist; not weather
+    return looks_agentive(word) and derived and not (senses[:1] and senses[0] in _THINGS)
+
+
+def _bare_subject_name(word: str, nxt: str, evidence: bool) -> bool:
+    """A capitalised first word with no article, directly before a finite verb, is a name ("Rose falls
+    off the swing", "Chase falls"): a singular common noun needs an article there. Not a mass noun
+    ("Snow falls") nor a thing or animal named headline-style ("Dog jumps"), unless a later his/her
+    refers back to it ("Mike loses his balance")."""
+    finite = nxt in IRREGULAR_VERB_FORMS or (nxt in VERB_FORMS and nxt.endswith(("s", "ed"))) or (
+        nxt.endswith("s") and wordnet.is_verb(nxt[:-1]) or nxt.endswith("es") and wordnet.is_verb(nxt[:-2]))
+    if not finite or nxt.endswith("ing") or word in NOT_PERSON or len(_lemmas(word)) > 1 and word.endswith("s"):
+        return False
+    senses = wordnet.noun_senses(word)
+    return evidence or not (senses[:1] and senses[0] in _BARE_NOT_NAMES)
 
 
 def caption_names(caption: str) -> set[str]:
@@ -279,10 +339,14 @@ def caption_names(caption: str) -> set[str]:
             continue  # "I", "TV", "DJ": pronouns and acronyms are not names
         low = w.lower()
         prev = words[i - 1].lower() if i else "."
-        if low in _FUNCTION_WORDS or prev in DETERMINERS:
+        modal_name = i == 0 and low in ("will", "may", "can", "june", "august") and _bare_subject_name(
+            low, words[1].lower() if len(words) > 1 else "", False)
+        if (low in _FUNCTION_WORDS or prev in DETERMINERS) and not modal_name:
             continue
         if prev in (".", "!", "?"):  # a sentence's first word is capitalised anyway
-            if low in VERB_FORMS or not wordnet.is_person_name(w):
+            nxt = words[i + 1].lower() if i + 1 < len(words) else ""
+            evidence = bool(REFERRING_PRONOUNS & {x.lower() for x in words[i + 2:]})
+            if not _bare_subject_name(low, nxt, evidence) and (low in VERB_FORMS or not wordnet.is_person_name(w)):
                 continue
         names.add(low)
     return names
