@@ -145,7 +145,9 @@ def run_body(detector, bgr: np.ndarray, network_height: int = NETWORK_HEIGHT):
         return detector.body_estimation(bgr)
     import controlnet_aux.open_pose.body as body_module
 
-    with _BODY_LOCK:  # the module attribute is shared by threads
+    # one patch at a time (the module is shared by threads); other threads' calls resize other images,
+    # which the stand-in passes through unchanged
+    with _BODY_LOCK:
         real = body_module.util
         body_module.util = _NetworkInput(real, bgr, network_height)
         try:
