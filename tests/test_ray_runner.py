@@ -208,3 +208,39 @@ def test_sigterm_stops_a_ray_build_with_rc_130(cluster, tmp_path, tiny_models_di
         time.sleep(1)
     assert not actors
     assert cluster.cluster.remaining_processes_alive()  # the cluster it joined stays up
+
+
+@pytest.mark.timeout(900)
+def test_a_node_lost_mid_stage_changes_no_byte(cluster, tmp_path, tiny_models_dir, sample_oops_root):
+    """A third node joins; its raylet and workers are SIGKILLed while one of its actors runs a unit:
+    the unit runs again on the nodes left and the stage's manifest is the threads build's."""
+    from ray._private import ray_constants
+
+    node_c = cluster.cluster.add_node(num_cpus=1)
+    cluster.cluster.wait_for_nodes()
+    raylet = psutil.Process(node_c.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    sets = [f"fixtures.models_dir={tiny_models_dir}", "fixtures.build_tiny_models=false",
+            f"oops.root={sample_oops_root}", "frames.clips_per_unit=1"]
+    args = ["run", "smoke", "--no-cmp", "--until", "frames", *[a for o in sets for a in ("--set", o)]]
+    ray_out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "flows.cli", *args, "--out", str(ray_out), "--runner", "ray",
+           "--set", f"run.ray_address={cluster.address}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    deadline = time.monotonic() + 300
+    busy = []
+    while not busy:  # an actor of node C in the middle of a unit
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        busy = [p for p in raylet.children(recursive=True)
+                if "ray::UnitWorker.run" in " ".join(p.cmdline() or [])]
+        time.sleep(0.05)
+    cluster.cluster.remove_node(node_c, allow_graceful=False)  # SIGKILL: raylet, its workers, its actors
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "its Ray actor is gone" in err, err[-3000:]
+    threads_out = tmp_path / "threads"
+    r = _cli([*args, "--out", str(threads_out), "--runner", "threads"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _content(str(threads_out)), _content(str(ray_out))
+    assert sorted(a) == sorted(b) == ["manifests/frames.parquet"]
+    assert a == b
