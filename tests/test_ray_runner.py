@@ -169,7 +169,8 @@ def test_ray_build_on_two_nodes(cluster, tmp_path, monkeypatch, tiny_models_dir,
     monkeypatch.delenv("PAB_SECRET_OVERRIDES")
     threads = str(tmp_path / "threads")
     r = _cli(["run", "smoke", "--out", threads, "--no-cmp", "--runner", "threads",
-              *[a for o in base + [f"review.decisions_files=[{decisions}]"] for a in ("--set", o)]])
+              *[a for o in base + ["review.policy=wait", f"review.decisions_files=[{decisions}]"]
+                for a in ("--set", o)]])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _content(threads), _content(out)
     assert sorted(a) == sorted(b) and any(k.startswith("manifests/") for k in a)
