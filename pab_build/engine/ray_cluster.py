@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 PASSED_ENV = ("PREFECT_API_URL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PAB_LOG_LEVEL")
 LOST_ACTOR_RETRIES = 3  # a unit whose actor (its node) died runs again on another actor this often
 
-_OWNED = threading.Event()  # set when this process started Ray (a local instance), not connected to a cluster
 
 
 def passed_env() -> dict[str, str]:
@@ -51,8 +50,6 @@ def connect(cfg: PABConfig) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     ctx = ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                    runtime_env={"env_vars": passed_env()}, configure_logging=False)
-    if not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
-        _OWNED.set()
     if in_main:
         for s, h in saved.items():
             if h is not None:
@@ -66,7 +63,6 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    _OWNED.clear()
 
 
 def alive_nodes() -> list[dict[str, Any]]:
