@@ -29,6 +29,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 PLANTED = "planted-Secret-7f3a9c"
+# on a loaded CI machine the build's temporary Prefect server may take longer than Prefect's default
+ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def cluster(tmp_path_factory):
 
 
 def _cli(args: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_DEDUP_LOGS": "0", **(env or {})}
+    env = {**os.environ, **ENV, "RAY_DEDUP_LOGS": "0", **(env or {})}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -192,7 +194,7 @@ def test_sigterm_stops_a_ray_build_with_rc_130(cluster, tmp_path, tiny_models_di
               f"oops.root={sample_oops_root}", f"run.ray_address={cluster.address}", "frames.clips_per_unit=1"):
         cmd += ["--set", o]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                            env={**os.environ, **ENV})
     deadline = time.monotonic() + 300
     while not glob.glob(str(out / "_markers" / "frames" / "*.json")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
@@ -227,7 +229,7 @@ def test_a_node_lost_mid_stage_changes_no_byte(cluster, tmp_path, tiny_models_di
     cmd = [sys.executable, "-m", "flows.cli", *args, "--out", str(ray_out), "--runner", "ray",
            "--set", f"run.ray_address={cluster.address}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                            env={**os.environ, **ENV})
     deadline = time.monotonic() + 300
     busy = []
     while not busy:  # an actor of node C in the middle of a unit

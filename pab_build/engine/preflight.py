@@ -250,7 +250,8 @@ def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None, until: 
         lambda: check_out(cfg, out), lambda: check_publish(cfg, publish_url), lambda: check_packages(cfg),
         lambda: check_cmp_init(cfg, stages),
     ]
-    if cfg.run.task_runner == "ray":  # every node of the cluster: its device, model cache and OUT access
+    if cfg.run.task_runner == "ray" and (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        # every node of the cluster it joins: its device, model cache and OUT access (a local Ray is this machine)
         checks.append(lambda: check_nodes(cfg, out, stages))
     rows: list[Row] = []
     for check in checks:
