@@ -33,7 +33,6 @@ PASSED_ENV = ("PREFECT_API_URL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PAB_
 LOST_ACTOR_RETRIES = 3  # a unit whose actor (its node) died runs again on another actor this often
 
 
-
 def passed_env() -> dict[str, str]:
     return {k: v for k in PASSED_ENV if (v := os.environ.get(k)) and redact_url(v) == v}
 
@@ -158,6 +157,7 @@ class RayActorPool:
         self.resources = actor_resources(cfg, stage_name, uses_gpu)
         self.cap = cluster_slots(cfg, stage_name, uses_gpu)
         self._data = public_config(cfg)
+        self._actor_class = None  # made when the first unit needs an actor: a finished stage never touches Ray
         self._free: list = []
         self._all: list = []
         self._cond = threading.Condition()
@@ -172,8 +172,10 @@ class RayActorPool:
                 self._cond.wait()
             if self._free:
                 return self._free.pop()
-            actor = ray.remote(UnitWorker).options(max_restarts=0, scheduling_strategy="SPREAD",
-                                                   **self.resources).remote(self._data, self.out, self.stage_name)
+            if self._actor_class is None:
+                self._actor_class = ray.remote(UnitWorker)
+            actor = self._actor_class.options(max_restarts=0, scheduling_strategy="SPREAD",
+                                              **self.resources).remote(self._data, self.out, self.stage_name)
             self._all.append(actor)
             return actor
 
