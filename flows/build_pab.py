@@ -29,8 +29,6 @@ from pab_build.engine.build_lock import hold_build_lock
 from pab_build.engine.build_outcome import BuildFailed, StageFailed, StageFailures, stage_failures
 from pab_build.config import PABConfig, qc_settings
 from pab_build.model_lock import locked_config
-from pab_build.model_lock import STAGE_MODELS
-from pab_build.models.loading import keep_only_models
 from pab_build.engine.pipeline import TEST_BRANCH, TRAINING_BRANCH, get_stage, stages_until
 from pab_build.engine.prepare import prepare_build
 from pab_build.engine.progress import StageReporter
@@ -52,36 +50,25 @@ def prepare_task(cfg: PABConfig, out: str) -> None:
 @task(name="unit", cache_policy=NO_CACHE)
 def run_unit_task(cfg: PABConfig, out: str, stage_name: str, unit: Unit) -> str:
     """One unit of one stage; Prefect retries it (config: run.unit_retries) when it raises."""
-    if cfg.run.task_runner == "ray":
-        # a Ray worker process outlives the stage and serves one unit at a time (the branches run one
-        # after the other on Ray): a unit of the next stage frees the previous stage's models
-        keep_only_models(STAGE_MODELS.get(stage_name, ()))
     return execute_unit(Context.create(cfg, out), get_stage(stage_name), unit)
 
 
-def _task_runner(cfg: PABConfig):
+def _workers(cfg: PABConfig) -> int:
+    """Unit task runs in flight at once: ``run.max_workers`` threads, or on Ray as many as the
+    cluster holds actors (each of those threads only waits on its actor)."""
     if cfg.run.task_runner == "ray":
-        from prefect_ray import (
-            RayTaskRunner,  # optional extra: pip install 'pab-build[ray]'
-        )
+        from pab_build.engine.ray_cluster import cluster_slots
 
-        init_kwargs = {"address": cfg.run.ray_address} if cfg.run.ray_address else {}
-        return RayTaskRunner(init_kwargs=init_kwargs)
+        return max(cfg.run.max_workers, cluster_slots(cfg))
+    return cfg.run.max_workers
+
+
+def _task_runner(cfg: PABConfig):
+    """Threads on the driver, also with Ray: a unit's task run is recorded here, on the flow's
+    server, and hands the unit to the stage's Ray actors (flows.dispatch.unit_submitter)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=cfg.run.max_workers)
-
-
-def _ray_resources(cfg: PABConfig, uses_gpu: bool):
-    """On Ray, units of GPU stages ask for ``run.gpus_per_unit`` GPUs when the build runs on CUDA
-    (on a CPU build a GPU request could never be met and the units would wait forever); every unit
-    asks for ``run.cpus_per_unit`` CPUs."""
-    if cfg.run.task_runner != "ray":
-        return contextlib.nullcontext()
-    from prefect_ray.context import remote_options
-
-    wants_gpu = uses_gpu and cfg.run.device.startswith("cuda")
-    return remote_options(num_cpus=cfg.run.cpus_per_unit, num_gpus=cfg.run.gpus_per_unit if wants_gpu else 0)
+    return ThreadPoolTaskRunner(max_workers=_workers(cfg))
 
 
 def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]:
@@ -118,9 +105,9 @@ def run_stage_units(cfg: PABConfig, out: str, stage_name: str) -> dict[str, int]
         counts[outcome] += 1
         reporter.unit_finished(unit.unit_id, outcome)
 
-    with _ray_resources(cfg, stage.uses_gpu), quiet_task_logs(not cfg.run.log_unit_runs), \
+    with quiet_task_logs(not cfg.run.log_unit_runs), \
             unit_submitter(cfg, out, stage_name, stage.uses_gpu, unit_task, logger.info) as submit:
-        dispatch_units(submit, units, window_size(cfg.run.max_workers), on_done)
+        dispatch_units(submit, units, window_size(_workers(cfg)), on_done)
     rows = finalize_stage(ctx, stage, units)
     reporter.stage_finished()
     result = {**counts, **status_counts(rows)}
@@ -288,23 +275,18 @@ def _run_branches(cfg: PABConfig, out: str, until: str | None,
                 update_progress_artifact(build_progress, 100.0 * len(finished) / max(1, len(planned)))
 
         _STAGE_FINISHED.set(stage_finished)
-    if cfg.run.task_runner == "ray":
-        # one Ray runner at a time (a second ray.init in the process fails); Ray spreads each stage's
-        # units over the cluster, so the branches run one after the other
-        _test_branch(cfg, out, test_names, test, pairs_done)
-        _training_branch(cfg, out, train_names, train, test, pairs_done)
-    else:
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pab-branch")
-        try:
-            # each thread runs in a copy of this flow run's context, so the stages are its subflows
-            futures = [pool.submit(contextvars.copy_context().run, _test_branch, cfg, out, test_names, test,
-                                   pairs_done),
-                       pool.submit(contextvars.copy_context().run, _training_branch, cfg, out, train_names, train,
-                                   test, pairs_done)]
-            for f in futures:
-                f.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: never wait for a paused branch
+    # on Ray too: one Ray connection serves both branches (each stage has its own actors)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pab-branch")
+    try:
+        # each thread runs in a copy of this flow run's context, so the stages are its subflows
+        futures = [pool.submit(contextvars.copy_context().run, _test_branch, cfg, out, test_names, test,
+                               pairs_done),
+                   pool.submit(contextvars.copy_context().run, _training_branch, cfg, out, train_names, train,
+                               test, pairs_done)]
+        for f in futures:
+            f.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: never wait for a paused branch
     summary = {n: (test.summary | train.summary)[n] for n in planned if n in test.summary or n in train.summary}
     failures, other = test.failures + train.failures, test.other + train.other
     return summary, (BuildFailed(failures, other) if failures or other else None)
@@ -337,6 +319,29 @@ def build_pab(
         from flows.run_control import exit_with_parent
 
         exit_with_parent()
+    with _ray_connection(cfg):
+        return _build(cfg, profile, out, overrides, until, publish_url, train_cmp, skip_preflight)
+
+
+@contextlib.contextmanager
+def _ray_connection(cfg: PABConfig):
+    """With ``task_runner: ray``: Ray started or joined once for the whole build (preflight and
+    every stage reuse it); at the end this build's Ray job ends (its actors and workers with it)."""
+    if cfg.run.task_runner != "ray":
+        yield
+        return
+    from pab_build.engine.ray_cluster import connect, disconnect
+
+    connect(cfg)
+    try:
+        yield
+    finally:
+        disconnect()
+
+
+def _build(cfg: PABConfig, profile: str, out: str, overrides: list[str] | None, until: str | None,
+           publish_url: str | None, train_cmp: bool | None, skip_preflight: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     if not skip_preflight:
         from pab_build.engine.preflight import PreflightFailed, format_table, run_checks
 

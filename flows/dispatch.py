@@ -123,15 +123,21 @@ def unit_submitter(cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool, un
     exit, and the stage's models cached in this process are dropped (CUDA cache emptied) unless a
     stage of the other branch still uses them."""
     with models_held_for_stage(STAGE_MODELS.get(stage_name, ())):
-        if not wants_device_workers(cfg, uses_gpu):
+        on_ray = cfg.run.task_runner == "ray"
+        if not on_ray and not wants_device_workers(cfg, uses_gpu):
             yield lambda u: unit_task.submit(cfg, out, stage_name, u)
             return
-        devices = resolve_devices(cfg)
-        if cfg.run.max_workers < len(devices):
-            log(f"{stage_name}: run.max_workers={cfg.run.max_workers} threads keep only that many of "
-                f"{len(devices)} devices busy; set it to at least {len(devices)}")
         pool_key = f"{out}/{stage_name}"
-        _POOLS[pool_key] = pool = DevicePool(cfg, devices)
+        if on_ray:  # the stage's Ray actors (one per GPU, or per run.cpus_per_unit CPUs), across the cluster
+            from pab_build.engine.ray_cluster import RayActorPool
+
+            _POOLS[pool_key] = pool = RayActorPool(cfg, out, stage_name, uses_gpu)
+        else:
+            devices = resolve_devices(cfg)
+            if cfg.run.max_workers < len(devices):
+                log(f"{stage_name}: run.max_workers={cfg.run.max_workers} threads keep only that many of "
+                    f"{len(devices)} devices busy; set it to at least {len(devices)}")
+            _POOLS[pool_key] = pool = DevicePool(cfg, devices)
         task_ = run_unit_on_device_task.with_options(
             name=unit_task.name, retries=unit_task.retries, retry_delay_seconds=unit_task.retry_delay_seconds,
             tags=unit_task.tags)
@@ -140,5 +146,6 @@ def unit_submitter(cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool, un
         finally:
             pool.close()
             _POOLS.pop(pool_key, None)
-            log(f"{stage_name}: units per device worker {dict(pool.units_per_worker)}")
+            log(f"{stage_name}: units per {'Ray actor' if on_ray else 'device worker'} "
+                f"{dict(pool.units_per_worker)}")
 

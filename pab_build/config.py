@@ -69,6 +69,9 @@ class RunConfig(Section):
     ray_address: str | None = None  # None = start a local Ray cluster
     gpus_per_unit: float = Field(1.0, ge=0)  # Ray: GPUs a unit of a GPU stage asks for
     cpus_per_unit: float = Field(1.0, ge=0)  # Ray: CPUs every unit asks for
+    # Ray: the GPU share of one actor of these GPU stages (others: gpus_per_unit). OpenPose and ResNet-50
+    # hold well under 1 GB and wait on image decoding between batches: two actors per card keep it busy
+    ray_gpu_share: dict[str, float] = {"pose": 0.5, "gen_pose": 0.5, "pairs": 0.5}
     unit_retries: int = Field(2, ge=0)  # Prefect retries of a failing unit before it is recorded as rejected
     retry_delay_s: float = Field(1.0, ge=0)
     trust_remote_code: bool = False  # never on unless the user opts in

@@ -16,25 +16,20 @@ from pab_build.engine.prepare import prepare_build
 from pab_build.engine.units import Context, run_stage
 
 
-# -- "units of GPU stages ask Ray for run.gpus_per_unit GPUs, all for run.cpus_per_unit CPUs" -------
+# -- "a GPU stage's Ray actors ask for run.gpus_per_unit GPUs (run.ray_gpu_share for small models), all for
+# run.cpus_per_unit CPUs" ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_ray_units_ask_for_gpus_only_in_gpu_stages_of_cuda_builds(device):
-    pytest.importorskip("prefect_ray")
-    from prefect_ray.context import RemoteOptionsContext
-
-    from flows.build_pab import _ray_resources
+def test_ray_actors_ask_for_gpus_only_in_gpu_stages_of_cuda_builds(device):
+    from pab_build.engine.ray_cluster import actor_resources
 
     cfg = load_config("smoke", {"run.task_runner": "ray", "run.device": device, "run.gpus_per_unit": 0.5,
-                                "run.cpus_per_unit": 3})
+                                "run.cpus_per_unit": 3, "run.ray_gpu_share": {"pose": 0.25}})
     gpu_stages = {name for name in STAGE_ORDER if get_stage(name).uses_gpu}
-    assert {"generate", "test_captions", "train_captions"} <= gpu_stages and "frames" not in gpu_stages
+    assert {"generate", "test_captions", "train_captions", "pose"} <= gpu_stages and "frames" not in gpu_stages
     for name in STAGE_ORDER:
-        with _ray_resources(cfg, get_stage(name).uses_gpu):
-            asked = RemoteOptionsContext.get().current_remote_options
-        want_gpus = 0.5 if device == "cuda" and name in gpu_stages else 0
+        asked = actor_resources(cfg, name, get_stage(name).uses_gpu)
+        want_gpus = (0.25 if name == "pose" else 0.5) if device == "cuda" and name in gpu_stages else 0
         assert asked == {"num_cpus": 3, "num_gpus": want_gpus}, name
-    with _ray_resources(load_config("smoke"), True):  # thread runner: no Ray options at all
-        assert RemoteOptionsContext.get().current_remote_options == {}
 
 
 # -- "credentials ... from a Prefect Secret block named by publish.credentials_block" ------------

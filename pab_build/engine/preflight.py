@@ -22,6 +22,7 @@ from ..model_lock import check_locked, model_kind, profile_models, read_lock
 HUB_TIMEOUT_S = 5.0
 GIB = 1 << 30
 PAPER_CLIPS = 20_000
+NODE_TIMEOUT_S = 60.0  # a Ray node that has not answered its checks by then is a problem
 
 
 @dataclass
@@ -136,8 +137,12 @@ def estimate_build_bytes(cfg: PABConfig, clips: int) -> int:
     return generated * jpeg * 3 + test
 
 
-def check_out(cfg: PABConfig, out: str) -> list[Row]:
+def check_out(cfg: PABConfig, out: str, probe: bool = False) -> list[Row]:
+    """OUT writable and its free space; a remote OUT is probed (a file written and removed with this
+    machine's credentials) only with ``probe`` (each Ray node's check), else the first stage tells."""
     if "://" in out and not out.startswith("file://"):
+        if probe:
+            return _probe_remote(cfg, out)
         return [Row("OUT", True, f"{out}: remote store (writability is checked by the first stage)")]
     out = out.removeprefix("file://")
     probe_dir = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
@@ -154,6 +159,23 @@ def check_out(cfg: PABConfig, out: str) -> list[Row]:
     rows.append(Row("OUT free space", free >= need,
                     f"{free / GIB:.1f} GiB free, the build needs about {need / GIB:.1f} GiB ({clips} clips)"))
     return rows
+
+
+def _probe_remote(cfg: PABConfig, out: str) -> list[Row]:
+    import uuid
+
+    from ..redact import redact_url
+    from ..store import Store
+
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never wait on the metadata address
+    rel = f".pab-preflight-{uuid.uuid4().hex[:12]}"
+    try:
+        store = Store(out, **cfg.publish.storage_options)
+        store.write_bytes(rel, b"")
+        store.remove(rel)
+    except Exception as e:  # noqa: BLE001 - the failure is the finding (credentials, endpoint, bucket)
+        return [Row("OUT writable", False, f"{redact_url(out)}: {type(e).__name__}: {str(e)[:200]}")]
+    return [Row("OUT writable", True, f"{redact_url(out)}: a probe file written and removed")]
 
 
 def _count_clips(cfg: PABConfig) -> int:
@@ -208,7 +230,7 @@ def check_cmp_init(cfg: PABConfig, stages: list[str] | None = None) -> list[Row]
 def check_packages(cfg: PABConfig) -> list[Row]:
     needs = []
     if cfg.run.task_runner == "ray":
-        needs += [("ray", "run.task_runner=ray"), ("prefect_ray", "run.task_runner=ray")]
+        needs += [("ray", "run.task_runner=ray")]
     for sec in ("test_captions", "train_captions", "attributes"):
         if getattr(cfg, sec).generation.backend == "vllm":
             needs.append(("vllm", f"{sec}.generation.backend=vllm"))
@@ -270,12 +292,60 @@ def run_checks(cfg: PABConfig, out: str, publish_url: str | None = None, until: 
         lambda: check_out(cfg, out), lambda: check_publish(cfg, publish_url), lambda: check_packages(cfg),
         lambda: check_cmp_init(cfg, stages), lambda: check_gpu_memory(cfg, stages),
     ]
+    if cfg.run.task_runner == "ray" and (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        # every node of the cluster it joins: its device, model cache and OUT access (a local Ray is this machine)
+        checks.append(lambda: check_nodes(cfg, out, stages))
     rows: list[Row] = []
     for check in checks:
         try:
             rows.extend(check())
         except Exception as e:  # noqa: BLE001 - a crashing check is a problem to list, not a stop
             rows.append(Row(getattr(check, "__name__", "check"), False, f"{type(e).__name__}: {e}"[:300]))
+    return rows
+
+
+# -- preflight on every node --------------------------------------------------------------------
+def _node_checks(cfg_data: dict[str, Any], out: str, stages: list[str] | None) -> list[tuple[str, bool, str]]:
+    """On one node, with its own environment, cache and credentials."""
+    from .ray_cluster import node_config
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a node checks its own cache, never the hub
+    cfg = node_config(cfg_data)
+    rows = []
+    for check in (lambda: check_device(cfg), lambda: check_models(cfg, stages), lambda: check_out(cfg, out, probe=True)):
+        try:
+            rows += [(r.check, r.ok, r.detail) for r in check()]
+        except Exception as e:  # noqa: BLE001 - a crashing check is a problem to list
+            rows.append(("check", False, f"{type(e).__name__}: {e}"[:300]))
+    return rows
+
+
+def check_nodes(cfg: PABConfig, out: str, stages: list[str] | None = None) -> list:
+    """Preflight's device, model and OUT checks on every alive node (pinned to it), as rows named
+    ``node <ip> <id>: <check>``; a node that does not answer in time is a problem too."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .ray_cluster import alive_nodes, connect, public_config
+
+    connect(cfg)
+    fn = ray.remote(_node_checks)
+    data = public_config(cfg)
+    refs = {}
+    for node in alive_nodes():
+        name = f"node {node['NodeManagerAddress']} {node['NodeID'][:8]}"
+        refs[fn.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote(data, out, stages)] = name
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=NODE_TIMEOUT_S)
+    rows = []
+    for ref, name in refs.items():
+        if ref not in ready:
+            rows.append(Row(name, False, f"did not answer within {NODE_TIMEOUT_S:.0f} s"))
+            continue
+        try:
+            rows += [Row(f"{name}: {c}", ok, d) for c, ok, d in ray.get(ref)]
+        except Exception as e:  # noqa: BLE001 - the node could not run the check
+            rows.append(Row(name, False, f"{type(e).__name__}: {e}"[:300]))
     return rows
 
 
