@@ -149,9 +149,15 @@ def pose_result(people: list[Person], pose_map: Image.Image, aspect_ratio: float
     )
 
 
-def _detect_one(image: Image.Image, detector, detect_resolution: int, image_resolution: int,
-                hand_and_face: bool) -> PoseResult:
-    """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops."""
+def _detect_input(image: Image.Image, detect_resolution: int) -> np.ndarray:
+    from controlnet_aux.util import HWC3, resize_image
+
+    return resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
+
+
+def _detect_one(rgb: np.ndarray, found, detector, image_resolution: int, hand_and_face: bool) -> PoseResult:
+    """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops;
+    ``found``: the body's ``(candidate, subset)`` when already computed (None: controlnet-aux's own)."""
     import cv2
     import torch
     import_open_pose()
@@ -161,12 +167,11 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
     from controlnet_aux.open_pose.body import Keypoint as AuxKeypoint
     from controlnet_aux.util import HWC3, resize_image
 
-    rgb = resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
     height, width = rgb.shape[:2]
     bgr = rgb[:, :, ::-1].copy()  # controlnet-aux feeds its networks BGR, as the original Caffe models
     drawn = []
     with inference(), torch.no_grad():
-        candidate, subset = detector.body_estimation(bgr)
+        candidate, subset = found if found is not None else detector.body_estimation(bgr)
         for body in detector.body_estimation.format_body_result(candidate, subset):
             left_hand, right_hand = detector.detect_hands(body, bgr) if hand_and_face else (None, None)
             face = detector.detect_face(body, bgr) if hand_and_face else None
@@ -183,9 +188,19 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
 
 
 def detect_poses(images: list[Image.Image], detector, detect_resolution: int, image_resolution: int,
-                 hand_and_face: bool = False) -> list[PoseResult]:
-    """OpenPose over a batch of images (controlnet-aux's networks take one image at a time)."""
-    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face) for im in images]
+                 hand_and_face: bool = False, postprocess: str = "torch") -> list[PoseResult]:
+    """OpenPose over a batch of images. ``postprocess="torch"``: the body network over the batch and
+    :mod:`.pose_postprocess` on its device; ``"controlnet_aux"``: its ``Body`` image by image."""
+    import torch
+
+    rgbs = [_detect_input(im, detect_resolution) for im in images]
+    found = [None] * len(rgbs)
+    if postprocess == "torch":
+        from .pose_postprocess import body_poses
+
+        with inference(), torch.no_grad():
+            found = body_poses(detector.body_estimation, [rgb[:, :, ::-1].copy() for rgb in rgbs])
+    return [_detect_one(rgb, f, detector, image_resolution, hand_and_face) for rgb, f in zip(rgbs, found)]
 
 
 # -- rules ----------------------------------------------------------------------------------------
@@ -270,7 +285,8 @@ def pose_fields(result: PoseResult) -> dict:
 
 
 def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: int, image_resolution: int,
-                 batch_size: int, hand_and_face: bool = False) -> dict[str, PoseResult | str]:
+                 batch_size: int, hand_and_face: bool = False,
+                 postprocess: str = "torch") -> dict[str, PoseResult | str]:
     """sample_key -> PoseResult, or the reason the item could not be posed (unreadable image, or
     OpenPose failing on that image alone). Images are read one batch at a time."""
     out: dict[str, PoseResult | str] = {}
@@ -283,7 +299,8 @@ def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: i
                 out[it["sample_key"]] = f"image unreadable: {it['image_path']}: {type(e).__name__}"
 
         def detect(batch: list[tuple[str, Image.Image]]) -> list[PoseResult]:
-            return detect_poses([im for _, im in batch], detector, detect_resolution, image_resolution, hand_and_face)
+            return detect_poses([im for _, im in batch], detector, detect_resolution, image_resolution, hand_and_face,
+                                postprocess)
 
         try:
             out.update(zip([k for k, _ in loaded], detect(loaded)))
