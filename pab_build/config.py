@@ -106,11 +106,6 @@ class FramesConfig(Section):
     decode_timeout_s: float = Field(60.0, gt=0)  # a video whose probe + decode of one clip takes longer is rejected
 
 
-# OpenPose's body post-processing: pab_build/models/pose_postprocess.py (same keypoints, >= 5x faster on a
-# CPU: bench/bench_pose_postprocess.py) or controlnet-aux's own, kept for comparison
-PosePostprocess = Literal["torch", "controlnet_aux"]
-
-
 class PoseConfig(Section):
     detect_resolution: int = Field(512, ge=32)  # OpenPose input size
     image_resolution: int = Field(512, ge=32)  # rendered pose map size
@@ -119,7 +114,7 @@ class PoseConfig(Section):
     require_person: bool = True  # reject frames in which OpenPose finds nobody
     min_person_area: float = Field(0.05, ge=0, le=1)  # largest person's box / image area
     hand_and_face: bool = False
-    postprocess: PosePostprocess = "torch"  # torch: batched on the network's device; controlnet_aux: its NumPy code
+    postprocess: Literal["torch", "controlnet_aux"] = "torch"  # models/pose_postprocess.py (same keypoints) or controlnet-aux's
 
 
 class PairsConfig(Section):
@@ -215,7 +210,7 @@ class GenPoseConfig(Section):
     require_neck_and_hips: bool = True  # a body with no neck or no hip is broken
     max_limb_ratio: float = Field(2.5, gt=1)  # left/right limb segment length ratio above this = broken
     min_person_area: float = Field(0.02, ge=0, le=1)
-    postprocess: PosePostprocess = "torch"  # as PoseConfig's
+    postprocess: Literal["torch", "controlnet_aux"] = "torch"  # as PoseConfig's
 
 
 class ShardsConfig(Section):

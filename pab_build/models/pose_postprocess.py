@@ -226,7 +226,10 @@ def postprocess(paf: torch.Tensor, heat: torch.Tensor, resized_hw: tuple[int, in
     ``resized_hw``: the network input's size before padding."""
     maps = _device_maps(tuple(heat.shape[-2:]), tuple(resized_hw), tuple(out_hw), str(heat.device))
     heat, paf = heat.float(), paf.float()
-    peaks = _peaks(heat, maps)
+    # the smoothed maps are float64 [B, 18, H, W]: a few images at a time (1 GiB on a GPU, 128 MiB here)
+    per_chunk = max(1, (2**27 if heat.is_cuda else 2**24) // (18 * out_hw[0] * out_hw[1]))
+    peaks = torch.cat([_peaks(heat[i : i + per_chunk], maps) + torch.tensor([i, 0, 0, 0], device=heat.device)
+                       for i in range(0, len(heat), per_chunk)])
     values = _peak_values(peaks, heat, maps).cpu().numpy()
     peaks_np = peaks.cpu().numpy()
     pairs, by_part = _limb_pairs(peaks_np, len(heat))
