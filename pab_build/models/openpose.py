@@ -155,9 +155,11 @@ def _detect_input(image: Image.Image, detect_resolution: int) -> np.ndarray:
     return resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
 
 
-def _detect_one(rgb: np.ndarray, found, detector, image_resolution: int, hand_and_face: bool) -> PoseResult:
+def _detect_one(image: Image.Image, detector, detect_resolution: int, image_resolution: int,
+                hand_and_face: bool, found: tuple | None = None) -> PoseResult:
     """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops;
-    ``found``: the body's ``(candidate, subset)`` when already computed (None: controlnet-aux's own)."""
+    ``found``: (the detect-size image, the body's ``candidate``, ``subset``) when already computed
+    (None: controlnet-aux's ``Body`` computes them)."""
     import cv2
     import torch
     import_open_pose()
@@ -167,11 +169,12 @@ def _detect_one(rgb: np.ndarray, found, detector, image_resolution: int, hand_an
     from controlnet_aux.open_pose.body import Keypoint as AuxKeypoint
     from controlnet_aux.util import HWC3, resize_image
 
+    rgb = found[0] if found is not None else _detect_input(image, detect_resolution)
     height, width = rgb.shape[:2]
     bgr = rgb[:, :, ::-1].copy()  # controlnet-aux feeds its networks BGR, as the original Caffe models
     drawn = []
     with inference(), torch.no_grad():
-        candidate, subset = found if found is not None else detector.body_estimation(bgr)
+        candidate, subset = found[1:] if found is not None else detector.body_estimation(bgr)
         for body in detector.body_estimation.format_body_result(candidate, subset):
             left_hand, right_hand = detector.detect_hands(body, bgr) if hand_and_face else (None, None)
             face = detector.detect_face(body, bgr) if hand_and_face else None
@@ -193,14 +196,16 @@ def detect_poses(images: list[Image.Image], detector, detect_resolution: int, im
     :mod:`.pose_postprocess` on its device; ``"controlnet_aux"``: its ``Body`` image by image."""
     import torch
 
-    rgbs = [_detect_input(im, detect_resolution) for im in images]
-    found = [None] * len(rgbs)
+    found: list = [None] * len(images)
     if postprocess == "torch":
         from .pose_postprocess import body_poses
 
+        rgbs = [_detect_input(im, detect_resolution) for im in images]
         with inference(), torch.no_grad():
-            found = body_poses(detector.body_estimation, [rgb[:, :, ::-1].copy() for rgb in rgbs])
-    return [_detect_one(rgb, f, detector, image_resolution, hand_and_face) for rgb, f in zip(rgbs, found)]
+            bodies = body_poses(detector.body_estimation, [rgb[:, :, ::-1].copy() for rgb in rgbs])
+        found = [(rgb, *body) for rgb, body in zip(rgbs, bodies)]
+    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face, f)
+            for im, f in zip(images, found)]
 
 
 # -- rules ----------------------------------------------------------------------------------------
