@@ -24,6 +24,7 @@ CPU_BENCHMARKS = [
     ["bench_frames.py", "--clips", "4", "--repeat", "1"],
     ["bench_shards.py", "--samples", "100", "--repeat", "1"],
     ["bench_pose_similarity.py", "--images", "4", "--size", "128", "--batch-sizes", "1,4"],
+    ["bench_pose_postprocess.py", "--images", "2", "--sizes", "512"],
     ["bench_prefect_overhead.py"],
 ]
 

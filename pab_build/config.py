@@ -121,6 +121,7 @@ class PoseConfig(Section):
     min_person_height: float = Field(0.25, ge=0)  # tallest person's body height / frame height (docs/pose-rules.md)
     network_height: int = Field(184, ge=32)  # network input rows; 184 = controlnet-aux's own (docs/pose-rules.md)
     hand_and_face: bool = False
+    postprocess: Literal["torch", "controlnet_aux"] = "torch"  # models/pose_postprocess.py (same keypoints) or controlnet-aux's
 
 
 class PairsConfig(Section):
@@ -222,6 +223,7 @@ class GenPoseConfig(Section):
     reject_detached_parts: bool = True  # neckless part groups on the person (a second head) = broken
     min_person_height: float = Field(0.2, ge=0)  # as pose.min_person_height
     network_height: int = Field(184, ge=32)  # as pose.network_height
+    postprocess: Literal["torch", "controlnet_aux"] = "torch"  # as PoseConfig's
 
 
 class ShardsConfig(Section):

@@ -184,9 +184,17 @@ def pose_result(people: list[Person], pose_map: Image.Image, aspect_ratio: float
     )
 
 
+def _detect_input(image: Image.Image, detect_resolution: int) -> np.ndarray:
+    from controlnet_aux.util import HWC3, resize_image
+
+    return resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
+
+
 def _detect_one(image: Image.Image, detector, detect_resolution: int, image_resolution: int,
-                hand_and_face: bool, network_height: int = NETWORK_HEIGHT) -> PoseResult:
-    """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops."""
+                hand_and_face: bool, network_height: int = NETWORK_HEIGHT, found: tuple | None = None) -> PoseResult:
+    """``OpenposeDetector.__call__``'s steps, keeping the keypoints (and their scores) it drops;
+    ``found``: (the detect-size image, the body's ``candidate``, ``subset``) when already computed by
+    :mod:`.pose_postprocess` (None: controlnet-aux's ``Body`` computes them, at ``network_height``)."""
     import cv2
     import torch
     import_open_pose()
@@ -196,12 +204,12 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
     from controlnet_aux.open_pose.body import Keypoint as AuxKeypoint
     from controlnet_aux.util import HWC3, resize_image
 
-    rgb = resize_image(HWC3(np.asarray(image.convert("RGB"), dtype=np.uint8)), detect_resolution)
+    rgb = found[0] if found is not None else _detect_input(image, detect_resolution)
     height, width = rgb.shape[:2]
     bgr = rgb[:, :, ::-1].copy()  # controlnet-aux feeds its networks BGR, as the original Caffe models
     drawn = []
     with inference(detector), torch.no_grad():
-        candidate, subset = run_body(detector, bgr, network_height)
+        candidate, subset = found[1:] if found is not None else run_body(detector, bgr, network_height)
         for body in detector.body_estimation.format_body_result(candidate, subset):
             left_hand, right_hand = detector.detect_hands(body, bgr) if hand_and_face else (None, None)
             face = detector.detect_face(body, bgr) if hand_and_face else None
@@ -218,10 +226,23 @@ def _detect_one(image: Image.Image, detector, detect_resolution: int, image_reso
 
 
 def detect_poses(images: list[Image.Image], detector, detect_resolution: int, image_resolution: int,
-                 hand_and_face: bool = False, network_height: int = NETWORK_HEIGHT) -> list[PoseResult]:
-    """OpenPose over a batch of images (controlnet-aux's networks take one image at a time)."""
-    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face, network_height)
-            for im in images]
+                 hand_and_face: bool = False, network_height: int = NETWORK_HEIGHT,
+                 postprocess: str = "torch") -> list[PoseResult]:
+    """OpenPose over a batch of images. ``postprocess="torch"``: the body network over the batch and
+    :mod:`.pose_postprocess` on its device; ``"controlnet_aux"``: its ``Body`` image by image. The
+    network sees each image ``network_height`` rows high (184: controlnet-aux's own)."""
+    import torch
+
+    found: list = [None] * len(images)
+    if postprocess == "torch":
+        from .pose_postprocess import body_poses
+
+        rgbs = [_detect_input(im, detect_resolution) for im in images]
+        with inference(detector), torch.no_grad():
+            bodies = body_poses(detector.body_estimation, [rgb[:, :, ::-1].copy() for rgb in rgbs], network_height)
+        found = [(rgb, *body) for rgb, body in zip(rgbs, bodies)]
+    return [_detect_one(im, detector, detect_resolution, image_resolution, hand_and_face, network_height, f)
+            for im, f in zip(images, found)]
 
 
 # -- stage helpers --------------------------------------------------------------------------------
@@ -247,7 +268,7 @@ def pose_fields(result: PoseResult) -> dict:
 
 def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: int, image_resolution: int,
                  batch_size: int, hand_and_face: bool = False,
-                 network_height: int = NETWORK_HEIGHT) -> dict[str, PoseResult | str]:
+                 network_height: int = NETWORK_HEIGHT, postprocess: str = "torch") -> dict[str, PoseResult | str]:
     """sample_key -> PoseResult, or the reason the item could not be posed (unreadable image, or
     OpenPose failing on that image alone). Images are read one batch at a time."""
     out: dict[str, PoseResult | str] = {}
@@ -261,7 +282,7 @@ def detect_items(ctx: Context, items: list[dict], detector, detect_resolution: i
 
         def detect(batch: list[tuple[str, Image.Image]]) -> list[PoseResult]:
             return detect_poses([im for _, im in batch], detector, detect_resolution, image_resolution, hand_and_face,
-                                network_height)
+                                network_height, postprocess)
 
         try:
             out.update(zip([k for k, _ in loaded], detect(loaded)))

@@ -20,7 +20,7 @@ def run_gen_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
     sec, cfg = ctx.cfg.gen_pose, ctx.cfg
     detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, False, cfg.models.openpose.revision)
     results = detect_items(ctx, list(unit.items), detector, sec.detect_resolution, sec.image_resolution,
-                           sec.batch_size, network_height=sec.network_height)
+                           sec.batch_size, network_height=sec.network_height, postprocess=sec.postprocess)
     rows = []
     for it in unit.items:
         res = results[it["sample_key"]]

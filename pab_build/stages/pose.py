@@ -48,7 +48,7 @@ def run_pose_unit(ctx: Context, unit: Unit) -> list[dict]:
         detector = load_pose_detector(model_path(cfg, "openpose"), cfg.run.device, sec.hand_and_face,
                                       cfg.models.openpose.revision)
         results = detect_items(ctx, todo, detector, sec.detect_resolution, sec.image_resolution,
-                               sec.batch_size, sec.hand_and_face, sec.network_height)
+                               sec.batch_size, sec.hand_and_face, sec.network_height, sec.postprocess)
     own: dict[str, str | None] = {}
     for it in items:
         key, res = it["sample_key"], results.get(it["sample_key"], "")
