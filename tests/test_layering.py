@@ -22,6 +22,7 @@ FLOORS = [
 ]
 FLOOR_OF = {wing: i for i, wings in enumerate(FLOORS) for wing in wings}
 ROOT_LIMIT, LINE_LIMIT = 8, 450
+CORE_PACKAGES = {"config"}  # core modules that grew into a package: config/ (loading) + config/sections.py
 
 
 def _module_name(path: Path) -> str:
@@ -37,6 +38,8 @@ def _wing(module: str) -> str:
     if len(parts) == 1:
         return "core"  # the package itself
     sub = parts[1]
+    if sub in CORE_PACKAGES:
+        return "core"
     return sub if (PKG / sub).is_dir() else "core"
 
 
