@@ -239,10 +239,15 @@ def measure(mode: str, args) -> dict:
 
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
-    out, _ = proc.communicate()
+    try:
+        out, _ = proc.communicate(timeout=args.mode_timeout)
+    except subprocess.TimeoutExpired:  # the old loader over S3 can take hours: say so, go on
+        proc.kill()
+        proc.communicate()
+        out = json.dumps({"timed_out_after_s": args.mode_timeout})
     done.set()
     watcher.join()
-    if proc.returncode:
+    if proc.returncode and "timed_out" not in out:
         raise SystemExit(f"{mode} failed ({proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result.update({k: round(v / 2**20, 1) for k, v in peak.items()})
@@ -259,6 +264,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="samples per run (0: one epoch)")
     ap.add_argument("--old-limit", type=int, default=20_000, help="samples the old loader reads (0: one epoch)")
     ap.add_argument("--s3-shards", type=int, default=2, help="shards uploaded to moto's S3 server (0: no S3 runs)")
+    ap.add_argument("--mode-timeout", type=int, default=600, help="seconds one mode may run")
     ap.add_argument("--modes", default="plain,paired,old,s3-plain,s3-paired,s3-old")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

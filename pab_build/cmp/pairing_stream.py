@@ -144,7 +144,7 @@ def _member_chain(data: bytes, at: int) -> list[tuple[str, str, bytes]] | None:
 
 def tail_samples(data: bytes, whole: bool) -> list[dict]:
     """Samples in the tail ``data`` of a shard (block-aligned); unless ``whole``, the first one may
-    lack members read before the cut and is left out."""
+    lack members before the cut and is left out."""
     for at in range(0, max(0, len(data) - _BLOCK + 1), _BLOCK):
         members = _member_chain(data, at)
         if members is not None:
@@ -156,7 +156,7 @@ def tail_samples(data: bytes, whole: bool) -> list[dict]:
         if not samples or samples[-1]["__key__"] != key:
             samples.append({"__key__": key})
         samples[-1][ext] = payload
-    return samples if whole or at == 0 else samples[1:]
+    return samples if whole else samples[1:]
 
 
 # -- the shards and their neighbours --------------------------------------------------------------
@@ -193,14 +193,17 @@ class ShardSet:
     def __setstate__(self, state):
         self.__init__(state["urls"], state["storage_options"])
 
-    def head(self, pos: int, wanted: set[str]) -> tuple[dict[str, dict], bool]:
-        """Wanted samples of shard ``pos`` streamed from its start up to the last wanted key; and
-        whether the whole shard was read (the rest of ``wanted`` may then be further on)."""
+    def head(self, pos: int, wanted: set[str], ident) -> tuple[dict[str, dict], bool]:
+        """Wanted samples of shard ``pos`` streamed from its start while they are of identity
+        ``ident``, up to the last wanted key; and whether the whole shard is that identity's (the
+        rest of ``wanted`` may then be in the next one)."""
         self.stats.add("neighbour_reads")
         found, last = {}, max(wanted)
         samples = iter_samples([self.urls[pos]], self.storage_options)
         try:
             for s in samples:
+                if _identity(s) != ident:
+                    return found, False
                 if s["__key__"] in wanted:
                     found[s["__key__"]] = s
                 if s["__key__"] >= last:
@@ -209,17 +212,19 @@ class ShardSet:
             samples.close()
         return found, True
 
-    def tail(self, pos: int, wanted: set[str]) -> tuple[dict[str, dict], bool]:
-        """Wanted samples of shard ``pos`` from range reads of its tail, from 1 MiB doubling until
-        the read starts before the first wanted key; and whether it reached the shard's start."""
+    def tail(self, pos: int, wanted: set[str], ident) -> tuple[dict[str, dict], bool]:
+        """Wanted samples of identity ``ident`` in shard ``pos``, from range reads of its tail: 1 MiB,
+        doubled until the read starts before the first wanted key or the identity's start; and
+        whether the whole shard is that identity's."""
         fs, path = fsspec.core.url_to_fs(self.urls[pos], **self.storage_options)
         size, first, length = fs.size(path), min(wanted), TAIL_FIRST_READ
         while True:
             start = max(0, size - length) // _BLOCK * _BLOCK
             self.stats.add("neighbour_reads")
             samples = tail_samples(fs.cat_file(path, start=start, end=size), whole=start == 0)
-            if start == 0 or (samples and samples[0]["__key__"] < first):
-                return {s["__key__"]: s for s in samples if s["__key__"] in wanted}, start == 0
+            mine = [s for s in samples if _identity(s) == ident]
+            if start == 0 or len(mine) < len(samples) or (samples and samples[0]["__key__"] < first):
+                return {s["__key__"]: s for s in mine if s["__key__"] in wanted}, start == 0 and len(mine) == len(samples)
             length *= 2
 
     def first_key(self, pos: int) -> str | None:
@@ -262,13 +267,14 @@ class ShardSet:
                         len(self.urls), ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else ""))
         return found
 
-    def resolve(self, pos: int, missing: set[str], first: str, last: str) -> dict[str, dict]:
-        """Counterparts of shard ``pos``'s samples that are not in its stream (keys ``first``..``last``)."""
+    def resolve(self, pos: int, missing: set[str], first: str, last: str, ident) -> dict[str, dict]:
+        """Counterparts of shard ``pos``'s samples of identity ``ident`` that are not in its stream
+        (keys ``first``..``last``): from the neighbours while the identity goes on, else the fallback."""
         found: dict[str, dict] = {}
         for step, wanted in ((-1, {k for k in missing if k < first}), (1, {k for k in missing if k > last})):
             i = pos + step
             while wanted and 0 <= i < len(self.urls):
-                got, whole = (self.tail if step < 0 else self.head)(i, wanted)
+                got, whole = (self.tail if step < 0 else self.head)(i, wanted, ident)
                 found.update(got)
                 wanted -= got.keys()
                 if not whole:
@@ -318,7 +324,7 @@ def _emit(group: list[dict], pos: int, first: str, shards: ShardSet, select, loa
         if wanted:
             # past the stream's end only for the shard's last identity; else not in the stream
             last = group[-1]["__key__"] if at_end else "\uffff"
-            found.update(shards.resolve(pos, wanted, first, last))
+            found.update(shards.resolve(pos, wanted, first, last, group[-1]["__meta__"].get("identity")))
     for s in chosen:
         hard = found.get(s["__meta__"].get("hard_negative_key") or "") if load_counterparts else None
         s["__hard__"] = None if hard is None else {ext: hard[ext] for ext in (IMAGE_EXT, POSE_EXT) if ext in hard}
