@@ -271,8 +271,9 @@ class ShardSet:
         """Counterparts of shard ``pos``'s samples of identity ``ident`` that are not in its stream
         (keys ``first``..``last``): from the neighbours while the identity goes on, else the fallback."""
         found: dict[str, dict] = {}
+        absent: set[str] = set()
         for step, wanted in ((-1, {k for k in missing if k < first}), (1, {k for k in missing if k > last})):
-            i = pos + step
+            i, whole = pos + step, True
             while wanted and 0 <= i < len(self.urls):
                 got, whole = (self.tail if step < 0 else self.head)(i, wanted, ident)
                 found.update(got)
@@ -280,7 +281,12 @@ class ShardSet:
                 if not whole:
                     break
                 i += step
-        rest = missing - found.keys()
+            if whole and not 0 <= i < len(self.urls):
+                absent |= wanted  # the identity runs to the first / last shard: these are in no shard
+        if absent:  # the samples train without one, as with the old loader
+            log.warning("%d hard negative(s) of identity %s are in none of the training shards: %s", len(absent),
+                        ident, ", ".join(sorted(absent)[:3]) + (", ..." if len(absent) > 3 else ""))
+        rest = missing - found.keys() - absent
         if rest:
             found.update(self.fallback(rest))
         return found
@@ -326,8 +332,10 @@ def _emit(group: list[dict], pos: int, first: str, shards: ShardSet, select, loa
             last = group[-1]["__key__"] if at_end else "\uffff"
             found.update(shards.resolve(pos, wanted, first, last, group[-1]["__meta__"].get("identity")))
     for s in chosen:
-        hard = found.get(s["__meta__"].get("hard_negative_key") or "") if load_counterparts else None
+        meta = s.pop("__meta__")  # decoding parses the json again: nothing extra travels to the trainer
+        hard = found.get(meta.get("hard_negative_key") or "") if load_counterparts else None
         s["__hard__"] = None if hard is None else {ext: hard[ext] for ext in (IMAGE_EXT, POSE_EXT) if ext in hard}
-        s["__reads__"] = shards.stats.take()
+        if shards.stats.pending:
+            s["__reads__"] = shards.stats.take()
         yield s
 
