@@ -107,8 +107,8 @@ def make_shards(root: str, n: int, per_shard: int) -> list[str]:
 
 
 # -- one mode, in a child process -------------------------------------------------------------------
-def _train_data(urls, args, storage_options=None, cls=cmp_data.TrainData):
-    return cls(urls=urls, transform=cmp_data.ImageTransform(16, (0.5,) * 3, (0.5,) * 3), batch_size=args.batch,
+def _train_data(urls, args, storage_options=None, pairing="stream"):
+    return cmp_data.TrainData(pairing=pairing, urls=urls, transform=cmp_data.ImageTransform(16, (0.5,) * 3, (0.5,) * 3), batch_size=args.batch,
                seed=1, shuffle_buffer=1000, num_workers=args.workers, storage_options=storage_options or {})
 
 
@@ -129,21 +129,6 @@ def plain_loader(urls, args, storage_options):
     return torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=args.workers)
 
 
-class OldTrainData(cmp_data.TrainData):
-    """The loader before issue 21: an index of every tar header, each counterpart read by key."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.index = cmp_data.build_member_index(self.urls, self.storage_options)
-
-    def _paired(self, shards):
-        for s in iter_samples([sh["url"] for sh in shards], self.storage_options):
-            hard = json.loads(s["json"]).get("hard_negative_key")
-            s["__hard__"] = ({e: self.index.read(hard, e) for e in ("jpg", "pose.png")}
-                             if hard and hard in self.index else None)
-            yield s
-
-
 def run_mode(mode: str, urls: list[str], args) -> dict:
     storage_options, requests = {}, None
     if mode.startswith("s3-"):
@@ -153,7 +138,8 @@ def run_mode(mode: str, urls: list[str], args) -> dict:
     if mode == "plain":
         loader = plain_loader(urls, args, storage_options)
     else:
-        data = _train_data(urls, args, storage_options, OldTrainData if mode == "old" else cmp_data.TrainData)
+        # "old": the loader before issue 21 (an index of all tar headers, counterparts by random access)
+        data = _train_data(urls, args, storage_options, "index" if mode == "old" else "stream")
         loader = data.loader(0, decode=False)
     limit = args.old_limit if mode == "old" else args.limit
     n = fallback = neighbour = 0

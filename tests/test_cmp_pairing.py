@@ -16,21 +16,10 @@ from pab_build.cmp import pairing_stream
 from pab_build.shards.writer import build_shard
 
 
-class OldTrainData(cmp_data.TrainData):
+def OldTrainData(**kw):
     """The loader before issue 21: the same pipeline, every counterpart read by key from an index
-    of all tar headers (kept as the stream's fallback)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.index = cmp_data.build_member_index(self.urls)
-
-    def _paired(self, shards):
-        for s in pairing_stream.iter_samples([sh["url"] for sh in shards], {}):
-            if cmp_data.in_fraction(s["__key__"], self.fraction):
-                hard = json.loads(s["json"]).get("hard_negative_key")
-                s["__hard__"] = ({e: self.index.read(hard, e) for e in ("jpg", "pose.png")}
-                                 if hard and hard in self.index else None)
-                yield s
+    of all tar headers (``pairing="index"``)."""
+    return cmp_data.TrainData(pairing="index", **kw)
 
 
 def loader_args(urls, batch_size=4):

@@ -20,6 +20,7 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator
 
 import fsspec
@@ -28,7 +29,8 @@ import torch
 from PIL import Image
 
 from pab_build.cmp.pairing_stream import (  # noqa: F401 - re-exported: the old random-access API
-    MemberIndex, MemberRef, ShardSet, build_member_index, open_streams, paired_samples, split_member)
+    MemberIndex, MemberRef, ShardSet, build_member_index, index_paired_samples, open_streams, paired_samples,
+    split_member)
 from pab_build.cmp.text_augment import eda, pre_caption, wordnet_synonyms  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -189,9 +191,11 @@ class TrainData:
     storage_options: dict = field(default_factory=dict)
     skipped: int = 0  # samples dropped for undecodable members (logged)
     sample_count: int | None = None  # samples in the fraction; counted on first use
+    pairing: str = "stream"  # "index": the old loader (every counterpart by random access), the reference
 
     def __post_init__(self):
         self.shards = ShardSet(self.urls, self.storage_options)
+        self.index = build_member_index(self.urls, self.storage_options) if self.pairing == "index" else None
 
     @property
     def num_samples(self) -> int:
@@ -230,9 +234,12 @@ class TrainData:
 
     def _paired(self, shards):
         """Each shard's samples in the fraction, in shard order, with their counterparts' bytes."""
+        select = partial(in_fraction, fraction=self.fraction)
+        if self.index is not None:
+            yield from index_paired_samples([s["url"] for s in shards], self.index, select, self.storage_options)
+            return
         for shard in shards:
-            yield from paired_samples(shard["url"], self.shards, lambda k: in_fraction(k, self.fraction),
-                                      self.load_counterparts)
+            yield from paired_samples(shard["url"], self.shards, select, self.load_counterparts)
 
     def _this_rank(self, samples):
         for i, s in enumerate(samples):

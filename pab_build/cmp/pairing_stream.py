@@ -339,3 +339,16 @@ def _emit(group: list[dict], pos: int, first: str, shards: ShardSet, select, loa
             s["__reads__"] = shards.stats.take()
         yield s
 
+
+def index_paired_samples(urls: list[str], index: MemberIndex, select: Callable[[str], bool],
+                         storage_options: dict | None = None) -> Iterator[dict]:
+    """The loader before issue 21 (``TrainData(pairing="index")``): the same samples in the same
+    order, every counterpart read by key through ``index`` (an index of all tar headers). Kept as
+    the reference the tests and ``bench/bench_cmp_data.py`` compare the stream with."""
+    for s in iter_samples(urls, storage_options or {}):
+        if select(s["__key__"]):
+            _identity(s)
+            hard = s.pop("__meta__").get("hard_negative_key")
+            s["__hard__"] = ({e: index.read(hard, e) for e in (IMAGE_EXT, POSE_EXT) if e in index.refs[hard].members}
+                             if hard and hard in index else None)
+            yield s
