@@ -38,17 +38,17 @@ def split_member(name: str) -> tuple[str, str]:
     return key, ext
 
 
-def open_streams(urls, storage_options):
+def open_streams(urls, storage_options, **open_options):
     for url in urls:
-        with fsspec.open(url, "rb", **storage_options) as stream:
+        with fsspec.open(url, "rb", **storage_options, **open_options) as stream:
             yield {"url": url, "stream": stream}
 
 
-def iter_samples(urls, storage_options: dict) -> Iterator[dict]:
+def iter_samples(urls, storage_options: dict, **open_options) -> Iterator[dict]:
     """webdataset's own tar reading: one dict per sample (``__key__``, one entry per member)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    return group_by_keys(tar_file_expander(open_streams(urls, storage_options)))
+    return group_by_keys(tar_file_expander(open_streams(urls, storage_options, **open_options)))
 
 
 # -- random access: the fallback (and the old loader's way) --------------------------------------
@@ -199,7 +199,8 @@ class ShardSet:
         rest of ``wanted`` may then be in the next one)."""
         self.stats.add("neighbour_reads")
         found, last = {}, max(wanted)
-        samples = iter_samples([self.urls[pos]], self.storage_options)
+        # small blocks: s3fs would otherwise fetch 50 MiB ahead for an identity's head
+        samples = iter_samples([self.urls[pos]], self.storage_options, block_size=TAIL_FIRST_READ)
         try:
             for s in samples:
                 if _identity(s) != ident:
