@@ -206,7 +206,7 @@ def measure(mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--_run", mode, "--out", args.out, "--samples", str(args.samples),
            "--per-shard", str(args.per_shard), "--workers", str(args.workers), "--batch", str(args.batch),
            "--limit", str(args.limit), "--old-limit", str(args.old_limit), "--s3-shards", str(args.s3_shards)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     peak = {"main_rss": 0, "worker_rss": 0, "worker_uss": 0}
     done = threading.Event()
 
@@ -228,7 +228,7 @@ def measure(mode: str, args) -> dict:
     try:
         out, _ = proc.communicate(timeout=args.mode_timeout)
     except subprocess.TimeoutExpired:  # the old loader over S3 can take hours: say so, go on
-        proc.kill()
+        os.killpg(proc.pid, 9)  # the child and its DataLoader workers
         proc.communicate()
         out = json.dumps({"timed_out_after_s": args.mode_timeout})
     done.set()

@@ -39,8 +39,10 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def open_streams(urls, storage_options, **open_options):
+    """``open_options`` go to the file's ``open`` (``block_size``), not to the filesystem."""
     for url in urls:
-        with fsspec.open(url, "rb", **storage_options, **open_options) as stream:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        with fs.open(path, "rb", **open_options) as stream:
             yield {"url": url, "stream": stream}
 
 
