@@ -173,7 +173,7 @@ def test_flip_moves_image_and_pose_together(train_shards):
     urls = cmp_data.list_shards(train_shards, "train")
     index = cmp_data.build_member_index(urls)
     transform = cmp_data.ImageTransform(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    td = cmp_data.TrainData(urls=urls, index=index, transform=transform, batch_size=4, erasing_probability=0.0,
+    td = cmp_data.TrainData(urls=urls, transform=transform, batch_size=4, erasing_probability=0.0,
                             load_counterparts=False)
     key = sorted(index.refs)[0]
     pic = _half_white()
@@ -194,7 +194,7 @@ def test_epoch_batches_are_reproducible_and_carry_counterparts(train_shards):
     urls = cmp_data.list_shards(train_shards, "train")
     index = cmp_data.build_member_index(urls)
     transform = cmp_data.ImageTransform(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    td = cmp_data.TrainData(urls=urls, index=index, transform=transform, batch_size=4, seed=3)
+    td = cmp_data.TrainData(urls=urls, transform=transform, batch_size=4, seed=3)
     assert td.steps_per_epoch == 4
     a, b, c = list(td.loader(0)), list(td.loader(0)), list(td.loader(1))
     assert [x["keys"] for x in a] == [x["keys"] for x in b]
@@ -322,7 +322,7 @@ def test_pre_caption_is_the_official_cleaning():
 def _decode(train_shards, **switches):
     urls = cmp_data.list_shards(train_shards, "train")
     index = cmp_data.build_member_index(urls)
-    td = cmp_data.TrainData(urls=urls, index=index, transform=cmp_data.ImageTransform(32, (0.5,) * 3, (0.5,) * 3),
+    td = cmp_data.TrainData(urls=urls, transform=cmp_data.ImageTransform(32, (0.5,) * 3, (0.5,) * 3),
                             batch_size=4, erasing_probability=0.6, eda_probability=1.0, **switches)
     key = sorted(index.refs)[0]
     sample = {"__key__": key, "jpg": index.read(key, "jpg"), "pose.png": _half_white(), "json": index.read(key, "json"),

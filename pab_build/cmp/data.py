@@ -2,8 +2,9 @@
 
 Shards may be local folders or fsspec URLs (``s3://...``). Each training sample carries the key
 and caption of its identity counterpart (``hard_negative_key``/``hard_negative_caption``); IHNM
-also needs the counterpart's *image*, so :func:`build_member_index` records where every member
-lives inside the tars and :class:`MemberIndex` reads one member back by offset.
+also needs the counterpart's *image*: :mod:`pab_build.cmp.pairing_stream` takes it from the stream
+itself (an identity's samples are contiguous in the shards), with random access only as a
+counted fallback. No per-sample index is held: the epoch's length comes from ``shards/index.json``.
 
 Augmentation (paper B.1) is seeded per (seed, epoch, sample key): the same sample gets the same
 flip / erasing / text edit in an uninterrupted and in a resumed run, whatever the worker count.
@@ -15,9 +16,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import tarfile
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator
 
 import fsspec
@@ -25,6 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pab_build.cmp.pairing_stream import (  # noqa: F401 - re-exported: the old random-access API
+    MemberIndex, MemberRef, ShardSet, build_member_index, index_paired_samples, open_streams, paired_samples,
+    split_member)
 from pab_build.cmp.text_augment import eda, pre_caption, wordnet_synonyms  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXT, POSE_EXT, TEXT_EXT, JSON_EXT = "jpg", "pose.png", "txt", "json"
 
 
-# -- shards and random access -----------------------------------------------------------------
+# -- shards -----------------------------------------------------------------------------------
 def list_shards(source: str, split: str, storage_options: dict | None = None) -> list[str]:
     """Sorted shard URLs of ``split`` under a build's output root (``<root>/shards/<split>/``),
     a ``shards`` folder, or the split folder itself."""
@@ -45,67 +51,75 @@ def list_shards(source: str, split: str, storage_options: dict | None = None) ->
     raise FileNotFoundError(f"no {split} shards ({split}-NNNNNN.tar) under {source!r}")
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """``<key>.<ext>`` -> (key, ext); keys have no dots, so the first dot starts the extension."""
-    key, _, ext = name.partition(".")
-    return key, ext
-
-
-@dataclass
-class MemberRef:
-    url: str
-    members: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (data offset, size)
-
-
-class MemberIndex:
-    """Where every sample's members are: key -> shard URL and (offset, size) of each member."""
-
-    def __init__(self, refs: dict[str, MemberRef], storage_options: dict | None = None):
-        self.refs = refs
-        self.storage_options = storage_options or {}
-        self.position = {k: i for i, k in enumerate(sorted(refs))}  # stable integer id per sample
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.refs
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def read(self, key: str, ext: str) -> bytes:
-        ref = self.refs[key]
-        if ext not in ref.members:
-            raise KeyError(f"sample {key!r} has no {ext!r} member in {ref.url}")
-        offset, size = ref.members[ext]
-        with fsspec.open(ref.url, "rb", **self.storage_options) as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"{ref.url}: short read of {key}.{ext} ({len(data)} of {size} bytes)")
-        return data
-
-
-def build_member_index(urls: list[str], storage_options: dict | None = None) -> MemberIndex:
-    """Read every tar's headers (``tarfile`` seeks past the data) into a :class:`MemberIndex`."""
-    refs: dict[str, MemberRef] = {}
-    for url in urls:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = _split_member(info.name.rsplit("/", 1)[-1])
-                ref = refs.setdefault(key, MemberRef(url))
-                if ref.url != url:
-                    raise ValueError(f"sample key {key!r} appears in two shards: {ref.url} and {url}")
-                ref.members[ext] = (info.offset_data, info.size)
-    return MemberIndex(refs, storage_options)
-
-
 def in_fraction(key: str, fraction: float) -> bool:
     """Deterministic subset by key hash; the 10% subset is inside the 25% one, and so on."""
     if fraction >= 1:
         return True
     h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
     return h / 2**64 < fraction
+
+
+def sample_id(key: str) -> int:
+    """A stable integer per sample (ITM's "same sample" test compares them), from the key alone."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def _index_counts(urls: list[str], storage_options: dict) -> int | None:
+    """Samples in ``urls`` by the build's ``shards/index.json`` (next to the split's folder), if it
+    lists every one of them."""
+    fs, first = fsspec.core.url_to_fs(urls[0], **storage_options)
+    split_dir = os.path.dirname(first)
+    index = f"{os.path.dirname(split_dir)}/index.json"
+    if not fs.exists(index):
+        return None
+    split = os.path.basename(split_dir)
+    listed = {e["path"].rsplit("/", 1)[-1]: e.get("samples")
+              for e in json.loads(fs.cat_file(index)).get("splits", {}).get(split, {}).get("shards", [])}
+    counts = [listed.get(u.rsplit("/", 1)[-1]) for u in urls]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def _manifest_keys(urls: list[str], storage_options: dict) -> list[str] | None:
+    """The ok sample keys of ``urls`` in the build's ``manifests/<split>_shards.parquet`` (Arrow)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, first = fsspec.core.url_to_fs(urls[0], **storage_options)
+    split_dir = os.path.dirname(first)
+    manifest = f"{os.path.dirname(os.path.dirname(split_dir))}/manifests/{os.path.basename(split_dir)}_shards.parquet"
+    if not fs.exists(manifest):
+        return None
+    with fs.open(manifest, "rb") as f:
+        t = pq.read_table(f, columns=["sample_key", "status", "shard"])
+    names = pc.replace_substring_regex(t["shard"], r"^.*/", "")  # matched by file name
+    mine = pc.is_in(names, value_set=pa.array([u.rsplit("/", 1)[-1] for u in urls]))
+    return t.filter(pc.and_(pc.equal(t["status"], "ok"), mine))["sample_key"].to_pylist()
+
+
+def _header_keys(urls: list[str], storage_options: dict) -> Iterator[str]:
+    """Sample keys from the tar headers (slow over an object store: the last resort)."""
+    for url in urls:
+        last = None
+        with fsspec.open(url, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                key = split_member(info.name)[0]
+                if info.isfile() and key != last:
+                    last = key
+                    yield key
+
+
+def count_samples(urls: list[str], fraction: float, storage_options: dict | None = None) -> int:
+    """Samples of ``urls`` in the ``fraction`` subset: from ``shards/index.json`` (all samples), the
+    shard manifest's key column (a subset), else by reading the tar headers."""
+    so = storage_options or {}
+    if fraction >= 1 and (n := _index_counts(urls, so)) is not None:
+        return n
+    keys = _manifest_keys(urls, so) if fraction < 1 else None
+    if keys is None:
+        log.warning("counting the training samples from the tar headers of %d shards", len(urls))
+        keys = _header_keys(urls, so)
+    return sum(in_fraction(k, fraction) for k in keys)
 
 
 def sample_rng(seed: int, epoch: int, key: str, purpose: str = "") -> random.Random:
@@ -149,12 +163,6 @@ def random_erase(x: torch.Tensor, rng: random.Random, probability: float) -> tor
 
 
 # -- training pipeline -----------------------------------------------------------------------
-def _open_streams(urls, storage_options):
-    for url in urls:
-        with fsspec.open(url, "rb", **storage_options) as stream:
-            yield {"url": url, "stream": stream}
-
-
 def _decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
@@ -164,8 +172,7 @@ def _decode_image(data: bytes) -> Image.Image:
 class TrainData:
     """The training shards of one run: the pipeline of each epoch and its length in steps."""
 
-    urls: list[str]
-    index: MemberIndex
+    urls: list[str]  # in key order (as list_shards gives them): a shard's neighbours complete its identities
     transform: ImageTransform
     batch_size: int
     fraction: float = 1.0
@@ -181,11 +188,20 @@ class TrainData:
     load_counterparts: bool = True
     rank: int = 0
     world_size: int = 1
+    storage_options: dict = field(default_factory=dict)
     skipped: int = 0  # samples dropped for undecodable members (logged)
+    sample_count: int | None = None  # samples in the fraction; counted on first use
+    pairing: str = "stream"  # "index": the old loader (every counterpart by random access), the reference
+
+    def __post_init__(self):
+        self.shards = ShardSet(self.urls, self.storage_options)
+        self.index = build_member_index(self.urls, self.storage_options) if self.pairing == "index" else None
 
     @property
     def num_samples(self) -> int:
-        return sum(in_fraction(k, self.fraction) for k in self.index.refs)
+        if self.sample_count is None:
+            self.sample_count = count_samples(self.urls, self.fraction, self.storage_options)
+        return self.sample_count
 
     @property
     def steps_per_epoch(self) -> int:
@@ -196,34 +212,43 @@ class TrainData:
         workers = max(1, self.num_workers)
         return max(1, per_rank // self.batch_size - (workers - 1))
 
-    def pipeline(self, epoch: int):
+    def pipeline(self, epoch: int, decode: bool = True):
+        """The epoch's batches; ``decode=False``: lists of raw samples with their counterparts'
+        bytes (what ``bench/bench_cmp_data.py`` times against plain webdataset reading)."""
         import webdataset as wds
-        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         urls = list(self.urls)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)
         n_full = self.num_samples // self.world_size >= self.batch_size
+        stages = [wds.SimpleShardList(urls), wds.split_by_worker, self._paired,
+                  wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed * 7919 + epoch),
+                  self._this_rank]
+        if not decode:
+            return wds.DataPipeline(*stages, wds.batched(self.batch_size, collation_fn=list, partial=not n_full))
         return wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.split_by_worker,
-            lambda src: _open_streams((s["url"] for s in src), self.index.storage_options),
-            tar_file_expander, group_by_keys,
-            wds.select(lambda s: in_fraction(s["__key__"], self.fraction)),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed * 7919 + epoch),
-            self._this_rank,
+            *stages,
             wds.map(lambda s: self.decode(s, epoch)),
             wds.select(lambda s: s is not None),
             wds.batched(self.batch_size, collation_fn=collate_train, partial=not n_full),
         )
+
+    def _paired(self, shards):
+        """Each shard's samples in the fraction, in shard order, with their counterparts' bytes."""
+        select = partial(in_fraction, fraction=self.fraction)
+        if self.index is not None:
+            yield from index_paired_samples([s["url"] for s in shards], self.index, select, self.storage_options)
+            return
+        for shard in shards:
+            yield from paired_samples(shard["url"], self.shards, select, self.load_counterparts)
 
     def _this_rank(self, samples):
         for i, s in enumerate(samples):
             if i % self.world_size == self.rank:
                 yield s
 
-    def loader(self, epoch: int) -> torch.utils.data.DataLoader:
+    def loader(self, epoch: int, decode: bool = True) -> torch.utils.data.DataLoader:
         # a dedicated generator: creating the iterator must not draw from torch's global RNG
-        return torch.utils.data.DataLoader(self.pipeline(epoch), batch_size=None, num_workers=self.num_workers,
+        return torch.utils.data.DataLoader(self.pipeline(epoch, decode), batch_size=None, num_workers=self.num_workers,
                                            generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def decode(self, sample: dict, epoch: int) -> dict | None:
@@ -233,11 +258,11 @@ class TrainData:
             image, pose = self._pictures(sample[IMAGE_EXT], sample[POSE_EXT], epoch, key)
             text = self.caption(sample[TEXT_EXT].decode("utf-8"))
             edited = eda(text, sample_rng(self.seed, epoch, key, "text"), self.eda_probability, synonyms=self.synonyms)
-            out = {"key": key, "position": self.index.position[key], "image": image, "pose": pose,
+            out = {"key": key, "position": sample_id(key), "image": image, "pose": pose,
                    "text": text if self.eda_stream else edited, "eda_text": edited if self.eda_stream else None,
-                   "hard": None}
+                   "hard": None, "reads": sample.get("__reads__") or {}}
             if self.load_counterparts:
-                out["hard"] = self._counterpart(meta, epoch)
+                out["hard"] = self._counterpart(meta, epoch, sample.get("__hard__"))
             return out
         except Exception as e:  # noqa: BLE001 - one bad sample must not stop a 4-day run
             self.skipped += 1
@@ -267,13 +292,15 @@ class TrainData:
         pose = self.transform.to_tensor(_decode_image(pose_bytes), pose_rng.random() < 0.5)
         return image, random_erase(pose, pose_rng, self.erasing_probability)
 
-    def _counterpart(self, meta: dict, epoch: int) -> dict | None:
+    def _counterpart(self, meta: dict, epoch: int, members: dict | None) -> dict | None:
+        """``members``: the counterpart's ``jpg`` / ``pose.png`` bytes from the pairing step; None
+        when it is in no shard (the sample trains without one, as before)."""
         hard_key = meta.get("hard_negative_key")
-        if not hard_key or hard_key not in self.index:
+        if not hard_key or members is None:
             return None
         # the official dataset puts counterparts through the training transform; the paper setting
         # (``shared``) flips them and never erases
-        image, pose = self._pictures(self.index.read(hard_key, IMAGE_EXT), self.index.read(hard_key, POSE_EXT),
+        image, pose = self._pictures(members[IMAGE_EXT], members[POSE_EXT],
                                      epoch, f"{hard_key}:counterpart", erase=self.pose_augment == "own")
         caption = str(meta.get("hard_negative_caption") or "")
         return {"image": image, "pose": pose, "text": self.caption(caption) if caption.strip() else ""}
@@ -290,6 +317,9 @@ def collate_train(samples: list[dict]) -> dict:
         "eda_texts": [s["eda_text"] for s in samples] if samples[0]["eda_text"] is not None else [],
         "hard_rows": torch.tensor(rows, dtype=torch.long),
         "hard_texts": [samples[i]["hard"]["text"] for i in rows],
+        # requests outside the stream (pairing_stream), carried from the workers
+        "fallback_reads": sum(s["reads"].get("fallback_reads", 0) for s in samples),
+        "neighbour_reads": sum(s["reads"].get("neighbour_reads", 0) for s in samples),
     }
     if rows:
         batch["hard_images"] = torch.stack([samples[i]["hard"]["image"] for i in rows])
@@ -314,7 +344,7 @@ def iter_test_samples(urls: list[str], transform: ImageTransform, storage_option
     """Test samples in shard order (no augmentation); ``caption_words``: official pre_caption."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    for s in group_by_keys(tar_file_expander(_open_streams(urls, storage_options or {}))):
+    for s in group_by_keys(tar_file_expander(open_streams(urls, storage_options or {}))):
         meta = json.loads(s[JSON_EXT])
         image = _decode_image(s[IMAGE_EXT])
         thumb = image.copy()

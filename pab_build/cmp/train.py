@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 from pab_build.cmp.checkpoints import (  # noqa: F401 - re-exported: the checkpoint API callers know
     CKPT_DIR, MODEL_FILE, STATE_FILE, STATE_TENSORS_FILE, _optimizer_join, _set_rng_state, latest_checkpoint,
     load_model_state, move_aside_other_trainings, open_checkpoint, save_checkpoint, train_key)
-from pab_build.cmp.data import TrainData, build_member_index, image_transform, list_shards, wordnet_synonyms
+from pab_build.cmp.data import TrainData, image_transform, list_shards, wordnet_synonyms
 from pab_build.cmp.losses import loss_recipe
 from pab_build.cmp.model import load_cmp
 from pab_build.config import PABConfig, model_path
@@ -169,8 +169,7 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
                 **{k: report[k] for k in ("unmapped", "shape_mismatch", "missing")}}
 
     urls = list_shards(shards, "train")
-    index = build_member_index(urls)
-    data = TrainData(urls=urls, index=index, transform=image_transform(cfg, model_path(cfg, "swin")),
+    data = TrainData(urls=urls, transform=image_transform(cfg, model_path(cfg, "swin")),
                      batch_size=c.batch_size, fraction=c.train_fraction, seed=c.seed,
                      erasing_probability=c.erasing_probability, eda_probability=c.eda_probability,
                      eda_stream=c.eda_stream_weight > 0, synonyms=wordnet_synonyms() if c.eda_probability else None,
@@ -203,6 +202,7 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
     losses: dict[int, float] = {}
     last: dict[str, float] = {}
     last_ckpt, t0, start_step = None, time.time(), step
+    reads = {"fallback_reads": 0, "neighbour_reads": 0}  # hard negatives read outside the stream
     while step < total and (stop_after is None or step - start_step < stop_after):
         batches = iter(data.loader(epoch))
         for _ in range(batch_in_epoch):  # resumed mid-epoch: the same order, minus what was trained
@@ -215,6 +215,8 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
                 break
             if stop_after is not None and step - start_step >= stop_after:
                 break
+            for k in reads:
+                reads[k] += batch.get(k, 0)
             inputs = prepare_batch(batch, tokenizer, c.max_text_len, accelerator.device, padding)
             with accelerator.autocast():
                 out = model(inputs, mlm_probability=c.mlm_probability, special_ids=special_ids, mask_id=mask_id,
@@ -244,8 +246,11 @@ def train_cmp(cfg: PABConfig, shards: str, out_dir: str, resume: bool | str = "a
         "steps": step, "total_steps": total, "steps_per_epoch": steps_per_epoch, "epochs": epoch,
         "train_samples": data.num_samples, "losses": losses, "last": last, "train_key": key,
         "checkpoint": f"{store.url_root}/{last_ckpt}" if last_ckpt else None,
-        "resumed_from": ckpt or None, "init": init, "skipped": False, "seconds": round(time.time() - t0, 3),
+        "resumed_from": ckpt or None, "init": init, "hard_negative_reads": reads, "skipped": False, "seconds": round(time.time() - t0, 3),
     }
+    if reads["fallback_reads"]:
+        log.warning("%d hard negatives were read by random access (not in the stream)", reads["fallback_reads"])
     if accelerator.is_main_process and step == total:
-        store.write_json(SUMMARY_REL, {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
+        store.write_json(SUMMARY_REL, {k: v for k, v in summary.items()
+                                       if k not in ("seconds", "skipped", "hard_negative_reads")})
     return summary
