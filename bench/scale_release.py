@@ -158,7 +158,6 @@ def release_steps(out: str, images_per_prompt: int, deep_shards: int = 2) -> lis
     pab = [sys.executable, "-m", "flows.cli"]
     sample = deep_sample(out, deep_shards)
     steps = [("card", [*pab, "card", out]),
-             ("export-official", [*pab, "export-official", out, out + "-official"]),
              ("verify", [*pab, "verify", out]),
              (f"verify --deep ({deep_shards} shards)", [sys.executable, "-c", "import sys; from pab_build.shards.index "
               "import verify_shards; r = verify_shards(sys.argv[1], deep=True); print(r); sys.exit(0 if r.ok else 1)",
@@ -166,7 +165,8 @@ def release_steps(out: str, images_per_prompt: int, deep_shards: int = 2) -> lis
              ("status", [*pab, "status", out]),
              ("status --json", [*pab, "status", out, "--json"]),
              # --force: this build has no test split, which publish refuses otherwise ("split test has 0 samples")
-             ("publish", [*pab, "publish", out, out + "-published", "--force"])]
+             ("publish", [*pab, "publish", out, out + "-published", "--force"]),
+             ("export-official", [*pab, "export-official", out, out + "-official"])]
     results = []
     for name, cmd in steps:
         res = timed(name, cmd, logs)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -123,8 +125,10 @@ def as_jpeg(data: bytes, what: str) -> bytes:
 
 
 def _copy_image(src: Store, dst: Store, image: ExportImage) -> None:
-    dst.write_bytes(image.image_dest, as_jpeg(src.read_bytes(image.image_src), image.image_src))
-    dst.write_bytes(f"pose/{image.image_dest}", as_jpeg(src.read_bytes(image.pose_src), image.pose_src))
+    # renamed into place without a per-file fsync (~10 ms each, 2M files at full size): one sync at the end
+    dst.write_bytes(image.image_dest, as_jpeg(src.read_bytes(image.image_src), image.image_src), durable=False)
+    dst.write_bytes(f"pose/{image.image_dest}", as_jpeg(src.read_bytes(image.pose_src), image.pose_src),
+                    durable=False)
 
 
 def _jsonl(records: Iterable[dict]) -> str:
@@ -162,9 +166,12 @@ def export_official(out: str, dest: str, workers: int = 8) -> dict:
     if not any(has.values()):
         raise FileNotFoundError(f"{src.url_root} has neither {manifest_rel('train_shards')} nor "
                                 f"{manifest_rel('test_shards')}: build the shards before exporting")
+    started = time.perf_counter()
     clips = clip_names(src) if has["train"] else []
     train, train_skipped = plan_train_export(src, clips) if has["train"] else (None, [])
     test, test_skipped = plan_test_export(src) if has["test"] else ([], [])
+    log.info("export-official: planned %d training and %d test images in %.1f s; copying them",
+             train.num_rows if train is not None else 0, len(test), time.perf_counter() - started)
 
     written: list[str] = []
     ks: list[int] = []
@@ -188,6 +195,8 @@ def export_official(out: str, dest: str, workers: int = 8) -> dict:
         if ks:
             flush()
         list(pool.map(lambda im: _copy_image(src, dst, im), test))
+    if dst.is_local:
+        os.sync()  # the images written without an fsync each, on disk before the annotations that name them
     if has["test"]:
         dst.write_text("annotation/test/attr.json", _jsonl(im.record for im in test))
         written.append("annotation/test/attr.json")
