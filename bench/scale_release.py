@@ -8,7 +8,9 @@ First (not measured) the build gets real files consistent with its manifests:
 - every training shard of the ``train_shards`` manifest, as a real tar written by
   ``shards.writer.write_shard`` (jpg, pose.png, txt, json members, ~4 KB a sample instead of
   ~190 KB), with the manifest's ``shard_bytes`` / ``shard_sha256`` and ``shards/index.json``
-  rewritten to match.
+  rewritten to match;
+- a ``done`` marker per unit of the training stages, so ``pab status`` reads as many markers as
+  after a real build.
 
 Then each step runs as its own process under ``/usr/bin/time`` (peak RSS from outside the
 process, wall seconds): the dataset card, ``pab export-official``, ``pab verify``, a ``--deep``
@@ -107,6 +109,37 @@ def write_shards(out: str) -> tuple[int, int]:
     return len(sizes), total
 
 
+def write_markers(out: str, images_per_prompt: int) -> int:
+    """A ``done`` marker per unit of the training stages, as ``execute_unit`` leaves them (written
+    without an fsync: setup), so ``pab status`` reads ~65,000 markers as after a real build."""
+    import json
+    import socket
+    import time
+
+    from bench_scale import STAGES, fake_listing
+    from pab_build.config import load_config
+    from pab_build.engine.pipeline import get_stage
+    from pab_build.engine.units import Context
+    from pab_build.shards import packing
+    from pab_build.store import Marker, Store
+
+    cfg = load_config("full", [f"generate.images_per_caption={images_per_prompt}"])
+    ctx = Context.create(cfg, out)
+    packing.list_file_sizes = fake_listing(ctx.store)  # the sizes the bench planned train_shards with
+    made = 0
+    for name in STAGES:
+        stage = get_stage(name)
+        folder = os.path.join(out, "_markers", name)
+        os.makedirs(folder, exist_ok=True)
+        for unit in stage.plan_units(ctx):
+            marker = Marker("done", stage.stage_hash(cfg), unit.input_hash, len(unit.items), ok=len(unit.items),
+                            wall_s=30.0, finished_at=time.time(), host=socket.gethostname(), worker="1:1")
+            with open(os.path.join(out, Store.marker_rel(name, unit.unit_id)), "w") as f:
+                f.write(json.dumps(marker.__dict__, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+            made += 1
+    return made
+
+
 def deep_sample(out: str, shards: int) -> str:
     """A folder with the first ``shards`` training shards (hard links) and an index of just those."""
     import json
@@ -151,7 +184,12 @@ def release_steps(out: str, images_per_prompt: int, deep_shards: int = 2) -> lis
         f.write(load_config("full", [f"generate.images_per_caption={images_per_prompt}"]).to_yaml())
     links = link_files(out)
     shards, total = write_shards(out)
-    print(f"{'(setup)':>17}: {links} image/pose links, {shards} shards of {total / 2**20:.0f} MiB "
+    markers = subprocess.run([sys.executable, "-c", "import sys; from scale_release import write_markers; "
+                              "print(write_markers(sys.argv[1], int(sys.argv[2])))", out, str(images_per_prompt)],
+                             check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.path.dirname(os.path.abspath(__file__))}"})
+    print(f"{'(setup)':>17}: {links} image/pose links, {shards} shards of {total / 2**20:.0f} MiB, "
+          f"{markers.stdout.strip()} unit markers "
           f"({time.perf_counter() - t0:.0f} s, not measured)", flush=True)
     logs = out + "-logs"
     os.makedirs(logs, exist_ok=True)
