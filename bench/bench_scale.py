@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--through", choices=["planners", "release"], default="planners",
                     help="release: go on to the card, export-official, verify, status and publish (bench/scale_release.py)")
     ap.add_argument("--deep-shards", type=int, default=2, help="shards `verify --deep` reads (with --through release)")
+    ap.add_argument("--steps-one-by-one", action="store_true",
+                    help="with --through release: run the steps after the card one at a time, not together")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -228,7 +230,7 @@ def main() -> None:
         if args.through == "release":
             from scale_release import release_steps
 
-            steps = release_steps(out, args.images_per_prompt, args.deep_shards)
+            steps = release_steps(out, args.images_per_prompt, args.deep_shards, args.steps_one_by_one)
             if any(r["rc"] for r in steps):
                 sys.exit(f"failed steps: {[r['step'] for r in steps if r['rc']]} (logs in {out}-logs)")
     peak = max([max(r["plan_mib"], r["finalize_mib"]) for r in results] + [r["mib"] for r in steps])

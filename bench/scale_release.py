@@ -13,7 +13,8 @@ First (not measured) the build gets real files consistent with its manifests:
   after a real build.
 
 Then each step runs as its own process under ``/usr/bin/time`` (peak RSS from outside the
-process, wall seconds): the dataset card, ``pab export-official``, ``pab verify``, a ``--deep``
+process, wall and CPU seconds; the card first, the rest at the same time unless
+``--steps-one-by-one``): the dataset card, ``pab export-official``, ``pab verify``, a ``--deep``
 verify of a sample (the first ``--deep-shards`` shards, linked into a folder of their own with
 an index of just those), ``pab status``, ``pab status --json`` (both plan every stage against the
 build's ``config.yaml``, written here as ``pab run`` writes it) and ``pab publish --force`` to a local
@@ -161,20 +162,30 @@ def deep_sample(out: str, shards: int) -> str:
     return sample
 
 
-def timed(name: str, cmd: list[str], log_dir: str) -> dict:
-    """Run ``cmd`` under /usr/bin/time; its peak RSS (KB -> MiB) and wall seconds."""
+def start(name: str, cmd: list[str], log_dir: str) -> tuple[str, subprocess.Popen, str]:
+    """Start ``cmd`` under /usr/bin/time (its output in ``log_dir``)."""
     stats = os.path.join(log_dir, f"{name.replace(' ', '_')}.time")
     env = {**os.environ, "PYTHONPATH": ROOT}
     with open(os.path.join(log_dir, f"{name.replace(' ', '_')}.log"), "w") as log:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M %e %U %S", "-o", stats, *cmd], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M %e %U %S", "-o", stats, *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return name, proc, stats
+
+
+def finish(name: str, proc: subprocess.Popen, stats: str) -> dict:
+    """Wait for a started step; its peak RSS (KB -> MiB), wall and CPU seconds."""
+    rc = proc.wait()
     kb, wall, user, system = open(stats).read().split()[-4:]
-    return {"step": name, "rc": proc.returncode, "mib": round(int(kb) / 1024), "s": float(wall),
-            "cpu_s": float(user) + float(system)}
+    res = {"step": name, "rc": rc, "mib": round(int(kb) / 1024), "s": float(wall), "cpu_s": float(user) + float(system)}
+    print(f"{name:>28}: rc {rc} | {res['s']:>7.1f} s (cpu {res['cpu_s']:.1f}) | {res['mib']:>5} MiB", flush=True)
+    return res
 
 
-def release_steps(out: str, images_per_prompt: int, deep_shards: int = 2) -> list[dict]:
-    """Set up the files, then run and measure each step; returns one result per step."""
+def release_steps(out: str, images_per_prompt: int, deep_shards: int = 2, one_by_one: bool = False) -> list[dict]:
+    """Set up the files, then run and measure each step; returns one result per step. The card
+    runs first (publish ships it); the other steps only read the build, and run at the same time
+    unless ``one_by_one``: each is its own process, so its peak RSS and CPU seconds are its own,
+    but their wall seconds overlap (on a shared machine, read the CPU seconds)."""
     import time
 
     from pab_build.config import load_config
@@ -205,10 +216,9 @@ def release_steps(out: str, images_per_prompt: int, deep_shards: int = 2) -> lis
              # --force: this build has no test split, which publish refuses otherwise ("split test has 0 samples")
              ("publish", [*pab, "publish", out, out + "-published", "--force"]),
              ("export-official", [*pab, "export-official", out, out + "-official"])]
-    results = []
-    for name, cmd in steps:
-        res = timed(name, cmd, logs)
-        results.append(res)
-        print(f"{name:>28}: rc {res['rc']} | {res['s']:>7.1f} s (cpu {res['cpu_s']:.1f}) | {res['mib']:>5} MiB",
-              flush=True)
+    results = [finish(*start(*steps[0], logs))]
+    if one_by_one:
+        results += [finish(*start(name, cmd, logs)) for name, cmd in steps[1:]]
+    else:
+        results += [finish(*running) for running in [start(name, cmd, logs) for name, cmd in steps[1:]]]
     return results
