@@ -206,7 +206,7 @@ def plan_train_export(store: Store, clips: list[str]) -> tuple[pa.Table, list[di
     meta = read_shard_metadata(store, pc.unique(shipped["shard"]).to_pylist())
     table = left_join(_join_parts(store, shipped), meta, "sample_key", flag="_has_meta")
     good, skipped = _first_problems(table, clips)
-    table = table.filter(pa.array(good))
+    table = table.filter(pa.array(good)).drop_columns(["shard", *(c for c in table.column_names if c.startswith("_has_"))])
     image_ok = existing_files(store, table["image_path"])
     pose_ok = existing_files(store, table["pose_path"])
     for i in np.flatnonzero(~(image_ok & pose_ok)):
@@ -218,10 +218,11 @@ def plan_train_export(store: Store, clips: list[str]) -> tuple[pa.Table, list[di
 
     table = table.append_column("kind_rank", pc.index_in(table["kind"], value_set=pa.array(list(FOLDER_OF_KIND))))
     table = table.append_column("clip_index", pc.index_in(table["clip_name"], value_set=pa.array(clips, pa.string())))
-    table = _positions(table)
+    table = _positions(table.drop_columns(["clip_key"]))
     negatives = pc.index_in(table["hard_negative_key"], value_set=table["sample_key"])
     table = table.append_column("hard_i", table["where"].take(negatives)).append_column(
         "hard_i_id", table["image_id"].take(negatives))
+    pa.default_memory_pool().release_unused()  # the joins' intermediate columns, back to the system
     return table, [{"sample_key": k, "split": "train", "reason": r} for k, r in sorted(skipped.items())]
 
 
