@@ -19,6 +19,13 @@ Prints seconds (wall, and the process's CPU seconds: on a shared machine wall ti
 waiting) and peak RSS (sampled every 10 ms) per phase; the last line is
 ``peak_rss_mib=N seconds=S`` (N: the largest measured phase; S: plan + finalize, all stages).
 Wrap it in ``/usr/bin/time -v`` for the whole process tree's maximum (synthesis included).
+
+``--through release`` goes on to every step after the planners (``bench/scale_release.py``): the
+dataset card, ``pab export-official``, ``pab verify`` (and ``--deep`` on a sample of shards),
+``pab status`` (plain and ``--json``) and ``pab publish`` to a local folder, each in its own process
+under ``/usr/bin/time`` (peak RSS from outside, wall seconds); they count in the last line too.
+Keep ``--out`` on a disk with room: at full size ~5 GB of shards, twice (the published copy), and
+~2M small files of the official export.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = ["generate", "gen_pose", "train_captions", "train_attributes", "train_shards"]
 KINDS = ("n", "a", "a+")
@@ -194,6 +202,11 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=20000)
     ap.add_argument("--out", help="build folder (default: a temporary one, removed after)")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--through", choices=["planners", "release"], default="planners",
+                    help="release: go on to the card, export-official, verify, status and publish (bench/scale_release.py)")
+    ap.add_argument("--deep-shards", type=int, default=2, help="shards `verify --deep` reads (with --through release)")
+    ap.add_argument("--steps-one-by-one", action="store_true",
+                    help="with --through release: run the steps after the card one at a time, not together")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -215,8 +228,15 @@ def main() -> None:
                   f"(cpu {res['plan_cpu_s']:.1f}) {res['plan_mib']:>5} MiB | finalize {res['finalize_s']:>6.1f} s "
                   f"(cpu {res['finalize_cpu_s']:.1f}) {res['finalize_mib']:>5} MiB | (synthesis {res['synth_s']:.0f} s)",
                   flush=True)
-    peak = max(max(r["plan_mib"], r["finalize_mib"]) for r in results)
-    seconds = sum(r["plan_s"] + r["finalize_s"] for r in results)
+        steps = []
+        if args.through == "release":
+            from scale_release import release_steps
+
+            steps = release_steps(out, args.images_per_prompt, args.deep_shards, args.steps_one_by_one)
+            if any(r["rc"] for r in steps):
+                sys.exit(f"failed steps: {[r['step'] for r in steps if r['rc']]} (logs in {out}-logs)")
+    peak = max([max(r["plan_mib"], r["finalize_mib"]) for r in results] + [r["mib"] for r in steps])
+    seconds = sum(r["plan_s"] + r["finalize_s"] for r in results) + sum(r["s"] for r in steps)
     print(f"peak_rss_mib={peak} seconds={seconds:.1f}")
 
 

@@ -278,3 +278,49 @@ def test_missing_manifests_are_a_clear_error_and_one_split_exports_alone(release
     store.remove("manifests/prompts.parquet")
     with pytest.raises(FileNotFoundError, match="prompts"):
         export_official(release_tree["root"], str(tmp_path / "dest"))
+
+
+def _drop_by_passes(keys, negs, clips, skipped):
+    """The export's hard-negative rule as it was written over dicts: passes in key order until none drops."""
+    joined = {k: (n, c) for k, n, c in zip(keys, negs, clips)}
+    while True:
+        dropped = False
+        for key in sorted(joined):
+            neg = joined[key][0]
+            if neg not in joined:
+                why = f"was left out: {skipped[neg]}" if neg in skipped else "is not among the shipped training samples"
+                skipped[key] = f"hard negative {neg} {why}"
+            elif joined[neg][1] != joined[key][1]:
+                skipped[key] = f"hard negative {neg} belongs to another clip"
+            else:
+                continue
+            del joined[key]
+            dropped = True
+        if not dropped:
+            return set(joined)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_vectorised_hard_negative_drop_keeps_and_words_exactly_what_the_passes_did(seed):
+    """Random negative graphs (chains, cycles, other clips, keys left out earlier or never shipped):
+    the Arrow/numpy version keeps the same samples and gives each dropped one the same reason."""
+    import pyarrow as pa
+
+    from pab_build.release.official_train import _drop_broken_negatives
+
+    rng = np.random.default_rng(seed)
+    keys = [f"c{i:04d}" for i in range(300)]
+    pool = keys + [f"gone{i}" for i in range(10)] + [f"never{i}" for i in range(5)]
+    # mostly a neighbour of the same clip of 6 (chains and cycles), some anywhere, gone or never shipped
+    negs = [keys[i // 6 * 6 + (i + 1 + rng.integers(0, 5)) % 6] if rng.random() < 0.9
+            else pool[rng.integers(0, len(pool))] for i in range(len(keys))]
+    clips = [None if rng.random() < 0.02 else f"clip{rng.integers(0, 50) if rng.random() < 0.03 else i // 6}"
+             for i in range(len(keys))]
+    earlier = {f"gone{i}": f"file missing: generate/gone{i}.jpg" for i in range(10)}
+    want_skipped = dict(earlier)
+    want = _drop_by_passes(keys, negs, clips, want_skipped)
+    got_skipped = dict(earlier)
+    keep = _drop_broken_negatives(pa.table({"sample_key": keys, "hard_negative_key": negs, "clip_key": clips}),
+                                  got_skipped)
+    assert {k for k, kept in zip(keys, keep) if kept} == want
+    assert got_skipped == want_skipped and 0 < len(want) < len(keys)

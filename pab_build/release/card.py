@@ -3,7 +3,8 @@
 
 Everything in the card is computed from the stage manifests, ``shards/index.json`` and
 ``config.yaml``; nothing is typed in by hand, so the card of a build always describes that build.
-Shipped samples are the ok rows of ``test_shards`` / ``train_shards``. The figures are drawn by
+Shipped samples are the ok rows of ``test_shards`` / ``train_shards``. Manifests are read a few
+columns at a time and counted in Arrow (a full build has 1.5M rows per stage). The figures are drawn by
 :mod:`pab_build.release.card_figures`.
 """
 
@@ -15,12 +16,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 
-from ..manifests import OK, STAGE_COLUMNS, read_manifest, schema
+from ..manifests import OK, STAGE_COLUMNS, left_join, manifest_rel, read_manifest_table
 from ..shards.index import ratio_text
 from ..store import Store
 from .card_figures import class_chart_png, example_grid_png
+from .card_hf import dataset_info, size_category
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,6 @@ SPLIT_TITLES = {"train": ("Training set", "Synthesis"), "test": ("Test set", "Re
 SPLIT_CAPTIONS = {"train": "train_captions", "test": "test_captions"}
 SPLIT_ATTRIBUTES = {"train": "train_attributes", "test": "test_attributes"}
 ATTRIBUTE_OF_BEHAVIOR = {"action": "normal", "anomaly": "anomaly", "scene": None}  # None: every sample
-# the columns the card reads; the rest of a million-row manifest (keypoints, prompts, hashes) stays on disk
-CARD_COLUMNS = ("sample_key", "status", "reason", "model_id", "caption", "behavior", "hard_negative_key",
-                "image_path", *ATTRIBUTE_OF_BEHAVIOR)
 
 
 @dataclass
@@ -88,15 +90,25 @@ def reason_pattern(reason: str | None) -> str:
     return _NUMBER.sub("#", text).strip()
 
 
-def stage_funnel(stage: str, rows: list[dict]) -> StageFunnel:
-    kept = sum(r["status"] == OK for r in rows)
-    reasons = Counter(reason_pattern(r["reason"]) for r in rows if r["status"] != OK)
-    return StageFunnel(stage, len(rows), kept, sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+def stage_funnel(stage: str, table: pa.Table) -> StageFunnel:
+    """Rows in, kept, and the rejection reasons grouped by pattern: counted per distinct reason in
+    Arrow, so the Python work is per distinct reason, not per row."""
+    ok = pc.fill_null(pc.equal(table["status"], OK), False)
+    kept = pc.sum(ok).as_py() or 0
+    reasons: Counter = Counter()
+    if kept < table.num_rows:
+        for entry in pc.value_counts(table["reason"].filter(pc.invert(ok))).to_pylist():
+            reasons[reason_pattern(entry["values"])] += entry["counts"]
+    return StageFunnel(stage, table.num_rows, kept, sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def top_classes(values, n: int = TOP_CLASSES) -> list[tuple[str, int]]:
-    """The ``n`` most frequent non-empty values, ties broken by name (deterministic)."""
-    counts = Counter(v.strip() for v in values if isinstance(v, str) and v.strip())
+def top_classes(values: pa.Array | pa.ChunkedArray, n: int = TOP_CLASSES) -> list[tuple[str, int]]:
+    """The ``n`` most frequent non-empty values (stripped), ties broken by name (deterministic)."""
+    counts: Counter = Counter()
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        for entry in pc.value_counts(values.drop_null()).to_pylist():  # Python per distinct value only
+            if entry["values"].strip():
+                counts[entry["values"].strip()] += entry["counts"]
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
@@ -106,24 +118,72 @@ def manifest_stages(store: Store) -> list[str]:
     return [s for s in STAGE_COLUMNS if s in present] + sorted(present - set(STAGE_COLUMNS))
 
 
-def split_stats(split: str, manifests: dict[str, list[dict]]) -> SplitStats | None:
-    shard_rows = manifests.get(f"{split}_shards")
-    if shard_rows is None:
+def read_columns(store: Store, stage: str, columns) -> pa.Table | None:
+    """Those of ``columns`` the stage's manifest has (the rest of a million-row manifest stays on
+    disk), or None where the stage has no manifest."""
+    if not store.exists(manifest_rel(stage)):
         return None
-    shipped = {r["sample_key"]: r for r in shard_rows if r["status"] == OK}
-    captions = {r["sample_key"]: r["caption"] for r in manifests.get(SPLIT_CAPTIONS[split], [])}
-    attributes = {r["sample_key"]: r for r in manifests.get(SPLIT_ATTRIBUTES[split], [])}
-    words = [caption_words(captions[k]) for k in shipped if k in captions]
+    with store.fs.open(store.path(manifest_rel(stage)), "rb") as f:
+        names = set(pq.read_schema(f).names)
+    return read_manifest_table(store, stage, [c for c in columns if c in names])
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """``table[name]``, or all nulls where the manifest has no such column."""
+    if name in table.column_names:
+        return table[name]
+    return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+
+
+def _caption_word_total(captions: pa.ChunkedArray) -> int:
+    """Sum of ``caption_words`` over the column, a slice at a time (Python's ``str.split``: the
+    same word count as before, without a million strings alive at once)."""
+    total = 0
+    for start in range(0, len(captions), 65536):
+        total += sum(caption_words(c) for c in captions.slice(start, 65536).to_pylist())
+    return total
+
+
+def shipped_table(store: Store, split: str) -> pa.Table | None:
+    """The ok rows of ``<split>_shards``: key, behavior and (training) hard negative."""
+    table = read_columns(store, f"{split}_shards", ("sample_key", "status", "behavior", "hard_negative_key"))
+    if table is None:
+        return None
+    table = table.filter(pc.fill_null(pc.equal(table["status"], OK), False))
+    for name in ("behavior", "hard_negative_key"):
+        if name not in table.column_names:
+            table = table.append_column(name, _column(table, name))
+    return table
+
+
+def split_stats(split: str, store: Store) -> SplitStats | None:
+    shipped = shipped_table(store, split)
+    if shipped is None:
+        return None
+    normal = pc.fill_null(pc.equal(shipped["behavior"], "normal"), False)
+    anomaly = pc.fill_null(pc.equal(shipped["behavior"], "anomaly"), False)
+    captions = read_columns(store, SPLIT_CAPTIONS[split], ("sample_key", "caption"))
+    words = None
+    if captions is not None:  # any row of the captions manifest counts, as before (a null caption: 0 words)
+        matched = pc.is_valid(pc.index_in(shipped["sample_key"], value_set=captions["sample_key"]))
+        texts = left_join(shipped.select(["sample_key"]), captions.select(["sample_key"]).append_column(
+            "caption", _column(captions, "caption")), "sample_key")["caption"].filter(matched)
+        words = (_caption_word_total(texts), len(texts)) if len(texts) else None
     stats = SplitStats(
-        split=split, images=len(shipped),
-        normal=sum(r["behavior"] == "normal" for r in shipped.values()),
-        anomaly=sum(r["behavior"] == "anomaly" for r in shipped.values()),
-        avg_caption_words=sum(words) / len(words) if words else None,
+        split=split, images=shipped.num_rows,
+        normal=pc.sum(normal).as_py() or 0, anomaly=pc.sum(anomaly).as_py() or 0,
+        avg_caption_words=words[0] / words[1] if words else None,
     )
+    attributes = read_columns(store, SPLIT_ATTRIBUTES[split], ("sample_key", *ATTRIBUTE_OF_BEHAVIOR))
     for attr, behavior in ATTRIBUTE_OF_BEHAVIOR.items():
-        stats.classes[attr] = top_classes(
-            attributes[k].get(attr) for k, r in shipped.items()
-            if k in attributes and (behavior is None or r["behavior"] == behavior))
+        if attributes is None:
+            stats.classes[attr] = []
+            continue
+        values = left_join(shipped.select(["sample_key"]), attributes.select(["sample_key"]).append_column(
+            attr, _column(attributes, attr)), "sample_key")[attr]
+        if behavior is not None:
+            values = values.filter(normal if behavior == "normal" else anomaly)
+        stats.classes[attr] = top_classes(values)
     return stats
 
 
@@ -133,22 +193,13 @@ def split_model_id(model_id: str) -> tuple[str, str | None]:
     return (name, rev) if at and name and "/" not in rev else (model_id, None)
 
 
-def models_used(manifests: dict[str, list[dict]]) -> list[tuple[str, str, str | None, int]]:
-    """(stage, model, revision, ok rows) for every model id a manifest records."""
-    out = []
-    for stage, rows in manifests.items():
-        ids = Counter(r["model_id"] for r in rows if r["status"] == OK and r.get("model_id"))
-        for mid, n in sorted(ids.items()):
-            out.append((stage, *split_model_id(mid), n))
-    return out
-
-
-def size_category(n: int) -> str:
-    """Hugging Face ``size_categories`` bin of ``n`` samples."""
-    bins = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-            (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (10**9, "100M<n<1B"),
-            (10**10, "1B<n<10B"), (10**11, "10B<n<100B"), (10**12, "100B<n<1T")]
-    return next((label for limit, label in bins if n < limit), "n>1T")
+def models_used(stage: str, table: pa.Table) -> list[tuple[str, str, str | None, int]]:
+    """(stage, model, revision, ok rows) for every model id the stage's manifest records."""
+    if "model_id" not in table.column_names:
+        return []
+    ids = table["model_id"].filter(pc.fill_null(pc.equal(table["status"], OK), False))
+    counts = {e["values"]: e["counts"] for e in pc.value_counts(ids.drop_null()).to_pylist() if e["values"]}
+    return [(stage, *split_model_id(mid), n) for mid, n in sorted(counts.items())]
 
 
 def _short(text: str | None, words: int = 8) -> str:
@@ -156,32 +207,44 @@ def _short(text: str | None, words: int = 8) -> str:
     return " ".join(parts[:words]) + (" …" if len(parts) > words else "")
 
 
-def example_pairs(split: str, store: Store, manifests: dict[str, list[dict]]) -> list[tuple[bytes, str, bytes, str]]:
+def _lookup(store: Store, stage: str, keys: list[str], column: str) -> dict:
+    """``{sample_key: column}`` of the manifest's rows (any status) with one of ``keys``."""
+    table = read_columns(store, stage, ("sample_key", column))
+    if table is None:
+        return {}
+    hit = table.filter(pc.is_in(table["sample_key"], value_set=pa.array(keys, pa.string())))
+    return dict(zip(hit["sample_key"].to_pylist(), _column(hit, column).to_pylist()))
+
+
+def example_pairs(split: str, store: Store) -> list[tuple[bytes, str, bytes, str]]:
     """Up to EXAMPLE_PAIRS (normal, anomaly) image pairs of one identity from the shipped samples:
     test pairs by clip, training normal images beside their hard negative."""
-    rows = {r["sample_key"]: r for r in manifests.get(f"{split}_shards", []) if r["status"] == OK}
-    captions = {r["sample_key"]: r["caption"] for r in manifests.get(SPLIT_CAPTIONS[split], [])}
-    image_stage = "frames" if split == "test" else "generate"
-    images = {r["sample_key"]: r.get("image_path") for r in manifests.get(image_stage, [])}
-    links = []
+    shipped = shipped_table(store, split)
+    if shipped is None:
+        return []
+    normal = shipped.filter(pc.fill_null(pc.equal(shipped["behavior"], "normal"), False))
     if split == "test":
-        for key in sorted(k for k, r in rows.items() if r["behavior"] == "normal"):
-            other = key.removesuffix("-normal") + "-anomaly"
-            if other in rows:
-                links.append((key, other))
+        partner = pc.binary_join_element_wise(
+            pc.replace_substring_regex(normal["sample_key"], pattern="-normal$", replacement=""), "-anomaly", "")
     else:
-        links = sorted((k, r["hard_negative_key"]) for k, r in rows.items()
-                       if r["behavior"] == "normal" and r.get("hard_negative_key") in rows)
+        partner = normal["hard_negative_key"]
+    links = pa.table({"normal": normal["sample_key"], "anomaly": partner})
+    links = links.filter(pc.is_in(links["anomaly"], value_set=shipped["sample_key"])).sort_by("normal")
+    image_stage = "frames" if split == "test" else "generate"
     pairs = []
-    for normal, anomaly in links:
-        if len(pairs) == EXAMPLE_PAIRS:
-            break
-        try:
-            left, right = store.read_bytes(images[normal]), store.read_bytes(images[anomaly])
-        except (KeyError, TypeError, FileNotFoundError, ValueError):
-            continue  # an image gone since the build: show another pair
-        pairs.append((left, f"normal: {_short(captions.get(normal), 40)}",
-                      right, f"anomaly: {_short(captions.get(anomaly), 40)}"))
+    for start in range(0, links.num_rows, 64):  # the first few candidates whose images are still there
+        chunk = links.slice(start, 64)
+        keys = chunk["normal"].to_pylist() + chunk["anomaly"].to_pylist()
+        images, captions = _lookup(store, image_stage, keys, "image_path"), _lookup(store, SPLIT_CAPTIONS[split], keys, "caption")
+        for normal_key, anomaly_key in zip(chunk["normal"].to_pylist(), chunk["anomaly"].to_pylist()):
+            try:
+                left, right = store.read_bytes(images[normal_key]), store.read_bytes(images[anomaly_key])
+            except (KeyError, TypeError, FileNotFoundError, ValueError):
+                continue  # an image gone since the build: show another pair
+            pairs.append((left, f"normal: {_short(captions.get(normal_key), 40)}",
+                          right, f"anomaly: {_short(captions.get(anomaly_key), 40)}"))
+            if len(pairs) == EXAMPLE_PAIRS:
+                return pairs
     return pairs
 
 
@@ -190,53 +253,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def union_features(split_names: list[str]):
-    """One ``datasets.Features`` holding every field of the given splits (``hf_features`` of each,
-    merged): a Hugging Face config has one schema for all its splits, so a field one split lacks
-    loads as null there rather than being dropped from the other."""
-    from datasets import Features
-
-    from ..shards.writer import hf_features
-
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for name, feature in b.items():
-            out[name] = merge(out[name], feature) if isinstance(out.get(name), dict) and isinstance(feature, dict) \
-                else out.get(name, feature)
-        return out
-
-    merged: dict = {}
-    for split in split_names:
-        merged = merge(merged, dict(hf_features(split)))
-    return Features(merged)
-
-
-def dataset_info(index: dict) -> tuple[list[dict], list[dict]]:
-    """The card's ``configs`` and ``dataset_info``: ``default`` with both splits (every field of
-    either, typed), and one config per split with exactly that split's fields. Typed features
-    keep ``datasets`` from guessing a schema from each split's first samples."""
-    from datasets import DatasetInfo
-
-    from ..shards.writer import hf_features
-
-    shard_splits = [s for s in ("train", "test") if s in index.get("splits", {})]
-    sizes = {s: {"name": s, "num_bytes": index["splits"][s]["totals"]["bytes"],
-                 "num_examples": index["splits"][s]["totals"]["samples"]} for s in shard_splits}
-
-    def entry(name: str, features, names: list[str]) -> dict:
-        yaml_info = DatasetInfo(features=features)._to_yaml_dict()
-        return {"config_name": name, "features": yaml_info["features"], "splits": [sizes[s] for s in names]}
-
-    configs = [{"config_name": "default",
-                "data_files": [{"split": s, "path": f"shards/{s}/*.tar"} for s in shard_splits]}]
-    infos = [entry("default", union_features(shard_splits), shard_splits)] if shard_splits else []
-    if len(shard_splits) > 1:
-        for s in shard_splits:
-            configs.append({"config_name": s, "data_files": [{"split": s, "path": f"shards/{s}/*.tar"}]})
-            infos.append(entry(s, hf_features(s), [s]))
-    return configs, infos
 
 
 def _front_matter(profile: str, splits: list[SplitStats], index: dict) -> str:
@@ -368,9 +384,13 @@ def write_dataset_card(out: str) -> str:
     """Write ``OUT/README.md`` and its figures (``OUT/card/*.png``) from the build's manifests,
     shard index and config; return the card's path."""
     store = Store(out)
-    stages = manifest_stages(store)
-    manifests = {s: read_manifest(store, s, [c for c in schema(s).names if c in CARD_COLUMNS] if s in STAGE_COLUMNS
-                                  else None) for s in stages}
+    funnel, models = [], []
+    for stage in manifest_stages(store):  # a stage's status, reason and model columns at a time
+        table = read_columns(store, stage, ("status", "reason", "model_id"))
+        if "reason" not in table.column_names:
+            table = table.append_column("reason", _column(table, "reason"))
+        funnel.append(stage_funnel(stage, table))
+        models += models_used(stage, table)
     index = store.read_json("shards/index.json") if store.exists("shards/index.json") else {}
     config_sha256 = profile = None
     configured_models: dict = {}
@@ -386,7 +406,7 @@ def write_dataset_card(out: str) -> str:
             profile = cfg.get("profile")
             configured_models = cfg.get("models") or {}
             generation = cfg.get("generate") or {}
-    splits = [s for s in (split_stats(sp, manifests) for sp in ("train", "test")) if s is not None]
+    splits = [s for s in (split_stats(sp, store) for sp in ("train", "test")) if s is not None]
 
     charts: dict[str, dict[str, str]] = {}
     for s in splits:
@@ -399,14 +419,14 @@ def write_dataset_card(out: str) -> str:
             charts.setdefault(s.split, {})[attr] = rel
     grids: dict[str, str] = {}
     for s in splits:
-        pairs = example_pairs(s.split, store, manifests)
+        pairs = example_pairs(s.split, store)
         if pairs:
             rel = f"{CARD_DIR}/examples_{s.split}.png"
             store.write_bytes(rel, example_grid_png(f"{SPLIT_TITLES[s.split][0]}: normal | anomaly", pairs))
             grids[s.split] = rel
 
     text = render_card(profile=str(profile or "unknown"), config_sha256=config_sha256, splits=splits,
-                       funnel=[stage_funnel(s, manifests[s]) for s in stages], models=models_used(manifests),
+                       funnel=funnel, models=models,
                        configured_models=configured_models, index=index, charts=charts, grids=grids,
                        generation=generation)
     store.write_text(CARD_REL, text)
