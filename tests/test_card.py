@@ -6,6 +6,7 @@ import hashlib
 import re
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 import yaml
 from PIL import Image
@@ -141,7 +142,7 @@ def test_the_card_states_the_sampler_and_the_content_filter_deviation():
     from pab_build.release.card import generation_notes, stage_funnel
 
     rows = [{"status": OK, "reason": None}] * 3 + [{"status": REJECTED, "reason": "content filter: nsfw"}] * 2
-    funnel = [stage_funnel("generate", rows)]
+    funnel = [stage_funnel("generate", pa.Table.from_pylist(rows))]  # the card counts in Arrow
     on = generation_notes({"scheduler": "dpmpp_2m_karras", "steps": 30, "guidance_scale": 7.0,
                            "content_filter": True}, funnel)
     assert "`generate.scheduler: dpmpp_2m_karras`, 30 steps" in on
