@@ -119,6 +119,9 @@ class UnitWorker:
 
         return execute_unit(self.ctx, self.stage, unit), os.getpid()
 
+    def ready(self) -> int:
+        return os.getpid()
+
 
 def actor_resources(cfg: PABConfig, stage_name: str, uses_gpu: bool) -> dict[str, float]:
     """What one actor of a stage asks Ray for: a GPU stage of a CUDA build ``run.gpus_per_unit`` of a
@@ -146,7 +149,13 @@ class RayActorPool:
     :meth:`close`. :meth:`run` runs a unit on a free actor and blocks (one thread per unit in
     flight). A unit already done is answered on the driver without an actor, so a rerun of a
     finished build starts none. An actor that died (its node was lost) is dropped and the pool
-    shrinks to the nodes left; its unit runs again elsewhere."""
+    shrinks to the nodes left; its unit runs again elsewhere.
+
+    A unit goes only to an actor that has started. The two branches' stages share the cluster, so
+    an actor asked for may wait for resources another stage's actors hold until that stage ends;
+    a unit handed to it would wait too, and two stages doing so would wait for each other forever
+    (seen: test_captions and train_captions on a 2-CPU cluster). A pending actor is counted against
+    the cap and used once Ray has started it; meanwhile the stage's running actors take the units."""
 
     def __init__(self, cfg: PABConfig, out: str, stage_name: str, uses_gpu: bool):
         from .pipeline import get_stage
@@ -160,6 +169,7 @@ class RayActorPool:
         self._actor_class = None  # made when the first unit needs an actor: a finished stage never touches Ray
         self._free: list = []
         self._all: list = []
+        self._pending: dict = {}  # actor -> its ready() ref, until Ray has started it
         self._cond = threading.Condition()
         self.units_per_worker: Counter[int] = Counter()  # actor pid -> units it ran
         self.lost = 0
@@ -168,16 +178,37 @@ class RayActorPool:
         import ray
 
         with self._cond:
-            while not self._free and len(self._all) >= self.cap:
-                self._cond.wait()
-            if self._free:
-                return self._free.pop()
-            if self._actor_class is None:
-                self._actor_class = ray.remote(UnitWorker)
-            actor = self._actor_class.options(max_restarts=0, scheduling_strategy="SPREAD",
-                                              **self.resources).remote(self._data, self.out, self.stage_name)
-            self._all.append(actor)
-            return actor
+            while True:
+                self._promote_started(ray)
+                if self._free:
+                    return self._free.pop()
+                if len(self._all) < self.cap:
+                    if self._actor_class is None:
+                        self._actor_class = ray.remote(UnitWorker)
+                    actor = self._actor_class.options(max_restarts=0, scheduling_strategy="SPREAD", **self.resources
+                                                      ).remote(self._data, self.out, self.stage_name)
+                    self._all.append(actor)
+                    self._pending[actor] = actor.ready.remote()
+                    continue
+                self._cond.wait(timeout=0.5 if self._pending else None)  # poll pending actors
+
+    def _promote_started(self, ray) -> None:
+        """Pending actors that Ray has started become free; one that failed to start is dropped."""
+        if not self._pending:
+            return
+        refs = {ref: actor for actor, ref in self._pending.items()}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in done:
+            actor = refs[ref]
+            del self._pending[actor]
+            try:
+                ray.get(ref)
+            except Exception as e:  # its node went, or it could not be built: the pool shrinks
+                self._all.remove(actor)
+                self.cap, self.lost = max(1, self.cap - 1), self.lost + 1
+                log.warning("%s: a Ray actor did not start (%s)", self.stage_name, type(e).__name__)
+                continue
+            self._free.append(actor)
 
     def _give_back(self, actor) -> None:
         with self._cond:
@@ -225,7 +256,7 @@ class RayActorPool:
         import ray
 
         with self._cond:
-            actors, self._all, self._free = list(self._all), [], []
+            actors, self._all, self._free, self._pending = list(self._all), [], [], {}
         for a in actors:
             with contextlib.suppress(Exception):
                 ray.kill(a)
