@@ -50,16 +50,6 @@ def test_a_stage_end_releases_only_models_no_running_stage_uses():
     assert models.cached_keys() == []
 
 
-def test_a_ray_worker_keeps_only_the_models_of_the_stage_of_its_unit():
-    models.release_models()
-    models.cached_model(("sdxl", "p"), lambda: torch.nn.Linear(2, 2))
-    models.cached_model(("openpose", "p"), lambda: torch.nn.Linear(2, 2))
-    assert models.keep_only_models(["openpose"]) == 1  # a gen_pose unit after generate's
-    assert [k[0] for k in models.cached_keys()] == ["openpose"]
-    assert models.keep_only_models(["openpose"]) == 0
-    models.release_models()
-
-
 def _generate_build(cfg, out: str) -> Context:
     ctx = Context.create(cfg, out)
     write_manifest(ctx.store, "prompts", [

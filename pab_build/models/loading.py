@@ -241,15 +241,6 @@ def models_held_for_stage(names: Iterable[str]) -> Iterator[None]:
             release_models(idle)
 
 
-def keep_only_models(names: Iterable[str]) -> int:
-    """Release every cached model not in ``names``. For a worker process that serves one stage's
-    unit at a time (a Ray worker): a unit of the next stage frees the previous stage's models."""
-    keep = set(names)
-    with _GUARD:
-        other = {_model_name(k) for k in _CACHE} - keep
-    return release_models(other) if other else 0
-
-
 def _empty_cuda_cache() -> None:
     torch = sys.modules.get("torch")  # a process that never imported torch holds no CUDA memory
     if torch is not None and torch.cuda.is_available():
