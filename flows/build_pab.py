@@ -367,20 +367,23 @@ def _build(cfg: PABConfig, profile: str, out: str, overrides: list[str] | None, 
             if publish_url or cfg.publish.url:
                 summary["publish"] = publish_task(cfg, out, publish_url or cfg.publish.url, profile, overrides or [])
             if cfg.cmp.train_after_build if train_cmp is None else train_cmp:
-                summary["cmp"] = _train_cmp_once(profile, out, overrides or [], summary.get("publish"))
+                summary["cmp"] = _train_cmp_once(profile, out, overrides or [], summary.get("publish"), cfg.profile)
     logger.info("build summary: %s", redact(summary))
     return summary
 
 
-def _train_cmp_once(profile: str, out: str, overrides: list[str], published: dict | None) -> dict[str, Any]:
+def _train_cmp_once(profile: str, out: str, overrides: list[str], published: dict | None,
+                    name: str | None = None) -> dict[str, Any]:
     """CMP is trained once per build: when the build published and an automation on this server
     reacts to this profile's publish event (train-cmp/<profile>'s deployment trigger), training is
-    left to it."""
+    left to it. ``name``: the profile's name, the label the event carries (``profile`` may be a path);
+    the flow passes its config's, other callers get it from the profile."""
     from flows.events import downstream_training
 
-    from pab_build.config import load_config
+    if name is None:
+        from pab_build.config import load_config
 
-    name = load_config(profile, overrides).profile  # the label the event carries (profile may be a path)
+        name = load_config(profile, overrides).profile
     trigger = downstream_training(name) if published and published.get("ok") else None
     if trigger is not None:
         get_run_logger().info("CMP: not trained in this run: the publish event starts it (automation %r)", trigger)
