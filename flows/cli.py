@@ -189,7 +189,7 @@ def _cmd_export_official(args: argparse.Namespace) -> int:
     from pab_build.release.official import export_official
 
     require_build(args.out)
-    print(json.dumps(export_official(args.out, args.dest), indent=2, default=str))
+    print(json.dumps(export_official(args.out, args.dest, link=not args.copy), indent=2, default=str))
     return 0
 
 
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-official", help="write the layout the official CMP code reads")
     e.add_argument("out", help="the build's output folder (the --out of `pab run`)")
     e.add_argument("dest", help="folder to write the official PAB layout into")
+    e.add_argument("--copy", action="store_true",
+                   help="copy every file (default: JPEGs are hard-linked when OUT and DEST share a local file system)")
     e.set_defaults(func=_cmd_export_official)
 
     pb = sub.add_parser("publish", help="upload shards, index and card to an fsspec URL, then verify")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import glob
 import json
 import os
 
@@ -324,3 +325,40 @@ def test_the_vectorised_hard_negative_drop_keeps_and_words_exactly_what_the_pass
                                   got_skipped)
     assert {k for k, kept in zip(keys, keep) if kept} == want
     assert got_skipped == want_skipped and 0 < len(want) < len(keys)
+
+
+def test_jpegs_are_hard_linked_on_one_file_system_and_copied_otherwise(release_tree, tmp_path):
+    root, src = release_tree["root"], release_tree["store"]
+    key = sorted(release_tree["train_keys"])[0]
+    rel = f"generate/{key.rsplit('-', 1)[0]}/{key}.jpg"
+    linked, copied = str(tmp_path / "linked"), str(tmp_path / "copied")
+    export_official(root, linked)
+    export_official(root, copied, link=False)
+    keys = json.load(open(f"{linked}/annotation/pab_keys.json", encoding="utf-8"))
+    (image,) = [r["image"] for k in (0, 1) for r in _jsonl(f"{linked}/annotation/train/attr_{k}.json")
+                if keys["train"][r["image_id"]] == key]
+    assert os.path.samefile(f"{linked}/{image}", src.path(rel))  # the same inode: no second copy
+    assert not os.path.samefile(f"{copied}/{image}", src.path(rel))
+    assert open(f"{copied}/{image}", "rb").read() == src.read_bytes(rel)
+    with Image.open(f"{linked}/pose/{image}") as im:  # pose maps are PNGs in the build: re-encoded, not linked
+        assert im.format == "JPEG"
+    # a rebuild renames a new file over OUT's: the export keeps the bytes it had
+    before = open(f"{linked}/{image}", "rb").read()
+    src.write_bytes(rel, b"\xff\xd8\xff new bytes")
+    assert open(f"{linked}/{image}", "rb").read() == before
+
+
+def test_a_symlink_in_out_is_neither_linked_nor_read(release_tree, tmp_path):
+    """Only regular files inside OUT are exported: an image that is a symlink (here to a JPEG outside
+    OUT) leaves its sample out with a reason."""
+    src = release_tree["store"]
+    key = sorted(release_tree["train_keys"])[1]
+    rel = f"generate/{key.rsplit('-', 1)[0]}/{key}.jpg"
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(src.read_bytes(rel))
+    os.remove(src.path(rel))
+    os.symlink(outside, src.path(rel))
+    summary = export_official(release_tree["root"], str(tmp_path / "PAB"))
+    assert {"sample_key": key, "split": "train", "reason": f"file missing: {rel}"} in summary["skipped"]
+    assert not any(os.path.samefile(p, outside) for p in glob.glob(str(tmp_path / "PAB" / "**" / "*.jpg"),
+                                                                    recursive=True))

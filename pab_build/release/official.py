@@ -18,6 +18,9 @@ in the sorted list of clip names of the ``prompts`` manifest (all rows, so a rej
 never renumbers the clips). A test record: ``image``, ``caption`` (a list), numeric ``image_id``,
 plus ``normal``/``anomaly`` and ``scene``.
 
+Images that are JPEGs already are hard-linked from a local OUT into a local DEST on the same file
+system (``--copy``: copies), so a full-size export costs ~2M links, not ~300 GB of copies.
+
 What ships is what the shards ship: the ok rows of ``train_shards`` / ``test_shards``. The hard
 negative of each training image is read from its shard's ``json`` member, not recomputed. A sample
 that cannot be exported (a joined row or file missing, a hard negative that is not exported or
@@ -124,11 +127,43 @@ def as_jpeg(data: bytes, what: str) -> bytes:
     return buf.getvalue()
 
 
-def _copy_image(src: Store, dst: Store, image: ExportImage) -> None:
-    # renamed into place without a per-file fsync (~10 ms each, 2M files at full size): one sync at the end
-    dst.write_bytes(image.image_dest, as_jpeg(src.read_bytes(image.image_src), image.image_src), durable=False)
-    dst.write_bytes(f"pose/{image.image_dest}", as_jpeg(src.read_bytes(image.pose_src), image.pose_src),
-                    durable=False)
+def _copy_image(src: Store, dst: Store, image: ExportImage, link: bool) -> None:
+    _place(src, dst, image.image_src, image.image_dest, link)
+    _place(src, dst, image.pose_src, f"pose/{image.image_dest}", link)
+
+
+def _place(src: Store, dst: Store, rel_src: str, rel_dest: str, link: bool) -> None:
+    """A JPEG that is a regular file of a local OUT is hard-linked into a local DEST on the same file
+    system (at full size ~2M files and ~300 GB: no second copy; the build never rewrites a file in
+    place, it renames a new one over it, so the export keeps its bytes). Anything else, or where a
+    link fails (another file system, the link limit), is copied, re-encoded as JPEG when it is not one:
+    renamed into place without a per-file fsync (~10 ms each): one sync at the end."""
+    if link and src.is_local and dst.is_local and _link_jpeg(src.path(rel_src), dst.path(rel_dest)):
+        return
+    dst.write_bytes(rel_dest, as_jpeg(src.read_bytes(rel_src), rel_src), durable=False)
+
+
+def _link_jpeg(path: str, target: str) -> bool:
+    import stat
+    import uuid
+
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a symlink is read (and copied) like any file, never linked
+            return False
+        with open(path, "rb") as f:
+            if f.read(3) != b"\xff\xd8\xff":
+                return False
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.link-{uuid.uuid4().hex[:8]}"
+        os.link(path, tmp)
+    except OSError:  # EXDEV, EMLINK, EPERM...: copied instead
+        return False
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.unlink(tmp)
+        return False
+    return True
 
 
 def _jsonl(records: Iterable[dict]) -> str:
@@ -154,10 +189,11 @@ def _keys_json(clips: list[str], train: pa.Table | None, test: list[ExportImage]
     return text.replace(json.dumps(placeholder), train_text, 1)
 
 
-def export_official(out: str, dest: str, workers: int = 8) -> dict:
+def export_official(out: str, dest: str, workers: int = 8, link: bool = True) -> dict:
     """Write build ``out`` in the official CMP layout under ``dest`` (local path or fsspec URL).
 
-    Exports the splits whose shard manifest exists. Returns a summary: counts, the annotation
+    Exports the splits whose shard manifest exists. JPEGs are hard-linked where both are local on
+    one file system, unless ``link`` is False (then every file is a copy). Returns a summary: counts, the annotation
     files written and every shipped sample left out with its reason. Files in ``dest`` are
     overwritten; use an empty folder per export.
     """
@@ -185,7 +221,7 @@ def export_official(out: str, dest: str, workers: int = 8) -> dict:
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for k, items in train_records(train) if train is not None else ():  # a slice of images at a time
-            list(pool.map(lambda im: _copy_image(src, dst, im),
+            list(pool.map(lambda im: _copy_image(src, dst, im, link),
                           [ExportImage(key, "train", image, pose, rec["image"], rec) for key, image, pose, rec in items]))
             if ks and k != ks[-1]:
                 flush()
@@ -194,7 +230,7 @@ def export_official(out: str, dest: str, workers: int = 8) -> dict:
             lines.append(_jsonl(rec for *_, rec in items))
         if ks:
             flush()
-        list(pool.map(lambda im: _copy_image(src, dst, im), test))
+        list(pool.map(lambda im: _copy_image(src, dst, im, link), test))
     if dst.is_local:
         os.sync()  # the images written without an fsync each, on disk before the annotations that name them
     if has["test"]:
