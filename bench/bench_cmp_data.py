@@ -18,7 +18,11 @@ decoding), with ``--workers`` DataLoader workers. The parent samples the RSS and
 and of its workers from outside (psutil) every 0.2 s. Start-up is the time from building the
 loader to its first batch. On moto's S3 server (in the child) the first ``--s3-shards`` shards are
 uploaded, and the requests the server answers while the loader runs are counted (werkzeug's log).
-The last line is ``ratio=X fallback_reads=N``: X = paired samples/s / plain samples/s.
+``--rounds`` alternates plain and paired (the order swapped each round) and reports each round's
+ratio: on 2 shared cores one run's wall figure moves by 10-15%, so the last line is
+``ratio=X fallback_reads=N`` with X the median of the rounds' paired samples/s / plain samples/s.
+The line before it gives the same ratio in CPU seconds (the child and its workers, from
+``getrusage``), which other load on the machine does not move.
 """
 
 from __future__ import annotations
@@ -134,7 +138,13 @@ def run_mode(mode: str, urls: list[str], args) -> dict:
     if mode.startswith("s3-"):
         urls, storage_options, requests = _moto(urls[:args.s3_shards])
         mode = mode[3:]
-    t0 = time.time()
+    import resource
+
+    def cpu_now() -> float:
+        return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+                   for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+    cpu0, t0 = cpu_now(), time.time()  # the imports before this are not the loader's
     if mode == "plain":
         loader = plain_loader(urls, args, storage_options)
     else:
@@ -144,7 +154,8 @@ def run_mode(mode: str, urls: list[str], args) -> dict:
     limit = args.old_limit if mode == "old" else args.limit
     n = fallback = neighbour = 0
     first = None
-    for batch in loader:
+    batches = iter(loader)
+    for batch in batches:
         if first is None:
             first, t1 = time.time() - t0, time.time()
         n += len(batch)
@@ -153,7 +164,11 @@ def run_mode(mode: str, urls: list[str], args) -> dict:
         if limit and n >= limit:
             break
     seconds = time.time() - t1
-    out = {"samples": n, "startup_s": round(first, 3), "seconds": round(seconds, 3),
+    del batches, loader  # its workers exit and are waited for: their CPU seconds count in RUSAGE_CHILDREN
+    import gc
+
+    gc.collect()
+    out = {"samples": n, "cpu_s": round(cpu_now() - cpu0, 2), "startup_s": round(first, 3), "seconds": round(seconds, 3),
            "samples_per_s": round((n - args.batch) / max(seconds, 1e-9), 1),  # the first batch is start-up
            "fallback_reads": fallback, "neighbour_reads": neighbour}
     if requests is not None:
@@ -252,6 +267,7 @@ def main() -> None:
     ap.add_argument("--s3-shards", type=int, default=2, help="shards uploaded to moto's S3 server (0: no S3 runs)")
     ap.add_argument("--mode-timeout", type=int, default=600, help="seconds one mode may run")
     ap.add_argument("--modes", default="plain,paired,old,s3-plain,s3-paired,s3-old")
+    ap.add_argument("--rounds", type=int, default=3, help="plain / paired pairs run, alternating; the ratio is their median")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out = args.out or f"/tmp/pab-bench-cmp-data-{args.samples}"
@@ -260,14 +276,29 @@ def main() -> None:
         print(json.dumps(run_mode(args._run, urls, args)), flush=True)
         return
     modes = [m for m in args.modes.split(",") if m and not (m.startswith("s3-") and args.s3_shards <= 0)]
-    results = {}
+    results, rounds = {}, []
     for mode in modes:
+        if mode in ("plain", "paired") and {"plain", "paired"} <= set(modes):
+            if mode == "paired":
+                continue
+            for r in range(max(1, args.rounds)):  # plain/paired pairs, the order swapped each round
+                got = {m: measure(m, args) for m in (("plain", "paired") if r % 2 == 0 else ("paired", "plain"))}
+                for m in ("plain", "paired"):
+                    print(f"{m:10s} round={r + 1} " + " ".join(f"{k}={v}" for k, v in got[m].items()), flush=True)
+                rounds.append(got)
+            results.update(rounds[-1])
+            continue
         results[mode] = r = measure(mode, args)
         print(f"{mode:10s} " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
-    paired, plain = results.get("paired"), results.get("plain")
-    ratio = paired["samples_per_s"] / plain["samples_per_s"] if paired and plain else float("nan")
-    print(f"load: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; workers={args.workers}")
-    print(f"ratio={ratio:.2f} fallback_reads={paired['fallback_reads'] if paired else -1}")
+    paired = results.get("paired")
+    wall = sorted(g["paired"]["samples_per_s"] / g["plain"]["samples_per_s"] for g in rounds)
+    cpu = sorted((g["paired"]["samples"] / g["paired"]["cpu_s"]) / (g["plain"]["samples"] / g["plain"]["cpu_s"])
+                 for g in rounds)
+    median = (lambda xs: xs[len(xs) // 2] if xs else float("nan"))
+    print(f"load: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; workers={args.workers}; "
+          f"rounds' wall ratios {', '.join(f'{x:.2f}' for x in wall)}")
+    print(f"cpu_ratio={median(cpu):.2f} (samples per CPU second, paired / plain; rounds: {', '.join(f'{x:.2f}' for x in cpu)})")
+    print(f"ratio={median(wall):.2f} fallback_reads={sum(g['paired']['fallback_reads'] for g in rounds) if rounds else -1}")
 
 
 if __name__ == "__main__":
