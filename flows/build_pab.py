@@ -397,7 +397,7 @@ def _train_cmp_once(profile: str, out: str, overrides: list[str], published: dic
 def release_task(cfg: PABConfig, out: str) -> dict[str, Any]:
     from pab_build.release.card import write_dataset_card
 
-    return {"card": write_dataset_card(out)}
+    return {"card": write_dataset_card(out, cfg.publish.storage_options)}
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -411,13 +411,14 @@ def publish_task(cfg: PABConfig, out: str, url: str, profile: str | None = None,
         from prefect.blocks.system import Secret
 
         options.update(Secret.load(cfg.publish.credentials_block).get())
-    report = publish(out, url, storage_options=options, force=cfg.publish.force, delete=cfg.publish.delete)
+    report = publish(out, url, storage_options=options, force=cfg.publish.force, delete=cfg.publish.delete,
+                     out_options=cfg.publish.storage_options)
     ok = bool(getattr(report, "ok", True))
     if ok:  # downstream training (train-cmp/<profile>'s deployment trigger) starts on this event
         from flows.events import emit_shards_published
         from pab_build.shards.index import INDEX_REL
-        from pab_build.store import Store
+        from pab_build.store import out_store
 
-        emit_shards_published(report.url, Store(out).read_bytes(INDEX_REL), out, profile or cfg.profile,
+        emit_shards_published(report.url, out_store(out, cfg.publish.storage_options).read_bytes(INDEX_REL), out, profile or cfg.profile,
                               cfg.profile, overrides)
     return {"url": report.url, "ok": ok}  # report.url: credentials scrubbed

@@ -48,6 +48,12 @@ class Marker:
         return self.stage_hash == stage_hash and self.input_hash == input_hash
 
 
+def out_store(out: str, storage_options: dict | None = None) -> "Store":
+    """A build's OUT with its storage options (a build's ``publish.storage_options``: the
+    credentials and endpoint of an object store); a local OUT takes none."""
+    return Store(out, **(storage_options or {})) if "://" in out and not out.startswith("file://") else Store(out)
+
+
 class Store:
     """A build's output root: ``Store("out/")``, ``Store("s3://bucket/pab", key=...)``."""
 

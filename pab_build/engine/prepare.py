@@ -7,7 +7,7 @@ import logging
 from ..config import PABConfig
 from ..manifests import manifest_rel
 from .pipeline import RENAMED_STAGES
-from ..store import Store
+from ..store import Store, out_store
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,6 @@ def prepare_build(cfg: PABConfig, out: str) -> None:
         from ..fixtures.sample_oops import write_sample_oops
 
         write_sample_oops(cfg.fixtures.sample_oops_dir, seed=cfg.fixtures.seed)
-    store = Store(out, **cfg.publish.storage_options) if "://" in out else Store(out)
+    store = out_store(out, cfg.publish.storage_options)
     migrate_renamed_stages(store)
     store.write_text("config.yaml", cfg.to_yaml())

@@ -36,7 +36,7 @@ from ..manifests import (
     table_bytes,
     read_manifest_table,
 )
-from ..store import Marker, Store
+from ..store import Marker, Store, out_store
 from .unit_manifests import write_unit_manifest
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Context:
 
     @classmethod
     def create(cls, cfg: PABConfig, out: str) -> "Context":
-        return cls(cfg=cfg, store=Store(out, **cfg.publish.storage_options) if "://" in out else Store(out))
+        return cls(cfg=cfg, store=out_store(out, cfg.publish.storage_options))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import yaml
 
 from ..manifests import OK, STAGE_COLUMNS, left_join, manifest_rel, read_manifest_table
 from ..shards.index import ratio_text
-from ..store import Store
+from ..store import Store, out_store
 from .card_figures import class_chart_png, example_grid_png
 from .card_hf import dataset_info, size_category
 
@@ -380,10 +380,10 @@ def render_card(*, profile: str, config_sha256: str | None, splits: list[SplitSt
     return "\n".join(parts)
 
 
-def write_dataset_card(out: str) -> str:
+def write_dataset_card(out: str, storage_options: dict | None = None) -> str:
     """Write ``OUT/README.md`` and its figures (``OUT/card/*.png``) from the build's manifests,
-    shard index and config; return the card's path."""
-    store = Store(out)
+    shard index and config; return the card's path. ``storage_options``: OUT's, on an object store."""
+    store = out_store(out, storage_options)
     funnel, models = [], []
     for stage in manifest_stages(store):  # a stage's status, reason and model columns at a time
         table = read_columns(store, stage, ("status", "reason", "model_id"))

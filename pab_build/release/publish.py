@@ -51,7 +51,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ..redact import redact, scrub as scrub_text, secret_values
 from ..shards.index import INDEX_REL, VerifyReport, index_problems, local_file_problem, verify_shards
 from .guards import release_problems
-from ..store import Store
+from ..store import Store, out_store
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class _Publisher:
 
 
 def publish(out: str, url: str, storage_options: dict | None = None, *, force: bool = False,
-            delete: bool = False, verify: bool = True) -> PublishReport:
+            delete: bool = False, verify: bool = True, out_options: dict | None = None) -> PublishReport:
     """Upload build ``out``'s shards, ``shards/index.json`` (last) and dataset card to ``url``;
     skip objects already there with the right size and sha256; then re-hash the remote copy
     (``verify``). Refuses (before touching anything remote) a build with failed units, an empty
@@ -330,6 +330,7 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, force: b
 
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``); put no
     secret in a config file: credentials come from the environment or a block the caller loads.
+    ``out_options``: OUT's own, when OUT is on an object store.
     Raises :class:`PublishError` (credentials scrubbed) when an upload fails; rerun to resume.
     """
     options = dict(storage_options or {})
@@ -337,7 +338,7 @@ def publish(out: str, url: str, storage_options: dict | None = None, *, force: b
     safe_url = scrub(url)
     url, options = url_credentials(url, options)
     report = PublishReport(url=safe_url)
-    src = Store(out)
+    src = out_store(out, out_options)
     index, shards, card = release_files(src)
     log.info("publish: %s -> %s (storage options %s): %d shard(s), %d card file(s)",
              src.url_root, safe_url, redact(options), len(shards), len(card))
