@@ -31,3 +31,26 @@ def test_runtime_env_passes_only_settings_without_credentials(monkeypatch):
     assert passed_env() == {"PREFECT_API_URL": "http://10.0.0.2:4200/api", "HF_HUB_OFFLINE": "1"}
     monkeypatch.setenv("PREFECT_API_URL", "http://user:pw@10.0.0.2:4200/api")  # a password in it: not passed
     assert "PREFECT_API_URL" not in passed_env()
+
+
+def test_gpu_stages_ask_for_their_share_of_a_card_and_the_cluster_says_how_many_fit():
+    """One actor per GPU for a GPU stage; OpenPose / ResNet-50 stages two per card (ray_gpu_share);
+    a CPU build asks for no GPU. On a local Ray with 2 (declared) GPUs and 4 CPUs."""
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    from pab_build.engine.ray_cluster import actor_resources, cluster_slots
+
+    cuda = load_config("smoke", {"run.device": "cuda", "run.cpus_per_unit": 1})
+    cpu = load_config("smoke", {"run.device": "cpu", "run.cpus_per_unit": 1})
+    assert actor_resources(cuda, "generate", True) == {"num_cpus": 1, "num_gpus": 1.0}
+    assert actor_resources(cuda, "gen_pose", True) == {"num_cpus": 1, "num_gpus": 0.5}
+    assert actor_resources(cuda, "frames", False) == {"num_cpus": 1, "num_gpus": 0.0}
+    assert actor_resources(cpu, "generate", True) == {"num_cpus": 1, "num_gpus": 0.0}
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        assert cluster_slots(cuda, "generate", True) == 2  # one per card
+        assert cluster_slots(cuda, "gen_pose", True) == 4  # two per card, 4 CPUs
+        assert cluster_slots(cpu, "generate", True) == 4  # CPUs only
+    finally:
+        ray.shutdown()
