@@ -36,7 +36,7 @@ test-min: install
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" \
 		> $$($(MIN_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/main_venv.pth
-	$(MIN_VENV)/bin/pip install -q -r constraints/minimum.txt
+	$(MIN_VENV)/bin/pip install -q -r constraints/minimum.txt -r constraints/minimum-transitive.txt
 	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -k "not datasets" $(MIN_TESTS)
 
 bench: install
