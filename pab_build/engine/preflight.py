@@ -165,12 +165,12 @@ def _probe_remote(cfg: PABConfig, out: str) -> list[Row]:
     import uuid
 
     from ..redact import redact_url
-    from ..store import Store
+    from ..store import out_store
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never wait on the metadata address
     rel = f".pab-preflight-{uuid.uuid4().hex[:12]}"
     try:
-        store = Store(out, **cfg.publish.storage_options)
+        store = out_store(out, cfg.publish.storage_options)
         store.write_bytes(rel, b"")
         store.remove(rel)
     except Exception as e:  # noqa: BLE001 - the failure is the finding (credentials, endpoint, bucket)

@@ -143,7 +143,8 @@ def _start_copier(out: str, dest: str, link: bool) -> None:
 def _copy_paths(paths: list[tuple[str, str, str]]) -> None:
     src, dst, link = _process_stores
     for image_src, pose_src, image_dest in paths:
-        _copy_image(src, dst, ExportImage("", "", image_src, pose_src, image_dest, {}), link)
+        _place(src, dst, image_src, image_dest, link)
+        _place(src, dst, pose_src, f"pose/{image_dest}", link)
 
 
 class _Copier:
@@ -153,7 +154,7 @@ class _Copier:
 
     CHUNK = 2_500
 
-    def __init__(self, out: str, dest: str, src: Store, dst: Store, link: bool, workers: int):
+    def __init__(self, src: Store, dst: Store, link: bool, workers: int):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -162,7 +163,7 @@ class _Copier:
             # forkserver: the planning process holds Arrow's threads and ~1.4 GB of tables at full size
             self.pool = ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0)),
                                             mp_context=multiprocessing.get_context("forkserver"),
-                                            initializer=_start_copier, initargs=(out, dest, link))
+                                            initializer=_start_copier, initargs=(src.url_root, dst.url_root, link))
             self.local = True
         else:
             self.pool, self.local = ThreadPoolExecutor(max_workers=max(1, workers)), False
@@ -269,7 +270,7 @@ def export_official(out: str, dest: str, workers: int = 8, link: bool = True) ->
         written.append(rel)
         lines.clear()
 
-    with _Copier(out, dest, src, dst, link, workers) as copier:
+    with _Copier(src, dst, link, workers) as copier:
         for k, items in train_records(train) if train is not None else ():  # a slice of images at a time
             copier.copy([ExportImage(key, "train", image, pose, rec["image"], rec) for key, image, pose, rec in items])
             if ks and k != ks[-1]:
