@@ -33,7 +33,7 @@ def test_runtime_env_passes_only_settings_without_credentials(monkeypatch):
     assert "PREFECT_API_URL" not in passed_env()
 
 
-def test_gpu_stages_ask_for_their_share_of_a_card_and_the_cluster_says_how_many_fit():
+def test_gpu_stages_ask_for_their_share_of_a_card_and_the_cluster_says_how_many_fit(monkeypatch):
     """One actor per GPU for a GPU stage; OpenPose / ResNet-50 stages two per card (ray_gpu_share);
     a CPU build asks for no GPU. On a local Ray with 2 (declared) GPUs and 4 CPUs."""
     import pytest
@@ -47,6 +47,9 @@ def test_gpu_stages_ask_for_their_share_of_a_card_and_the_cluster_says_how_many_
     assert actor_resources(cuda, "gen_pose", True) == {"num_cpus": 1, "num_gpus": 0.5}
     assert actor_resources(cuda, "frames", False) == {"num_cpus": 1, "num_gpus": 0.0}
     assert actor_resources(cpu, "generate", True) == {"num_cpus": 1, "num_gpus": 0.0}
+    # unset, a new local Ray turns token auth on in this process's environment (RAY_AUTH_MODE), and
+    # every Ray node a later test starts would inherit it
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False)
     try:
         assert cluster_slots(cuda, "generate", True) == 2  # one per card

@@ -68,7 +68,18 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_endpoint):
+def ray_auth_off():
+    """Token authentication off, said explicitly: Ray 2.60 turns it on for a new local cluster
+    (test_ray_config's) by setting RAY_AUTH_MODE in this process, and keeps the mode it first read
+    in this process's cached config; nodes started with another HOME would find no token. A real
+    cluster's token: docs/DEPLOY.md."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint, ray_auth_off):
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
