@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +50,31 @@ def test_a_stage_end_releases_only_models_no_running_stage_uses():
             assert {k[0] for k in models.cached_keys()} == {"qwen2_vl", "sdxl"}
         assert [k[0] for k in models.cached_keys()] == ["qwen2_vl"]  # generate ended: SDXL freed
     assert models.cached_keys() == []
+
+
+RELEASE_WHILE_TORCH_IMPORTS = """
+import sys, threading, time
+from pab_build.models import loading
+importer = threading.Thread(target=lambda: __import__("torch"))
+importer.start()
+while "torch" not in sys.modules:
+    time.sleep(0.0002)
+half_made = not hasattr(sys.modules["torch"], "cuda")
+loading.release_models([])
+assert loading.is_oom(RuntimeError("CUDA out of memory")) and not loading.is_oom(ValueError("x"))
+importer.join()
+print("half-made torch seen:", half_made)
+"""
+
+
+def test_a_stage_ends_while_another_thread_still_imports_torch():
+    """The two branches run in threads of one process: a stage that ends (releasing its models)
+    while the other branch's first stage is importing torch saw a half-made module and failed the
+    build ("partially initialized module 'torch' has no attribute 'cuda'"). In a fresh process."""
+    r = subprocess.run([sys.executable, "-c", RELEASE_WHILE_TORCH_IMPORTS], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "half-made torch seen: True" in r.stdout  # the race was really run
 
 
 def _generate_build(cfg, out: str) -> Context:

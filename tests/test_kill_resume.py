@@ -28,13 +28,19 @@ KILL_POINTS = [
 ]
 
 
-def _pab_run(out: str, overrides: list[str]) -> subprocess.Popen:
+def _pab_run(out: str, overrides: list[str], log_path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flows.cli", "run", "smoke", "--out", out, "--no-cmp"]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
+    # Prefect's temporary server gets 20 s to start by default: too few on a loaded 2-core CI machine
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _tail(log_path, n: int = 3000) -> str:
+    return open(log_path, "rb").read()[-n:].decode(errors="replace")
 
 
 def _reached(out: str, stage: str, what: str) -> bool:
@@ -60,15 +66,16 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ti
     overrides = [f"fixtures.models_dir={tiny_models_dir}", "fixtures.build_tiny_models=false",
                  f"oops.root={sample_oops_root}"]
     ref = str(tmp_path / "ref")
-    proc = _pab_run(ref, overrides)
-    assert proc.wait(timeout=900) == 0
+    proc = _pab_run(ref, overrides, tmp_path / "ref.log")
+    assert proc.wait(timeout=900) == 0, _tail(tmp_path / "ref.log")
     assert os.path.exists(os.path.join(ref, "shards", "index.json"))
 
     out = str(tmp_path / "killed")
     rng = random.Random(20261129)
     kills = 0
-    for stage, what in KILL_POINTS:
-        proc = _pab_run(out, overrides)
+    for i, (stage, what) in enumerate(KILL_POINTS):
+        log = tmp_path / f"run-{i}.log"
+        proc = _pab_run(out, overrides, log)
         deadline = time.time() + 600
         while not _reached(out, stage, what) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -78,10 +85,11 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ti
             proc.wait()
             kills += 1
         else:  # a run that ends by itself before its kill point must at least have succeeded
-            assert proc.returncode == 0, f"the run meant to die in {stage} failed on its own (rc={proc.returncode})"
+            assert proc.returncode == 0, \
+                f"the run meant to die in {stage} failed on its own (rc={proc.returncode}):\n{_tail(log)}"
     assert kills >= 5, f"only {kills} kills landed before the build finished"
-    proc = _pab_run(out, overrides)
-    assert proc.wait(timeout=900) == 0
+    proc = _pab_run(out, overrides, tmp_path / "resume.log")
+    assert proc.wait(timeout=900) == 0, _tail(tmp_path / "resume.log")
 
     a, b = _content(ref), _content(out)
     assert sorted(a) == sorted(b)

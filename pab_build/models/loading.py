@@ -241,8 +241,19 @@ def models_held_for_stage(names: Iterable[str]) -> Iterator[None]:
             release_models(idle)
 
 
+def _imported_torch():
+    """torch if this process imported it, else None (without importing it). While another thread
+    is still importing it, sys.modules holds a half-made module (no ``torch.cuda`` yet): the import
+    statement waits for that thread's import to finish."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    return torch
+
+
 def _empty_cuda_cache() -> None:
-    torch = sys.modules.get("torch")  # a process that never imported torch holds no CUDA memory
+    torch = _imported_torch()  # a process that never imported torch holds no CUDA memory
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -265,7 +276,7 @@ def resolve_device(device: str) -> torch.device:
 
 def is_oom(err: BaseException) -> bool:
     """True for CUDA (or CPU allocator) out-of-memory errors."""
-    torch = sys.modules.get("torch")
+    torch = _imported_torch()
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
