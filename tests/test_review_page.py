@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import shutil
+import time
 
 import pytest
 from test_review import CLIPS, _use_decisions, _write, write_test_pairs
@@ -80,6 +81,17 @@ def test_a_reviewer_clicks_through_and_the_rejected_pair_leaves_the_build(ctx, p
     page.keyboard.press("a")  # pair 3 accepted by key
     assert page.inner_text("#progress").startswith("3 of 3 decided")
 
+    # localStorage reaches the browser's store asynchronously, and a reload may read it from another
+    # renderer (once, on a loaded machine, it read nothing): first a second tab sees the decisions
+    other = page.context.new_page()
+    deadline = time.monotonic() + 15
+    while True:
+        other.goto(url)
+        if other.inner_text("#progress").startswith("3 of 3 decided") or time.monotonic() > deadline:
+            break
+        other.wait_for_timeout(200)
+    assert other.inner_text("#progress").startswith("3 of 3 decided")
+    other.close()
     page.reload()  # decisions and the reviewer's name survive a reload (localStorage)
     assert page.inner_text("#progress").startswith("3 of 3 decided")
     assert page.input_value("#reviewer") == "ann"
