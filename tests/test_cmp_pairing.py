@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pab_build.cmp import data as cmp_data
-from pab_build.cmp import pairing_stream
+from pab_build.cmp import pairing_stream, tar_ranges
 from pab_build.shards.writer import build_shard
 
 
@@ -88,6 +88,13 @@ def test_one_epoch_has_the_old_loaders_batches_and_pairs_on_the_smoke_build(smok
     assert sum(x["fallback_reads"] for x in a) == 0
 
 
+def test_a_train_fraction_pairs_the_same_subset_as_the_old_loader(smoke_urls):
+    args = {**loader_args(smoke_urls, 1), "fraction": 0.5}
+    new, old = pairs(epoch(cmp_data.TrainData(**args))), pairs(epoch(OldTrainData(**args)))
+    assert 0 < len(new) < cmp_data.TrainData(**loader_args(smoke_urls)).num_samples
+    assert_same_pairs(new, old)
+
+
 def test_identities_cut_by_shard_boundaries_are_completed_from_the_neighbours(smoke_urls, tmp_path, monkeypatch):
     monkeypatch.setattr(pairing_stream, "TAIL_FIRST_READ", 2048)  # the tail read doubles a few times
     old = pairs(epoch(OldTrainData(**loader_args(smoke_urls, 1))))
@@ -115,9 +122,78 @@ def test_a_counterpart_outside_the_stream_is_a_counted_fallback(smoke_urls, tmp_
 def test_tail_parsing_finds_whole_samples_from_any_cut(smoke_urls):
     raw = open(smoke_urls[0], "rb").read()
     keys = [s["__key__"] for s in pairing_stream.iter_samples(smoke_urls[:1], {})]
-    whole = pairing_stream.tail_samples(raw, whole=True)
+    whole = tar_ranges.tail_samples(raw, whole=True)
     assert [s["__key__"] for s in whole] == keys
     for cut in range(512, len(raw) - 1024, 512 * 7):
-        part = pairing_stream.tail_samples(raw[cut:], whole=False)
+        part = tar_ranges.tail_samples(raw[cut:], whole=False)
         assert [s["__key__"] for s in part] == keys[len(keys) - len(part):]
         assert all(s["jpg"] == w["jpg"] for s, w in zip(part, whole[len(keys) - len(part):]))
+
+
+def test_head_parsing_finds_whole_samples_before_any_cut(smoke_urls):
+    raw = open(smoke_urls[0], "rb").read()
+    ref = list(pairing_stream.iter_samples(smoke_urls[:1], {}))
+    samples, complete = tar_ranges.head_samples(raw)
+    assert complete and [s["__key__"] for s in samples] == [s["__key__"] for s in ref]
+    for cut in range(512, len(raw) - 1024, 512 * 7):
+        samples, complete = tar_ranges.head_samples(raw[:cut])
+        assert not complete and len(samples) < len(ref)
+        for got, want in zip(samples, ref):  # whole samples only: every member, byte for byte
+            assert got == {k: v for k, v in want.items() if not k.startswith("__") or k == "__key__"}
+
+
+def test_the_header_parser_reads_what_tarfile_reads(tmp_path):
+    """Every header block of archives in both tar formats the project could meet (webdataset's PAX,
+    ustar with a long name split into prefix + name) gives tarfile's name, size and type; a block
+    with one byte changed is refused, as tarfile refuses it."""
+    import io
+    import tarfile
+
+    blocks = []
+    for fmt, name in ((tarfile.PAX_FORMAT, "c0000000001-a-000.jpg"),
+                      (tarfile.USTAR_FORMAT, "d" * 60 + "/" + "k" * 80 + ".pose.png")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 700
+            info.mtime = 1.5
+            tar.addfile(info, io.BytesIO(b"\xff" * 700))
+        data = buf.getvalue()
+        blocks += [data[at:at + 512] for at in range(0, len(data), 512)
+                   if data[at:at + 512].count(0) < 512 and data[at + 257:at + 262] == b"ustar"]
+    assert len(blocks) == 3  # the PAX record's header, its member's, the ustar member's
+    for block in blocks:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        assert tar_ranges.parse_header(block) == (info.name, info.size, info.type)
+        bad = block[:20] + bytes([block[20] ^ 1]) + block[21:]
+        with pytest.raises(tarfile.InvalidHeaderError):
+            tarfile.TarInfo.frombuf(bad, "utf-8", "surrogateescape")
+        assert tar_ranges.parse_header(bad) is None
+
+
+def test_a_neighbour_with_headers_the_parser_does_not_read_is_streamed(smoke_urls, tmp_path):
+    """GNU long names (not the project's writer): the head of the next shard comes from webdataset's
+    own tar reading instead, with the same samples."""
+    import io
+    import tarfile
+
+    samples = list(pairing_stream.iter_samples(smoke_urls[:1], {}))[:6]
+    ident = json.loads(samples[0]["json"])["identity"]
+    long_keys = {s["__key__"]: s["__key__"] + "x" * 120 for s in samples}  # past ustar's 100-byte name
+    urls = []
+    for n, part in enumerate((samples[:3], samples[3:])):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for s in part:
+                for ext, payload in s.items():
+                    if not ext.startswith("__"):
+                        info = tarfile.TarInfo(f"{long_keys[s['__key__']]}.{ext}")
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+        urls.append(str(tmp_path / f"train-{n:06d}.tar"))
+        open(urls[-1], "wb").write(buf.getvalue())
+    assert tar_ranges.head_samples(open(urls[1], "rb").read()) is None
+    wanted = {long_keys[s["__key__"]] for s in samples[3:5]}
+    found, whole = pairing_stream.ShardSet(urls).head(1, wanted, ident)
+    assert sorted(found) == sorted(wanted) and not whole
+    assert all(found[long_keys[s["__key__"]]]["jpg"] == s["jpg"] for s in samples[3:5])

@@ -234,7 +234,7 @@ class TrainData:
 
     def _paired(self, shards):
         """Each shard's samples in the fraction, in shard order, with their counterparts' bytes."""
-        select = partial(in_fraction, fraction=self.fraction)
+        select = None if self.fraction >= 1 else partial(in_fraction, fraction=self.fraction)
         if self.index is not None:
             yield from index_paired_samples([s["url"] for s in shards], self.index, select, self.storage_options)
             return

@@ -5,9 +5,9 @@ clip: its ``n``, ``a`` and ``a+`` images) have keys with the identity's prefix, 
 contiguous in the stream. :func:`paired_samples` reads one shard as it streams, holds one
 identity's samples at a time, and takes each sample's counterpart (``hard_negative_key``, always
 of the same identity) from that buffer. An identity cut by a shard boundary is completed from the
-neighbouring shard: the head of the next shard is streamed up to the last wanted key, the tail of
-the previous one is read in one range request (doubling while it does not reach the wanted key)
-and parsed from its first whole tar header. Nothing is indexed up front.
+neighbouring shard by range requests (1 MiB, doubled while the identity goes on): the head of the
+next shard up to the last wanted key, the tail of the previous one parsed from its first whole tar
+header. Nothing is indexed up front.
 
 Random access by key (:class:`MemberIndex`, the old loader's way: read a shard's tar headers, then
 seek to the member) remains only as the fallback for a counterpart that is not where key order says
@@ -25,17 +25,13 @@ from typing import Callable, Iterator
 
 import fsspec
 
+from pab_build.cmp.tar_ranges import BLOCK as _BLOCK
+from pab_build.cmp.tar_ranges import head_samples, split_member, tail_samples
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXT, POSE_EXT, JSON_EXT = "jpg", "pose.png", "json"
-_BLOCK = tarfile.BLOCKSIZE
-TAIL_FIRST_READ = 1 << 20  # bytes of a previous shard's tail read first; doubled until the wanted key
-
-
-def split_member(name: str) -> tuple[str, str]:
-    """``<dir>/<key>.<ext>`` -> (key, ext); keys have no dots, so the first dot starts the extension."""
-    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-    return key, ext
+TAIL_FIRST_READ = 1 << 20  # bytes of a neighbour's head / tail read first; doubled until the wanted key
 
 
 def open_streams(urls, storage_options, **open_options):
@@ -102,65 +98,6 @@ def build_member_index(urls: list[str], storage_options: dict | None = None) -> 
     return MemberIndex(refs, storage_options)
 
 
-# -- a shard's tail, parsed from its first whole header ------------------------------------------
-def _pax_records(payload: bytes) -> dict[str, str]:
-    """``<length> <key>=<value>\\n`` records of a PAX extended header (webdataset's TarWriter
-    writes one per member for its float mtime)."""
-    out, at = {}, 0
-    while at < len(payload):
-        length = int(payload[at:payload.index(b" ", at)])
-        key, _, value = payload[payload.index(b" ", at) + 1:at + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        at += length
-    return out
-
-
-def _member_chain(data: bytes, at: int) -> list[tuple[str, str, bytes]] | None:
-    """The members from offset ``at`` to the archive's end, or None when ``at`` does not start a
-    chain of valid headers that ends in the zero blocks (a checksum check rules out image bytes)."""
-    out, pax = [], {}
-    while at + _BLOCK <= len(data):
-        block = data[at:at + _BLOCK]
-        if block.count(0) == _BLOCK:
-            return out
-        try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            size = int(pax.get("size", info.size))
-        except (tarfile.TarError, ValueError):
-            return None
-        end = at + _BLOCK + size
-        if end > len(data) or info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.XHDTYPE):
-            return None  # a member cut by the read's end cannot happen; GNU long names: not ours
-        if info.type == tarfile.XHDTYPE:
-            try:
-                pax = _pax_records(data[at + _BLOCK:end])
-            except (ValueError, UnicodeDecodeError):
-                return None
-        else:
-            if info.type != tarfile.DIRTYPE:
-                out.append((*split_member(pax.get("path", info.name)), data[at + _BLOCK:end]))
-            pax = {}
-        at += _BLOCK + -(-size // _BLOCK) * _BLOCK
-    return None
-
-
-def tail_samples(data: bytes, whole: bool) -> list[dict]:
-    """Samples in the tail ``data`` of a shard (block-aligned); unless ``whole``, the first one may
-    lack members before the cut and is left out."""
-    for at in range(0, max(0, len(data) - _BLOCK + 1), _BLOCK):
-        members = _member_chain(data, at)
-        if members is not None:
-            break
-    else:
-        return []
-    samples: list[dict] = []
-    for key, ext, payload in members:
-        if not samples or samples[-1]["__key__"] != key:
-            samples.append({"__key__": key})
-        samples[-1][ext] = payload
-    return samples if whole else samples[1:]
-
-
 # -- the shards and their neighbours --------------------------------------------------------------
 @dataclass
 class PairingStats:
@@ -196,24 +133,35 @@ class ShardSet:
         self.__init__(state["urls"], state["storage_options"])
 
     def head(self, pos: int, wanted: set[str], ident) -> tuple[dict[str, dict], bool]:
-        """Wanted samples of shard ``pos`` streamed from its start while they are of identity
-        ``ident``, up to the last wanted key; and whether the whole shard is that identity's (the
-        rest of ``wanted`` may then be in the next one)."""
-        self.stats.add("neighbour_reads")
-        found, last = {}, max(wanted)
+        """Wanted samples of shard ``pos`` from its start while they are of identity ``ident``, up
+        to the last wanted key, from range reads of its head (1 MiB, doubled while the identity and
+        the wanted keys go on); and whether the whole shard is that identity's (the rest of
+        ``wanted`` may then be in the next one)."""
+        fs, path = fsspec.core.url_to_fs(self.urls[pos], **self.storage_options)
+        size, length = fs.size(path), TAIL_FIRST_READ
+        while True:
+            self.stats.add("neighbour_reads")
+            parsed = head_samples(fs.cat_file(path, start=0, end=min(size, length)))
+            if parsed is None:
+                return self._streamed_head(pos, wanted, ident)
+            found, stopped = _identity_head(parsed[0], wanted, ident)
+            if stopped:
+                return found, False
+            if parsed[1] or length >= size:
+                return found, True
+            length *= 2
+
+    def _streamed_head(self, pos: int, wanted: set[str], ident) -> tuple[dict[str, dict], bool]:
+        """:meth:`head` by webdataset's tar reading, for a shard whose headers
+        :func:`~pab_build.cmp.tar_ranges.parse_header` does not read (GNU long names: not the
+        project's writer)."""
         # small blocks: s3fs would otherwise fetch 50 MiB ahead for an identity's head
         samples = iter_samples([self.urls[pos]], self.storage_options, block_size=TAIL_FIRST_READ)
         try:
-            for s in samples:
-                if _identity(s) != ident:
-                    return found, False
-                if s["__key__"] in wanted:
-                    found[s["__key__"]] = s
-                if s["__key__"] >= last:
-                    return found, False
+            found, stopped = _identity_head(samples, wanted, ident)
         finally:
             samples.close()
-        return found, True
+        return found, not stopped
 
     def tail(self, pos: int, wanted: set[str], ident) -> tuple[dict[str, dict], bool]:
         """Wanted samples of identity ``ident`` in shard ``pos``, from range reads of its tail: 1 MiB,
@@ -227,7 +175,8 @@ class ShardSet:
             samples = tail_samples(fs.cat_file(path, start=start, end=size), whole=start == 0)
             mine = [s for s in samples if _identity(s) == ident]
             if start == 0 or len(mine) < len(samples) or (samples and samples[0]["__key__"] < first):
-                return {s["__key__"]: s for s in mine if s["__key__"] in wanted}, start == 0 and len(mine) == len(samples)
+                whole = start == 0 and len(mine) == len(samples)
+                return {s["__key__"]: s for s in mine if s["__key__"] in wanted}, whole
             length *= 2
 
     def first_key(self, pos: int) -> str | None:
@@ -295,20 +244,46 @@ class ShardSet:
         return found
 
 
+def _identity_head(samples, wanted: set[str], ident) -> tuple[dict[str, dict], bool]:
+    """The wanted samples among the first ``samples`` of a shard while they are of identity
+    ``ident``; and whether they stopped (another identity, or the last wanted key reached)."""
+    found, last = {}, max(wanted)
+    for s in samples:
+        if _identity(s) != ident:
+            return found, True
+        if s["__key__"] in wanted:
+            found[s["__key__"]] = s
+        if s["__key__"] >= last:
+            return found, True
+    return found, False
+
+
 # -- the pairing step -------------------------------------------------------------------------------
+_JSON = json.JSONDecoder()
+
+
 def _identity(sample: dict) -> str | None:
-    try:
-        meta = json.loads(sample[JSON_EXT])
+    try:  # the decoder itself: json.loads on bytes first guesses the encoding (a third of the time)
+        meta = _JSON.decode(sample[JSON_EXT].decode("utf-8"))
+    except UnicodeDecodeError:
+        meta = _loads_or_empty(sample[JSON_EXT])
     except (KeyError, ValueError):
         meta = {}  # decoding rejects the sample later, as the old loader did
     sample["__meta__"] = meta if isinstance(meta, dict) else {}
     return sample["__meta__"].get("identity")
 
 
-def paired_samples(url: str, shards: ShardSet, select: Callable[[str], bool],
+def _loads_or_empty(data: bytes):
+    try:
+        return json.loads(data)  # UTF-16 / 32, as json.loads reads bytes
+    except ValueError:
+        return {}
+
+
+def paired_samples(url: str, shards: ShardSet, select: Callable[[str], bool] | None,
                    load_counterparts: bool = True) -> Iterator[dict]:
-    """The selected samples of shard ``url`` in shard order, each with ``__hard__``: its
-    counterpart's members (``jpg``, ``pose.png``), or None when it has none."""
+    """The selected samples of shard ``url`` (``select`` None: all) in shard order, each with
+    ``__hard__``: its counterpart's members (``jpg``, ``pose.png``), or None when it has none."""
     pos = shards.urls.index(url)
     group: list[dict] = []
     first = ident = None
@@ -326,7 +301,7 @@ def paired_samples(url: str, shards: ShardSet, select: Callable[[str], bool],
 
 def _emit(group: list[dict], pos: int, first: str, shards: ShardSet, select, load_counterparts: bool,
           at_end: bool) -> Iterator[dict]:
-    chosen = [s for s in group if select(s["__key__"])]
+    chosen = group if select is None else [s for s in group if select(s["__key__"])]
     found: dict[str, dict] = {s["__key__"]: s for s in group}
     if load_counterparts:
         wanted = {k for s in chosen if (k := s["__meta__"].get("hard_negative_key"))} - found.keys()
@@ -343,13 +318,13 @@ def _emit(group: list[dict], pos: int, first: str, shards: ShardSet, select, loa
         yield s
 
 
-def index_paired_samples(urls: list[str], index: MemberIndex, select: Callable[[str], bool],
+def index_paired_samples(urls: list[str], index: MemberIndex, select: Callable[[str], bool] | None,
                          storage_options: dict | None = None) -> Iterator[dict]:
     """The loader before issue 21 (``TrainData(pairing="index")``): the same samples in the same
     order, every counterpart read by key through ``index`` (an index of all tar headers). Kept as
     the reference the tests and ``bench/bench_cmp_data.py`` compare the stream with."""
     for s in iter_samples(urls, storage_options or {}):
-        if select(s["__key__"]):
+        if select is None or select(s["__key__"]):
             _identity(s)
             hard = s.pop("__meta__").get("hard_negative_key")
             s["__hard__"] = ({e: index.read(hard, e) for e in (IMAGE_EXT, POSE_EXT) if e in index.refs[hard].members}
