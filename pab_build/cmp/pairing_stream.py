@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import fsspec
 
 from pab_build.cmp.tar_ranges import BLOCK as _BLOCK
-from pab_build.cmp.tar_ranges import head_samples, split_member, tail_samples
+from pab_build.cmp.tar_ranges import head_samples, parse_header, split_member, tail_samples
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,8 @@ class ShardSet:
             self._firsts = []
             for url in self.urls:  # one 512-byte read per shard
                 fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
-                block = fs.cat_file(path, start=0, end=_BLOCK) if fs.size(path) >= _BLOCK else b""
-                try:
-                    self._firsts.append(split_member(tarfile.TarInfo.frombuf(block, "utf-8", "strict").name)[0])
-                except tarfile.TarError:
-                    self._firsts.append(None)
+                header = parse_header(fs.cat_file(path, start=0, end=_BLOCK) if fs.size(path) >= _BLOCK else b"")
+                self._firsts.append(None if header is None else split_member(header[0])[0])
         return self._firsts[pos]
 
     def fallback(self, keys: set[str]) -> dict[str, dict]:
